@@ -1,0 +1,1 @@
+"""fastpo.engine: training entry points built on fastpo.kernels."""

@@ -1,0 +1,36 @@
+"""Test setup: without a CUDA device, Triton kernels run on CPU tensors through
+Triton's interpreter, which must be switched on before triton is imported."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastpo.kernels._backend import HAS_TRITON, triton_interpreter_enabled  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+# Triton runs on the CPU only through the interpreter; on a GPU machine the interpreter
+# stays off and the Triton kernels are tested by the gpu-marked tests on CUDA tensors.
+CPU_BACKENDS = ["torch"] + (["triton"] if HAS_TRITON and triton_interpreter_enabled() else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    """Every backend that can run on CPU tensors here."""
+    return request.param
