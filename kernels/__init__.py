@@ -6,6 +6,35 @@ PyTorch elsewhere. See the README for the conventions each option matches.
 """
 
 from ._backend import BACKENDS
+from .advantages import gae, group_advantages, reinforce_pp_advantages, rloo_advantages, whiten
+from .logits_kl import logits_kl
 from .logprobs import token_logprobs
+from .preference import (
+    bradley_terry_loss,
+    dpo_loss,
+    ipo_loss,
+    kto_loss,
+    kto_mismatched_pairs,
+    plackett_luce_loss,
+    ranking_loss,
+)
+from .sequence import sequence_logprobs
 
-__all__ = ["BACKENDS", "token_logprobs"]
+__all__ = [
+    "BACKENDS",
+    "token_logprobs",
+    "logits_kl",
+    "group_advantages",
+    "rloo_advantages",
+    "reinforce_pp_advantages",
+    "gae",
+    "whiten",
+    "sequence_logprobs",
+    "dpo_loss",
+    "ipo_loss",
+    "kto_loss",
+    "kto_mismatched_pairs",
+    "plackett_luce_loss",
+    "bradley_terry_loss",
+    "ranking_loss",
+]

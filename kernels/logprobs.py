@@ -86,7 +86,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _transform(x, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
-        """logits -> z in fp32, plus dz/dx; -inf becomes the most negative finite float."""
+        """logits -> z, plus dz/dx."""
         if HAS_SOFTCAP:
             t = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0  # tanh(x / softcap)
             z = softcap * t * inv_temp
@@ -94,8 +94,13 @@ if HAS_TRITON:
         else:
             z = x * inv_temp
             dz = inv_temp
-        z = tl.maximum(z, -3.4028234663852886e38)
         return z, dz
+
+    @triton.jit
+    def _clamped_z(x, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
+        """z with -inf raised to the most negative finite float, so exp() gives 0, never NaN."""
+        z, dz = _transform(x, inv_temp, softcap, HAS_SOFTCAP)
+        return tl.maximum(z, -3.4028234663852886e38), dz
 
     @triton.jit
     def _token_logprobs_fwd_kernel(
@@ -105,7 +110,8 @@ if HAS_TRITON:
         temp_stride,
         logprobs_ptr,
         entropy_ptr,
-        lse_ptr,
+        row_max_ptr,
+        log_sum_ptr,
         n_inner,
         stride_outer,
         stride_inner,
@@ -134,7 +140,7 @@ if HAS_TRITON:
             offs = start + cols
             in_row = offs < vocab
             x = tl.load(row_ptr + offs, mask=in_row, other=0.0).to(ACC_DTYPE)
-            z, _ = _transform(x, inv_temp, softcap, HAS_SOFTCAP)
+            z, _ = _clamped_z(x, inv_temp, softcap, HAS_SOFTCAP)
             z = tl.where(in_row, z, -3.4028234663852886e38)
             m_new = tl.maximum(m, tl.max(z, axis=0))
             alpha = tl.exp(m - m_new)
@@ -150,13 +156,15 @@ if HAS_TRITON:
         x_t = tl.load(row_ptr + tl.where(valid, target, 0), mask=valid, other=0.0).to(ACC_DTYPE)
         z_t, _ = _transform(x_t, inv_temp, softcap, HAS_SOFTCAP)
         log_s = tl.log(tl.where(ignored, 1.0, s))
-        lse = m + log_s
-        logprob = tl.where(valid, z_t - lse, float("nan"))
+        # (z_t - m) first: both are large for large logits, their difference is exact.
+        # An unclamped -inf target logit gives -inf, its true log-probability.
+        logprob = tl.where(valid, (z_t - m) - log_s, float("nan"))
         logprob = tl.where(ignored, 0.0, logprob)
         tl.store(logprobs_ptr + row, logprob)
-        tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
+        tl.store(row_max_ptr + row, m)
+        tl.store(log_sum_ptr + row, log_s)
         if COMPUTE_ENTROPY:
-            entropy = tl.where(ignored, 0.0, log_s - u / s)
+            entropy = tl.where(ignored, 0.0, log_s - u / tl.where(ignored, 1.0, s))
             tl.store(entropy_ptr + row, entropy)
 
     @triton.jit
@@ -165,7 +173,8 @@ if HAS_TRITON:
         targets_ptr,
         temp_ptr,
         temp_stride,
-        lse_ptr,
+        row_max_ptr,
+        log_sum_ptr,
         entropy_ptr,
         grad_logprobs_ptr,
         grad_entropy_ptr,
@@ -189,7 +198,8 @@ if HAS_TRITON:
         target = tl.load(targets_ptr + row).to(tl.int64)
         inv_temp = 1.0 / tl.load(temp_ptr + row * temp_stride).to(ACC_DTYPE)
         ignored = target == ignore_index
-        lse = tl.load(lse_ptr + row)
+        row_max = tl.load(row_max_ptr + row)
+        log_sum = tl.load(log_sum_ptr + row)
         g_lp = tl.zeros([], ACC_DTYPE)
         g_h = tl.zeros([], ACC_DTYPE)
         if HAS_GRAD_LOGPROBS:
@@ -199,17 +209,22 @@ if HAS_TRITON:
             entropy = tl.load(entropy_ptr + row)
         g_lp = tl.where(ignored, 0.0, g_lp)
         g_h = tl.where(ignored, 0.0, g_h)
+        v_read = tl.where(ignored, 0, vocab)
 
         cols = tl.arange(0, BLOCK_V)
         for start in range(0, vocab, BLOCK_V):
             offs = start + cols
             in_row = offs < vocab
-            x = tl.load(row_ptr + offs, mask=in_row, other=0.0).to(ACC_DTYPE)
-            z, dz = _transform(x, inv_temp, softcap, HAS_SOFTCAP)
-            log_p = z - lse
+            # Ignored rows only write zeros: their logits are not read, and the stored
+            # statistics (max = -FLT_MAX, log-sum 0) keep every term below finite.
+            x = tl.load(row_ptr + offs, mask=offs < v_read, other=float("-inf")).to(ACC_DTYPE)
+            z, dz = _clamped_z(x, inv_temp, softcap, HAS_SOFTCAP)
+            log_p = (z - row_max) - log_sum
             p = tl.exp(log_p)
             if HAS_GRAD_ENTROPY:
-                grad_z = -p * (g_lp + g_h * (log_p + entropy))
+                # p * (log p + H) first: where p = 0, log p is about -FLT_MAX and
+                # scaling it by g_h before the product could overflow to NaN.
+                grad_z = -(p * g_lp + (p * (log_p + entropy)) * g_h)
             else:
                 grad_z = -p * g_lp
             grad_z = tl.where(offs == target, grad_z + g_lp, grad_z)
@@ -234,14 +249,14 @@ def _triton_forward(layout, targets, temp, softcap, ignore_index, compute_entrop
     logits, n_inner, stride_outer, stride_inner = layout
     vocab = logits.shape[-1]
     n_rows = targets.numel()
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logprobs = torch.empty(n_rows, dtype=out_dtype, device=logits.device)
-    lse = torch.empty(n_rows, dtype=out_dtype, device=logits.device)
-    entropy = torch.empty(n_rows, dtype=out_dtype, device=logits.device) if compute_entropy else lse
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logprobs, row_max, log_sum = torch.empty((3, n_rows), dtype=acc, device=logits.device)
+    entropy = torch.empty(n_rows, dtype=acc, device=logits.device) if compute_entropy else None
     if n_rows:
         block, num_warps = _triton_config(vocab, logits.device)
         _token_logprobs_fwd_kernel[(n_rows,)](
-            logits, targets, temp, temp.stride(0), logprobs, entropy, lse,
+            logits, targets, temp, temp.stride(0), logprobs,
+            entropy if compute_entropy else logprobs, row_max, log_sum,
             n_inner, stride_outer, stride_inner, vocab, ignore_index,
             softcap or 1.0,
             HAS_SOFTCAP=softcap is not None,
@@ -250,21 +265,22 @@ def _triton_forward(layout, targets, temp, softcap, ignore_index, compute_entrop
             BLOCK_V=block,
             num_warps=num_warps,
         )
-    return logprobs, (entropy if compute_entropy else None), lse
+    return logprobs, entropy, (row_max, log_sum)
 
 
-def _triton_backward(layout, targets, temp, softcap, ignore_index, lse, entropy, g_lp, g_h):
+def _triton_backward(layout, targets, temp, softcap, ignore_index, stats, entropy, g_lp, g_h):
     logits, n_inner, stride_outer, stride_inner = layout
+    row_max, log_sum = stats
     vocab = logits.shape[-1]
     n_rows = targets.numel()
     grad = torch.empty((n_rows, vocab), dtype=logits.dtype, device=logits.device)
     if n_rows and vocab:
         block, num_warps = _triton_config(vocab, logits.device)
         _token_logprobs_bwd_kernel[(n_rows,)](
-            logits, targets, temp, temp.stride(0), lse,
-            entropy if entropy is not None else lse,
-            g_lp if g_lp is not None else lse,
-            g_h if g_h is not None else lse,
+            logits, targets, temp, temp.stride(0), row_max, log_sum,
+            entropy if entropy is not None else row_max,
+            g_lp if g_lp is not None else row_max,
+            g_h if g_h is not None else row_max,
             grad, n_inner, stride_outer, stride_inner, vocab, ignore_index,
             softcap or 1.0,
             HAS_SOFTCAP=softcap is not None,
@@ -280,16 +296,20 @@ def _triton_backward(layout, targets, temp, softcap, ignore_index, lse, entropy,
 # --------------------------------------------------------------------- pure PyTorch
 
 
-def _torch_z(x: torch.Tensor, temp: torch.Tensor, softcap: float | None, acc: torch.dtype):
-    """z for one chunk, in a fresh fp32 (fp64) buffer, and tanh(x / c) when softcapped."""
-    z = x.to(acc, copy=True)
+def _torch_transform(x: torch.Tensor, temp: torch.Tensor, softcap: float | None):
+    """z = (softcap * tanh(x / softcap)) / T in place on a float buffer; returns (z, tanh)."""
     tanh = None
     if softcap is not None:
-        tanh = z.div_(softcap).tanh_()
-        z = tanh * softcap
-    z.div_(temp)
-    z.clamp_(min=torch.finfo(acc).min)
-    return z, tanh
+        tanh = x.div_(softcap).tanh_()
+        x = tanh * softcap
+    return x.div_(temp), tanh
+
+
+def _torch_clamped_z(x: torch.Tensor, temp: torch.Tensor, softcap: float | None, acc: torch.dtype):
+    """z for one chunk in a fresh fp32 (fp64) buffer, -inf raised to the most negative
+    finite float so that exp() gives 0, never NaN; and tanh(x / c) when softcapped."""
+    z, tanh = _torch_transform(x.to(acc, copy=True), temp, softcap)
+    return z.clamp_(min=torch.finfo(acc).min), tanh
 
 
 def _torch_chunks(layout, n_rows: int):
@@ -308,56 +328,58 @@ def _torch_forward(layout, targets, temp, softcap, ignore_index, compute_entropy
     logits = layout[0]
     n_rows = targets.numel()
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logprobs = torch.empty(n_rows, dtype=acc, device=logits.device)
-    lse = torch.empty(n_rows, dtype=acc, device=logits.device)
+    logprobs, row_max, log_sum = torch.empty((3, n_rows), dtype=acc, device=logits.device)
     entropy = torch.empty(n_rows, dtype=acc, device=logits.device) if compute_entropy else None
     ignored = targets == ignore_index
-    safe_targets = targets.masked_fill(ignored, 0).long()
+    safe_targets = targets.masked_fill(ignored, 0).long()[:, None]
     for start, stop, x in _torch_chunks(layout, n_rows):
-        z, _ = _torch_z(x, temp[start:stop, None], softcap, acc)
+        rows = slice(start, stop)
+        # the target's logit, unclamped: a -inf target has log-probability -inf
+        z_t, _ = _torch_transform(x.gather(-1, safe_targets[rows]).to(acc), temp[rows, None], softcap)
+        z, _ = _torch_clamped_z(x, temp[rows, None], softcap, acc)
         z_max = z.amax(dim=-1, keepdim=True)
-        z_t = z.gather(-1, safe_targets[start:stop, None]).squeeze_(-1)
         shifted = z.sub_(z_max)
         e = shifted.exp()
         s = e.sum(dim=-1)
-        log_s = s.log()
-        lse[start:stop] = z_max.squeeze(-1) + log_s
-        logprobs[start:stop] = z_t - lse[start:stop]
+        torch.log(s, out=log_sum[rows])
+        row_max[rows] = z_max.squeeze(-1)
+        # (z_t - max) first: both are large for large logits, their difference is exact
+        logprobs[rows] = (z_t - z_max).squeeze_(-1) - log_sum[rows]
         if compute_entropy:
-            u = torch.linalg.vecdot(e, shifted)
-            entropy[start:stop] = log_s - u / s
+            entropy[rows] = log_sum[rows] - torch.linalg.vecdot(e, shifted) / s
     logprobs.masked_fill_(ignored, 0.0)
-    lse.masked_fill_(ignored, 0.0)
     if compute_entropy:
         entropy.masked_fill_(ignored, 0.0)
-    return logprobs, entropy, lse
+    return logprobs, entropy, (row_max, log_sum)
 
 
-def _torch_backward(layout, targets, temp, softcap, ignore_index, lse, entropy, g_lp, g_h):
+def _torch_backward(layout, targets, temp, softcap, ignore_index, stats, entropy, g_lp, g_h):
     logits = layout[0]
+    row_max, log_sum = stats
     n_rows, vocab = targets.numel(), logits.shape[-1]
-    acc = lse.dtype
+    acc = row_max.dtype
     grad = torch.empty((n_rows, vocab), dtype=logits.dtype, device=logits.device)
     ignored = targets == ignore_index
-    zeros = torch.zeros(n_rows, dtype=acc, device=logits.device)
-    g_lp = zeros if g_lp is None else g_lp.to(acc).masked_fill(ignored, 0.0)
+    g_lp = torch.zeros_like(row_max) if g_lp is None else g_lp.to(acc).masked_fill(ignored, 0.0)
     g_h = None if g_h is None else g_h.to(acc).masked_fill(ignored, 0.0)
-    safe_targets = targets.masked_fill(ignored, 0).long()
+    safe_targets = targets.masked_fill(ignored, 0).long()[:, None]
     for start, stop, x in _torch_chunks(layout, n_rows):
-        z, tanh = _torch_z(x, temp[start:stop, None], softcap, acc)
-        log_p = z.sub_(lse[start:stop, None])
+        rows = slice(start, stop)
+        z, tanh = _torch_clamped_z(x, temp[rows, None], softcap, acc)
+        log_p = z.sub_(row_max[rows, None]).sub_(log_sum[rows, None])
         p = log_p.exp()
-        g1 = g_lp[start:stop, None]
+        g1 = g_lp[rows, None]
         if g_h is None:
             grad_z = p.mul_(g1).neg_()
         else:
-            # -p * (g_lp + g_h * (log p + H)), built in log_p's buffer
-            grad_z = log_p.add_(entropy[start:stop, None]).mul_(g_h[start:stop, None])
-            grad_z = grad_z.add_(g1).mul_(p).neg_()
-        grad_z.scatter_add_(-1, safe_targets[start:stop, None], g1)
+            # -(p * g_lp + (p * (log p + H)) * g_h), built in log_p's buffer; p * (log p + H)
+            # first, since log p is about -FLT_MAX where p = 0 and must not overflow.
+            grad_z = log_p.add_(entropy[rows, None]).mul_(p).mul_(g_h[rows, None])
+            grad_z = grad_z.add_(p.mul_(g1)).neg_()
+        grad_z.scatter_add_(-1, safe_targets[rows], g1)
         if tanh is not None:
             grad_z.mul_(tanh.square_().neg_().add_(1.0))
-        grad[start:stop] = grad_z.div_(temp[start:stop, None])
+        grad[rows] = grad_z.div_(temp[rows, None])
     return grad
 
 
@@ -369,21 +391,21 @@ class _TokenLogprobs(torch.autograd.Function):
     def forward(ctx, logits, targets, temp, softcap, ignore_index, compute_entropy, backend):
         layout = _row_layout(logits)
         forward = _triton_forward if backend == "triton" else _torch_forward
-        logprobs, entropy, lse = forward(layout, targets, temp, softcap, ignore_index, compute_entropy)
+        logprobs, entropy, (row_max, log_sum) = forward(
+            layout, targets, temp, softcap, ignore_index, compute_entropy
+        )
         ctx.set_materialize_grads(False)
         ctx.layout_meta = layout[1:]
         ctx.logits_shape = logits.shape
         ctx.options = (softcap, ignore_index, backend)
-        ctx.save_for_backward(layout[0], targets, temp, lse, entropy)
-        if compute_entropy:
-            return logprobs, entropy
-        return logprobs, None
+        ctx.save_for_backward(layout[0], targets, temp, row_max, log_sum, entropy)
+        return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         if grad_logprobs is None and grad_entropy is None:
             return (None,) * 7
-        logits, targets, temp, lse, entropy = ctx.saved_tensors
+        logits, targets, temp, row_max, log_sum, entropy = ctx.saved_tensors
         softcap, ignore_index, backend = ctx.options
         layout = (logits, *ctx.layout_meta)
         backward = _triton_backward if backend == "triton" else _torch_backward
@@ -391,7 +413,10 @@ class _TokenLogprobs(torch.autograd.Function):
             grad_logprobs = grad_logprobs.contiguous()
         if grad_entropy is not None:
             grad_entropy = grad_entropy.contiguous()
-        grad = backward(layout, targets, temp, softcap, ignore_index, lse, entropy, grad_logprobs, grad_entropy)
+        grad = backward(
+            layout, targets, temp, softcap, ignore_index, (row_max, log_sum), entropy,
+            grad_logprobs, grad_entropy,
+        )
         return grad.view(ctx.logits_shape), None, None, None, None, None, None
 
 
