@@ -7,8 +7,9 @@ PyTorch elsewhere. See the README for the conventions each option matches.
 
 from ._backend import BACKENDS
 from .advantages import gae, group_advantages, reinforce_pp_advantages, rloo_advantages, whiten
-from .logits_kl import logits_kl
+from .kl import logits_kl
 from .logprobs import token_logprobs
+from .policy import kl_penalty, policy_loss, value_loss
 from .preference import (
     bradley_terry_loss,
     dpo_loss,
@@ -19,6 +20,7 @@ from .preference import (
     ranking_loss,
 )
 from .sequence import sequence_logprobs
+from .linear_logprobs import linear_policy_loss, linear_preference_logprobs, linear_token_logprobs
 
 __all__ = [
     "BACKENDS",
@@ -37,4 +39,10 @@ __all__ = [
     "plackett_luce_loss",
     "bradley_terry_loss",
     "ranking_loss",
+    "kl_penalty",
+    "policy_loss",
+    "value_loss",
+    "linear_token_logprobs",
+    "linear_policy_loss",
+    "linear_preference_logprobs",
 ]

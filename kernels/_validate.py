@@ -75,3 +75,19 @@ def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
             f"targets{list(position)} = {value} is outside [0, {vocab}) and is not "
             f"ignore_index ({ignore_index})"
         )
+
+
+def bool_mask(name: str, mask, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """``mask`` of exactly ``shape`` as a bool tensor (nonzero = valid).
+
+    Accepts bool, integer and floating masks; no host synchronization.
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise TypeError(f"{name} has dtype {mask.dtype}; expected bool, an integer or a float dtype")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name}.shape {tuple(mask.shape)} does not match the expected shape {tuple(shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the other tensors are on {device}")
+    return mask if mask.dtype == torch.bool else mask != 0

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from . import _native
 from ._backend import HAS_TRITON, resolve_backend
 from ._validate import (
     FLOAT_DTYPES,
@@ -161,7 +162,9 @@ if HAS_TRITON:
         logprob = tl.where(valid, (z_t - m) - log_s, float("nan"))
         logprob = tl.where(ignored, 0.0, logprob)
         tl.store(logprobs_ptr + row, logprob)
-        tl.store(row_max_ptr + row, m)
+        # Ignored rows store zeros, so that their backward (which reads zeros in place of
+        # the logits) sees p = 1 and g = 0: every term finite, the gradient exactly 0.
+        tl.store(row_max_ptr + row, tl.where(ignored, 0.0, m))
         tl.store(log_sum_ptr + row, log_s)
         if COMPUTE_ENTROPY:
             entropy = tl.where(ignored, 0.0, log_s - u / tl.where(ignored, 1.0, s))
@@ -215,9 +218,10 @@ if HAS_TRITON:
         for start in range(0, vocab, BLOCK_V):
             offs = start + cols
             in_row = offs < vocab
-            # Ignored rows only write zeros: their logits are not read, and the stored
-            # statistics (max = -FLT_MAX, log-sum 0) keep every term below finite.
-            x = tl.load(row_ptr + offs, mask=offs < v_read, other=float("-inf")).to(ACC_DTYPE)
+            # Ignored rows only write zeros: their logits are not read (zeros instead);
+            # lanes past the row's end read -inf, so that p = 0 there.
+            x = tl.load(row_ptr + offs, mask=offs < v_read, other=0.0).to(ACC_DTYPE)
+            x = tl.where(in_row, x, float("-inf"))
             z, dz = _clamped_z(x, inv_temp, softcap, HAS_SOFTCAP)
             log_p = (z - row_max) - log_sum
             p = tl.exp(log_p)
@@ -296,20 +300,16 @@ def _triton_backward(layout, targets, temp, softcap, ignore_index, stats, entrop
 # --------------------------------------------------------------------- pure PyTorch
 
 
-def _torch_transform(x: torch.Tensor, temp: torch.Tensor, softcap: float | None):
-    """z = (softcap * tanh(x / softcap)) / T in place on a float buffer; returns (z, tanh)."""
+def _torch_transform(z: torch.Tensor, temp: torch.Tensor, softcap: float | None, tanh_out=None):
+    """z = (softcap * tanh(z / softcap)) / T in place on a float buffer; returns (z, tanh).
+
+    With a softcap, tanh(z / softcap) is kept (in ``tanh_out`` when given) for dz/dx.
+    """
     tanh = None
     if softcap is not None:
-        tanh = x.div_(softcap).tanh_()
-        x = tanh * softcap
-    return x.div_(temp), tanh
-
-
-def _torch_clamped_z(x: torch.Tensor, temp: torch.Tensor, softcap: float | None, acc: torch.dtype):
-    """z for one chunk in a fresh fp32 (fp64) buffer, -inf raised to the most negative
-    finite float so that exp() gives 0, never NaN; and tanh(x / c) when softcapped."""
-    z, tanh = _torch_transform(x.to(acc, copy=True), temp, softcap)
-    return z.clamp_(min=torch.finfo(acc).min), tanh
+        tanh = torch.tanh(z.div_(softcap), out=tanh_out if tanh_out is not None else z)
+        z = torch.mul(tanh, softcap, out=z)
+    return z.div_(temp), tanh
 
 
 def _torch_chunks(layout, n_rows: int):
@@ -317,36 +317,59 @@ def _torch_chunks(layout, n_rows: int):
     n_inner = layout[1]
     vocab = layout[0].shape[-1]
     view = _rows_view(layout, n_rows)
-    chunk = max(1, TORCH_CHUNK_ELEMENTS // max(1, vocab))
+    chunk = _torch_chunk_rows(vocab)
     for outer in range(view.shape[0]):
         for start in range(0, n_inner, chunk):
             stop = min(start + chunk, n_inner)
             yield outer * n_inner + start, outer * n_inner + stop, view[outer, start:stop]
 
 
+def _torch_chunk_rows(vocab: int) -> int:
+    return max(1, TORCH_CHUNK_ELEMENTS // max(1, vocab))
+
+
+def _workspace(count: int, n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+    """``count`` reusable (rows, V) buffers for the chunk loop. Reusing them, rather than
+    allocating per chunk, keeps the extra memory at exactly these buffers (the allocator
+    would otherwise hold on to a few generations of freed chunks)."""
+    rows = min(n_rows, _torch_chunk_rows(vocab))
+    return torch.empty((count, rows, vocab), dtype=dtype, device=device).unbind(0)
+
+
+def _torch_clamped_z(x: torch.Tensor, temp: torch.Tensor, softcap: float | None, z_buf, tanh_buf=None):
+    """z for one chunk written into ``z_buf``, -inf raised to the most negative finite
+    float so that exp() gives 0, never NaN; and tanh(x / c) when softcapped."""
+    z = z_buf[: x.shape[0]]
+    z.copy_(x)
+    tanh_out = None if tanh_buf is None else tanh_buf[: x.shape[0]]
+    z, tanh = _torch_transform(z, temp, softcap, tanh_out)
+    return z.clamp_(min=torch.finfo(z.dtype).min), tanh
+
+
 def _torch_forward(layout, targets, temp, softcap, ignore_index, compute_entropy):
     logits = layout[0]
-    n_rows = targets.numel()
+    n_rows, vocab = targets.numel(), logits.shape[-1]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logprobs, row_max, log_sum = torch.empty((3, n_rows), dtype=acc, device=logits.device)
     entropy = torch.empty(n_rows, dtype=acc, device=logits.device) if compute_entropy else None
     ignored = targets == ignore_index
     safe_targets = targets.masked_fill(ignored, 0).long()[:, None]
+    z_buf, e_buf = _workspace(2, n_rows, vocab, acc, logits.device)
     for start, stop, x in _torch_chunks(layout, n_rows):
         rows = slice(start, stop)
         # the target's logit, unclamped: a -inf target has log-probability -inf
         z_t, _ = _torch_transform(x.gather(-1, safe_targets[rows]).to(acc), temp[rows, None], softcap)
-        z, _ = _torch_clamped_z(x, temp[rows, None], softcap, acc)
+        z, _ = _torch_clamped_z(x, temp[rows, None], softcap, z_buf)
         z_max = z.amax(dim=-1, keepdim=True)
         shifted = z.sub_(z_max)
-        e = shifted.exp()
+        e = torch.exp(shifted, out=e_buf[: stop - start])
         s = e.sum(dim=-1)
         torch.log(s, out=log_sum[rows])
         row_max[rows] = z_max.squeeze(-1)
         # (z_t - max) first: both are large for large logits, their difference is exact
         logprobs[rows] = (z_t - z_max).squeeze_(-1) - log_sum[rows]
         if compute_entropy:
-            entropy[rows] = log_sum[rows] - torch.linalg.vecdot(e, shifted) / s
+            entropy[rows] = log_sum[rows] - e.mul_(shifted).sum(dim=-1) / s
     logprobs.masked_fill_(ignored, 0.0)
     if compute_entropy:
         entropy.masked_fill_(ignored, 0.0)
@@ -363,14 +386,21 @@ def _torch_backward(layout, targets, temp, softcap, ignore_index, stats, entropy
     g_lp = torch.zeros_like(row_max) if g_lp is None else g_lp.to(acc).masked_fill(ignored, 0.0)
     g_h = None if g_h is None else g_h.to(acc).masked_fill(ignored, 0.0)
     safe_targets = targets.masked_fill(ignored, 0).long()[:, None]
+    # When the gradient has the accumulation dtype, each chunk is computed in place in
+    # its slice of the output and one workspace buffer suffices.
+    in_place = logits.dtype == acc
+    buffers = _workspace(1 + (softcap is not None) + (not in_place), n_rows, vocab, acc, logits.device)
+    p_buf = buffers[0]
+    tanh_buf = buffers[1] if softcap is not None else None
     for start, stop, x in _torch_chunks(layout, n_rows):
         rows = slice(start, stop)
-        z, tanh = _torch_clamped_z(x, temp[rows, None], softcap, acc)
+        z_buf = grad[rows] if in_place else buffers[-1]
+        z, tanh = _torch_clamped_z(x, temp[rows, None], softcap, z_buf, tanh_buf)
         log_p = z.sub_(row_max[rows, None]).sub_(log_sum[rows, None])
-        p = log_p.exp()
+        p = torch.exp(log_p, out=p_buf[: stop - start])
         g1 = g_lp[rows, None]
         if g_h is None:
-            grad_z = p.mul_(g1).neg_()
+            grad_z = torch.mul(p, g1, out=log_p).neg_()
         else:
             # -(p * g_lp + (p * (log p + H)) * g_h), built in log_p's buffer; p * (log p + H)
             # first, since log p is about -FLT_MAX where p = 0 and must not overflow.
@@ -379,18 +409,28 @@ def _torch_backward(layout, targets, temp, softcap, ignore_index, stats, entropy
         grad_z.scatter_add_(-1, safe_targets[rows], g1)
         if tanh is not None:
             grad_z.mul_(tanh.square_().neg_().add_(1.0))
-        grad[rows] = grad_z.div_(temp[rows, None])
+        grad_z.div_(temp[rows, None])
+        if not in_place:
+            grad[rows] = grad_z
     return grad
 
 
 # ----------------------------------------------------------------------- autograd
+
+# backend -> (forward, backward); "cpp" and "cuda" are the native kernels of csrc/.
+_IMPLEMENTATIONS = {
+    "triton": (_triton_forward, _triton_backward),
+    "torch": (_torch_forward, _torch_backward),
+    "cpp": (_native.token_logprobs_forward, _native.token_logprobs_backward),
+    "cuda": (_native.token_logprobs_forward, _native.token_logprobs_backward),
+}
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temp, softcap, ignore_index, compute_entropy, backend):
         layout = _row_layout(logits)
-        forward = _triton_forward if backend == "triton" else _torch_forward
+        forward = _IMPLEMENTATIONS[backend][0]
         logprobs, entropy, (row_max, log_sum) = forward(
             layout, targets, temp, softcap, ignore_index, compute_entropy
         )
@@ -408,7 +448,7 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, targets, temp, row_max, log_sum, entropy = ctx.saved_tensors
         softcap, ignore_index, backend = ctx.options
         layout = (logits, *ctx.layout_meta)
-        backward = _triton_backward if backend == "triton" else _torch_backward
+        backward = _IMPLEMENTATIONS[backend][1]
         if grad_logprobs is not None:
             grad_logprobs = grad_logprobs.contiguous()
         if grad_entropy is not None:
@@ -443,7 +483,8 @@ def token_logprobs(
         softcap: if given, logits become ``softcap * tanh(logits / softcap)`` before
             the temperature (Gemma-2 style).
         return_entropy: also return the entropy of each row's distribution.
-        backend: ``"triton"``, ``"torch"`` or None (automatic; see fastpo.kernels).
+        backend: ``"triton"``, ``"torch"``, ``"cpp"`` (C++ kernels, CPU tensors), ``"cuda"``
+            (CUDA C++ kernels) or None (automatic; see fastpo.kernels).
 
     Returns:
         float32 log-probs of ``targets.shape`` (float64 for float64 logits), and with

@@ -10,12 +10,16 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from fastpo.kernels import _native  # noqa: E402
 from fastpo.kernels._backend import HAS_TRITON, triton_interpreter_enabled  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 # Triton runs on the CPU only through the interpreter; on a GPU machine the interpreter
 # stays off and the Triton kernels are tested by the gpu-marked tests on CUDA tensors.
 CPU_BACKENDS = ["torch"] + (["triton"] if HAS_TRITON and triton_interpreter_enabled() else [])
+# The native extension covers only some ops (NATIVE_OPS), token_logprobs among them; it
+# is JIT-built here once per machine when it is not installed (a warning says if it can't).
+LOGPROB_BACKENDS = CPU_BACKENDS + (["cpp"] if _native.available(torch.device("cpu")) else [])
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,4 +37,10 @@ def _seed():
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
     """Every backend that can run on CPU tensors here."""
+    return request.param
+
+
+@pytest.fixture(params=LOGPROB_BACKENDS)
+def logprobs_backend(request):
+    """Every backend that runs token_logprobs on CPU tensors here."""
     return request.param

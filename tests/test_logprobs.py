@@ -1,95 +1,13 @@
-"""token_logprobs against independent float64 references, on every CPU-runnable backend."""
+"""token_logprobs against independent float64 references, on every CPU-runnable backend
+(torch, Triton through its interpreter, and the C++ extension when it builds)."""
 
 import math
 
 import pytest
 import torch
+from logprob_reference import check_against_reference, reference, reference_loop
 
 from fastpo.kernels import token_logprobs
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-# ------------------------------------------------------------------ references
-
-
-def reference_loop(logits, targets, temperature=1.0, softcap=None, ignore_index=-100):
-    """Per-element Python loops in float64, straight from the definitions."""
-    rows = logits.reshape(-1, logits.shape[-1]).double().tolist()
-    tgts = targets.reshape(-1).tolist()
-    temps = torch.as_tensor(temperature, dtype=torch.float64).expand(targets.shape).reshape(-1).tolist()
-    lps, ents = [], []
-    for row, tgt, temp in zip(rows, tgts, temps):
-        if tgt == ignore_index:
-            lps.append(0.0)
-            ents.append(0.0)
-            continue
-        z = [(softcap * math.tanh(x / softcap) if softcap else x) / temp for x in row]
-        top = max(z)
-        lse = top + math.log(sum(math.exp(v - top) for v in z))
-        lps.append(z[tgt] - lse)
-        ents.append(-sum(math.exp(v - lse) * (v - lse) for v in z))
-    shape = targets.shape
-    return torch.tensor(lps, dtype=torch.float64).view(shape), torch.tensor(ents, dtype=torch.float64).view(shape)
-
-
-def reference(logits, targets, temperature=1.0, softcap=None, ignore_index=-100, dtype=torch.float64):
-    """log_softmax + gather computed in ``dtype`` (float64: the reference; the logits'
-    own dtype: what eager PyTorch users get). Differentiable."""
-    z = logits.to(dtype)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    if isinstance(temperature, torch.Tensor):
-        z = z / temperature.to(dtype).unsqueeze(-1)
-    else:
-        z = z / temperature
-    log_p = z.log_softmax(-1)
-    keep = targets != ignore_index
-    lp = log_p.gather(-1, targets.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
-    ent = -(log_p.exp() * log_p).nan_to_num().sum(-1)
-    return torch.where(keep, lp, 0.0), torch.where(keep, ent, 0.0)
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def check_against_reference(logits, targets, backend, temperature=1.0, softcap=None, ignore_index=-100):
-    """Forward and gradient of both outputs against the float64 reference.
-
-    fp32 must be within 1e-5 relative; bf16/fp16 may be no further from the reference
-    than eager PyTorch in the same dtype, plus a small slack.
-    """
-    kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index)
-    x = logits.detach().requires_grad_()
-    lp, ent = token_logprobs(x, targets, return_entropy=True, backend=backend, **kw)
-    assert lp.dtype == torch.float32 and ent.dtype == torch.float32
-    assert lp.shape == targets.shape and ent.shape == targets.shape
-    g_lp = torch.randn(targets.shape, dtype=torch.float64)
-    g_ent = torch.randn(targets.shape, dtype=torch.float64)
-    (grad,) = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), x)
-    assert grad.dtype == logits.dtype and grad.shape == logits.shape
-
-    x64 = logits.detach().double().requires_grad_()
-    ref_lp, ref_ent = reference(x64, targets, **kw)
-    (ref_grad,) = torch.autograd.grad((ref_lp * g_lp).sum() + (ref_ent * g_ent).sum(), x64)
-
-    if logits.dtype in LOW_PRECISION:
-        xe = logits.detach().requires_grad_()
-        eager_lp, eager_ent = reference(xe, targets, dtype=logits.dtype, **kw)
-        (eager_grad,) = torch.autograd.grad(
-            (eager_lp * g_lp.to(logits.dtype)).sum() + (eager_ent * g_ent.to(logits.dtype)).sum(), xe
-        )
-        slack = 1e-3
-        assert max_err(lp, ref_lp) <= max_err(eager_lp, ref_lp) + slack
-        assert max_err(ent, ref_ent) <= max_err(eager_ent, ref_ent) + slack
-        # our gradient is exact in fp32 and then rounded once to the logits' dtype
-        ulp = ref_grad.abs().max().item() * torch.finfo(logits.dtype).eps
-        assert max_err(grad, ref_grad) <= max(max_err(eager_grad, ref_grad), 2 * ulp) + slack
-    else:
-        for ours, ref in ((lp, ref_lp), (ent, ref_ent), (grad, ref_grad)):
-            scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
-            assert max_err(ours, ref) <= 1e-5 * scale
 
 
 # ------------------------------------------------------------------ accuracy
@@ -122,69 +40,69 @@ def test_reference_matches_per_element_loops():
         (2, 128256, torch.float16),
     ],
 )
-def test_matches_reference_flat_rows(backend, rows, vocab, dtype):
+def test_matches_reference_flat_rows(logprobs_backend, rows, vocab, dtype):
     logits = (torch.randn(rows, vocab) * 3).to(dtype)
     targets = torch.randint(0, vocab, (rows,))
-    check_against_reference(logits, targets, backend)
+    check_against_reference(logits, targets, logprobs_backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_batch_time_layout_with_per_sequence_temperature(backend, dtype):
+def test_batch_time_layout_with_per_sequence_temperature(logprobs_backend, dtype):
     logits = (torch.randn(3, 9, 1000) * 4).to(dtype)
     targets = torch.randint(0, 1000, (3, 9))
     targets[0, -3:] = -100  # right padding
     targets[2, 0] = -100
     temp = torch.tensor([[0.7], [1.0], [1.3]])
-    check_against_reference(logits, targets, backend, temperature=temp)
+    check_against_reference(logits, targets, logprobs_backend, temperature=temp)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_softcap_and_scalar_temperature(backend, dtype):
+def test_softcap_and_scalar_temperature(logprobs_backend, dtype):
     logits = (torch.randn(2, 5, 7) * 40).to(dtype)
     targets = torch.randint(0, 7, (2, 5))
-    check_against_reference(logits, targets, backend, temperature=0.6, softcap=30.0)
+    check_against_reference(logits, targets, logprobs_backend, temperature=0.6, softcap=30.0)
 
 
-def test_per_token_temperature_and_custom_ignore_index(backend):
+def test_per_token_temperature_and_custom_ignore_index(logprobs_backend):
     logits = torch.randn(4, 6, 33)
     targets = torch.randint(0, 33, (4, 6))
     targets[1, 1] = 5
     temp = torch.rand(4, 6) + 0.5
-    check_against_reference(logits, targets, backend, temperature=temp, ignore_index=5)
+    check_against_reference(logits, targets, logprobs_backend, temperature=temp, ignore_index=5)
 
 
-def test_non_contiguous_rows_are_read_in_place(backend):
+def test_non_contiguous_rows_are_read_in_place(logprobs_backend):
     # logits[:, :-1] of a (B, T+1, V) tensor, the shift every trainer does, and a
     # vocabulary slice whose rows are longer than V: neither may be copied.
     full = torch.randn(3, 8, 1003)
     shifted = full[:, :-1, :1000]
     assert not shifted.is_contiguous()
     targets = torch.randint(0, 1000, (3, 7))
-    check_against_reference(shifted, targets, backend, temperature=torch.tensor([[0.9], [1.1], [1.0]]))
+    check_against_reference(shifted, targets, logprobs_backend, temperature=torch.tensor([[0.9], [1.1], [1.0]]))
     every_other = full[::2, ::3, :7]  # two outer strides, tiny vocabulary
-    check_against_reference(every_other, torch.randint(0, 7, (2, 3)), backend)
+    check_against_reference(every_other, torch.randint(0, 7, (2, 3)), logprobs_backend)
     three_groups = torch.randn(2, 3, 4, 9)[:, :, :3]  # cannot collapse to two strides
-    check_against_reference(three_groups, torch.randint(0, 9, (2, 3, 3)), backend)
+    check_against_reference(three_groups, torch.randint(0, 9, (2, 3, 3)), logprobs_backend)
 
 
-def test_forward_without_entropy_matches_with_entropy(backend):
+def test_forward_without_entropy_matches_with_entropy(logprobs_backend):
     logits = torch.randn(5, 301)
     targets = torch.randint(0, 301, (5,))
     x = logits.clone().requires_grad_()
-    lp = token_logprobs(x, targets, backend=backend)
+    lp = token_logprobs(x, targets, backend=logprobs_backend)
     (grad,) = torch.autograd.grad(lp.sum(), x)
-    lp2, _ = token_logprobs(logits, targets, return_entropy=True, backend=backend)
+    lp2, _ = token_logprobs(logits, targets, return_entropy=True, backend=logprobs_backend)
     torch.testing.assert_close(lp, lp2)
     ref_lp, _ = reference(logits.double().requires_grad_(), targets)
     torch.testing.assert_close(grad, torch.softmax(logits.double(), -1).neg().scatter_add(
         -1, targets[:, None], torch.ones(5, 1, dtype=torch.float64)).float(), rtol=1e-5, atol=1e-6)
 
 
-def test_entropy_only_gradient(backend):
+def test_entropy_only_gradient(logprobs_backend):
     logits = torch.randn(4, 50, dtype=torch.float64)
     targets = torch.randint(0, 50, (4,))
     x = logits.clone().requires_grad_()
-    _, ent = token_logprobs(x, targets, return_entropy=True, backend=backend)
+    _, ent = token_logprobs(x, targets, return_entropy=True, backend=logprobs_backend)
     (grad,) = torch.autograd.grad(ent.sum(), x)
     x64 = logits.clone().requires_grad_()
     (ref_grad,) = torch.autograd.grad(reference(x64, targets)[1].sum(), x64)
@@ -198,7 +116,7 @@ def test_entropy_only_gradient(backend):
     "case",
     ["huge_positive", "huge_negative", "masked_vocab", "all_equal", "one_huge", "all_negative"],
 )
-def test_extreme_values(backend, case):
+def test_extreme_values(logprobs_backend, case):
     vocab = 37
     logits = torch.randn(6, vocab)
     targets = torch.randint(0, vocab, (6,))
@@ -219,7 +137,7 @@ def test_extreme_values(backend, case):
     elif case == "all_negative":
         logits = -logits.abs() - 50.0
     x = logits.clone().requires_grad_()
-    lp, ent = token_logprobs(x, targets, return_entropy=True, backend=backend)
+    lp, ent = token_logprobs(x, targets, return_entropy=True, backend=logprobs_backend)
     (grad,) = torch.autograd.grad(lp.sum() + 3.0 * ent.sum(), x)
     ref_lp, ref_ent = reference(logits.double(), targets)
     finite = torch.isfinite(ref_lp)
@@ -239,61 +157,77 @@ def test_extreme_values(backend, case):
         assert (masked_grad == 0).all()
 
 
-def test_fully_masked_row_has_no_nan(backend):
+def test_fully_masked_row_has_no_nan(logprobs_backend):
     # Documented: a target whose logit is -inf has log-probability -inf; a row whose
     # logits are all -inf is otherwise treated as uniform, so entropy and gradient stay finite.
     x = torch.full((2, 9), float("-inf"), requires_grad=True)
-    lp, ent = token_logprobs(x, torch.tensor([0, 8]), return_entropy=True, backend=backend)
+    lp, ent = token_logprobs(x, torch.tensor([0, 8]), return_entropy=True, backend=logprobs_backend)
     assert torch.isneginf(lp).all()
     torch.testing.assert_close(ent, torch.full((2,), math.log(9)))
     (grad,) = torch.autograd.grad(ent.sum(), x)
     assert torch.isfinite(grad).all()
 
 
-def test_ignored_positions_give_zero_and_no_gradient(backend):
+def test_ignored_positions_give_zero_and_no_gradient(logprobs_backend):
     logits = torch.randn(2, 4, 13)
     targets = torch.full((2, 4), -100)
     targets[0, 1] = 3
     x = logits.clone().requires_grad_()
-    lp, ent = token_logprobs(x, targets, return_entropy=True, backend=backend)
+    lp, ent = token_logprobs(x, targets, return_entropy=True, backend=logprobs_backend)
     (grad,) = torch.autograd.grad(lp.sum() + ent.sum(), x)
     mask = targets != -100
     assert (lp[~mask] == 0).all() and (ent[~mask] == 0).all()
     assert (grad[~mask] == 0).all() and (grad[mask] != 0).any()
 
 
-def test_empty_inputs_give_empty_outputs(backend):
+def test_empty_inputs_give_empty_outputs(logprobs_backend):
     for shape in [(0, 11), (2, 0, 11)]:
         x = torch.randn(shape, requires_grad=True)
-        lp, ent = token_logprobs(x, torch.zeros(shape[:-1], dtype=torch.long), return_entropy=True, backend=backend)
+        targets = torch.zeros(shape[:-1], dtype=torch.long)
+        lp, ent = token_logprobs(x, targets, return_entropy=True, backend=logprobs_backend)
         assert lp.shape == shape[:-1] and ent.shape == shape[:-1]
         (lp.sum() + ent.sum()).backward()
         assert x.grad.shape == x.shape
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(logprobs_backend):
     logits = torch.randn(3, 2, 6, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([[0, 5], [-100, 2], [3, 3]])
     temp = torch.tensor([[0.8], [1.0], [1.7]], dtype=torch.float64)
 
     def both(x):
-        return token_logprobs(x, targets, temperature=temp, softcap=2.5, return_entropy=True, backend="torch")
+        return token_logprobs(x, targets, temperature=temp, softcap=2.5, return_entropy=True,
+                              backend=logprobs_backend)
 
     assert torch.autograd.gradcheck(both, (logits,))
+
+
+def test_unaligned_rows_in_low_precision(logprobs_backend):
+    # rows starting at odd element offsets: vectorized loads may assume no alignment
+    logits = torch.randn(5, 2 * 1001 + 1).to(torch.bfloat16)[:, 1:1002]
+    check_against_reference(logits, torch.randint(0, 1001, (5,)), logprobs_backend)
+
+
+def test_int32_targets_match_int64(logprobs_backend):
+    logits = torch.randn(5, 301)
+    targets = torch.randint(0, 301, (5,))
+    a = token_logprobs(logits, targets.int(), backend=logprobs_backend)
+    b = token_logprobs(logits, targets, backend=logprobs_backend)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ bad input
 
 
-def test_target_out_of_range_raises_index_error_naming_value(backend):
+def test_target_out_of_range_raises_index_error_naming_value(logprobs_backend):
     logits = torch.randn(2, 3, 10)
     targets = torch.randint(0, 10, (2, 3))
     targets[1, 2] = 10
     with pytest.raises(IndexError, match=r"targets\[1, 2\] = 10 is outside \[0, 10\)"):
-        token_logprobs(logits, targets, backend=backend)
+        token_logprobs(logits, targets, backend=logprobs_backend)
     targets[1, 2] = -1
     with pytest.raises(IndexError, match="= -1"):
-        token_logprobs(logits, targets, backend=backend)
+        token_logprobs(logits, targets, backend=logprobs_backend)
 
 
 def test_shape_mismatch_names_both_shapes():

@@ -1,0 +1,37 @@
+# The two quickstart commands, each setting up its own virtual environment in .venv:
+#   make demo   the main job (until the engine lands: fused vs eager log-probs on a real vocabulary)
+#   make test   the test suite
+#
+# On a machine without an NVIDIA GPU the CPU build of torch is installed, never the
+# multi-GB CUDA build: TORCH_CPU names it (pip finds it on a local wheel directory or on
+# the PyTorch CPU index, e.g. PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_CPU ?= torch==2.13.0+cpu
+TORCH_GPU ?= torch>=2.4
+
+STAMP := $(VENV)/.fastpo-installed
+
+.PHONY: demo test bench
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(VENV)/bin/pip install "$(TORCH_GPU)"; \
+	else \
+		$(VENV)/bin/pip install "$(TORCH_CPU)" || { \
+			echo "error: could not install $(TORCH_CPU) (the CPU build of torch)."; \
+			echo "Point pip at the PyTorch CPU wheels (PIP_EXTRA_INDEX_URL) or set TORCH_CPU=..."; \
+			exit 1; }; \
+	fi
+	$(VENV)/bin/pip install -e ".[test]"
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m fastpo.bench.demo
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+bench: $(STAMP)
+	$(VENV)/bin/python -m fastpo.bench.token_logprobs --out bench/out

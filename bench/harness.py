@@ -1,0 +1,143 @@
+"""Measurement pieces shared by the benchmarks: timing, peak extra memory, hardware limits.
+
+Peak memory is measured per case in a fresh subprocess on the CPU (the high-water mark
+of the resident set, ``ru_maxrss``, is per process and never goes down) and with the
+CUDA caching allocator's peak counter on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+@dataclasses.dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str, *, warmup: int = 1, reps: int = 5,
+            max_seconds: float = 10.0) -> Timing:
+    """Median and 20th/80th percentiles of ``fn``'s wall time, synchronizing the device."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    budget_end = time.perf_counter() + max_seconds
+    while len(times) < reps and (len(times) < 3 or time.perf_counter() < budget_end):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    quantiles = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
+    return Timing(statistics.median(times), quantiles[0], quantiles[3])
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    return _status_bytes("VmRSS")
+
+
+def reset_peak_rss() -> None:
+    """Restart the resident-set high-water mark from the current size (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident set since the last reset."""
+    return _status_bytes("VmHWM")
+
+
+def measure_peak_extra(setup: Callable[[], Callable[[], object]], device: str) -> int:
+    """Peak bytes allocated by one call of the function ``setup()`` returns, beyond what
+    existed before it. On the CPU this is only meaningful in a fresh process."""
+    fn = setup()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    reset_peak_rss()
+    before = rss_bytes()
+    fn()
+    return max(0, peak_rss_bytes() - before)
+
+
+def run_child(module: str, args: dict) -> dict:
+    """Run ``python -m module --child JSON`` and return the JSON object it prints last."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--child", json.dumps(args)],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child {module} {args} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def copy_bandwidth(device: str, n_bytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (reads + writes), measured now."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    timing = time_fn(lambda: dst.copy_(src), device, warmup=2, reps=10)
+    return 2 * n_bytes / (timing.median_ms / 1e3)
+
+
+def environment(device: str) -> dict:
+    """What produced the numbers: device, versions, date."""
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if device == "cuda":
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        info["device"] = f"CPU ({os.cpu_count()} cores)"
+    return info
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for col in columns:
+            value = row.get(col, "")
+            cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

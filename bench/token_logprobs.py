@@ -1,0 +1,143 @@
+"""token_logprobs forward+backward: fastpo's backends against eager PyTorch.
+
+    python -m fastpo.bench.token_logprobs [--quick] [--device cpu|cuda] [--out DIR]
+
+Eager PyTorch is measured as users write it: ``log_softmax(-1).gather(...)`` in the
+logits' dtype, and the fp32-upcast variant ``logits.float().log_softmax(-1)...``.
+"Extra memory" is the peak beyond the logits and their gradient. On a GPU the
+effective bandwidth (the bytes that must move: the logits read forward, read again
+backward, the gradient written) is reported as a fraction of the device's copy
+bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+import torch
+
+from fastpo.bench import harness
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GPU_SHAPES = [(4096, 32000), (8192, 128256), (16384, 151936)]
+CPU_SHAPES = [(2048, 32000), (512, 151936)]
+QUICK_SHAPES = [(256, 32000)]
+
+
+def implementations(device: str) -> dict:
+    """name -> fn(logits, targets) returning per-token log-probs (differentiable)."""
+    from fastpo.kernels import token_logprobs
+
+    impls = {
+        "eager": lambda x, t: x.log_softmax(-1).gather(-1, t[:, None]).squeeze(-1),
+        "eager_fp32": lambda x, t: x.float().log_softmax(-1).gather(-1, t[:, None]).squeeze(-1),
+        "fastpo_torch": lambda x, t: token_logprobs(x, t, backend="torch"),
+    }
+    if device == "cuda":
+        impls["fastpo_triton"] = lambda x, t: token_logprobs(x, t, backend="triton")
+    return impls
+
+
+def child(args: dict) -> dict:
+    """One case in a fresh process: correctness guard, peak extra memory, then time."""
+    device, n, v = args["device"], args["n"], args["v"]
+    dtype = DTYPES[args["dtype"]]
+    fn = implementations(device)[args["impl"]]
+    torch.manual_seed(0)
+    logits = (torch.randn(n, v, device=device) * 2).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), device=device)
+
+    with torch.no_grad():
+        rows = slice(0, min(n, 8))
+        ref = logits[rows].double().log_softmax(-1).gather(-1, targets[rows, None]).squeeze(-1)
+        got = fn(logits[rows].detach(), targets[rows]).double()
+        err = (got - ref).abs().max().item()
+    tolerance = 1e-4 if dtype == torch.float32 else 0.1
+    if not err <= tolerance:
+        return {"error": f"max |log-prob error| {err:.3g} > {tolerance}"}
+
+    def step():
+        fn(logits, targets).sum().backward()
+        logits.grad = None
+
+    # A first call on a few rows pages in the code and thread pools that the first call
+    # of each op touches, so that the resident-set peak below counts only data.
+    warm = logits[:4].detach().clone().requires_grad_()
+    fn(warm, targets[:4]).sum().backward()
+    grad_bytes = logits.numel() * logits.element_size()
+    peak = harness.measure_peak_extra(lambda: step, device)
+    result = {"extra_bytes": max(0, peak - grad_bytes)}
+    if args.get("time", True):
+        timing = harness.time_fn(step, device, reps=5 if device == "cpu" else 20)
+        result.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms)
+    return result
+
+
+def run(device: str, shapes, dtypes, out_dir: str | None) -> list[dict]:
+    copy_bw = harness.copy_bandwidth(device) if device == "cuda" else None
+    rows = []
+    for n, v in shapes:
+        for dtype in dtypes:
+            logits_bytes = n * v * DTYPES[dtype].itemsize
+            eager_ms = None
+            for impl in implementations(device):
+                result = harness.run_child("fastpo.bench.token_logprobs",
+                                           {"impl": impl, "n": n, "v": v, "dtype": dtype, "device": device})
+                row = {"impl": impl, "tokens": n, "vocab": v, "dtype": dtype}
+                if "error" in result:
+                    row["note"] = "not timed: " + result["error"]
+                    rows.append(row)
+                    continue
+                row.update(median_ms=result["median_ms"], p20_ms=result["p20_ms"], p80_ms=result["p80_ms"])
+                row["extra_mem_MiB"] = result["extra_bytes"] / 2**20
+                row["extra_mem_%logits"] = 100.0 * result["extra_bytes"] / logits_bytes
+                if impl == "eager":
+                    eager_ms = result["median_ms"]
+                if eager_ms:
+                    row["speedup_vs_eager"] = eager_ms / result["median_ms"]
+                if copy_bw:
+                    moved = 3 * logits_bytes  # read forward, read backward, write the gradient
+                    row["%copy_bw"] = 100.0 * moved / (result["median_ms"] / 1e3) / copy_bw
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
+    env = harness.environment(device)
+    if copy_bw:
+        env["copy_bandwidth_GBps"] = round(copy_bw / 1e9, 1)
+    columns = ["impl", "tokens", "vocab", "dtype", "median_ms", "p20_ms", "p80_ms",
+               "speedup_vs_eager", "extra_mem_MiB", "extra_mem_%logits", "%copy_bw", "note"]
+    table = harness.markdown_table(rows, columns)
+    header = "token_logprobs forward+backward; " + ", ".join(f"{k}: {v}" for k, v in env.items())
+    print(header + "\n\n" + table)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "token_logprobs.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns + ["date", "device"], extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**row, "date": env["date"], "device": env["device"]})
+        with open(os.path.join(out_dir, "token_logprobs.md"), "w") as f:
+            f.write(header + "\n\n" + table + "\n")
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one small shape (CI)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
+    parser.add_argument("--out", default=None, help="directory for the CSV and Markdown table")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if args.device == "cuda" else CPU_SHAPES)
+    run(args.device, shapes, args.dtypes.split(","), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+// Interface between the Python bindings (bindings.cpp) and the CPU / CUDA kernels.
+//
+// Nothing here depends on torch: tensors cross as raw pointers plus sizes and strides,
+// allocated and validated by kernels/_native.py and kernels/logprobs.py. Keeping torch
+// headers out of the kernels keeps the JIT build short, and lets the CUDA file compile
+// with nvcc alone (the CI compile check) on a machine whose torch is a CPU build.
+//
+// Rows follow kernels/logprobs.py's `_row_layout`: row r starts at element
+// (r / n_inner) * stride_outer + (r % n_inner) * stride_inner of `logits`.
+#pragma once
+
+#include <cstdint>
+
+namespace fastpo {
+
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
+
+// Statistics, log-probs, entropies and incoming gradients are float64 for float64
+// logits and float32 otherwise ("acc" below).
+struct LogprobsArgs {
+  const void* logits;
+  int dtype;
+  int64_t n_rows, vocab, n_inner, stride_outer, stride_inner;
+  const int64_t* targets;     // (n_rows,)
+  const float* temperature;   // row r at temperature[r * temp_stride]; stride 0 for a scalar
+  int64_t temp_stride;
+  bool has_softcap;
+  double softcap;
+  int64_t ignore_index;
+  // forward outputs (acc, n_rows): log-probs, entropy (null when not requested), and
+  // the statistics the backward needs, row max m of z and log(sum exp(z - m)); with
+  // them lp = (z_t - m) - log_sum, exact even where z_t and m are both large
+  void* logprobs;
+  void* entropy;
+  void* row_max;
+  void* log_sum;
+  // backward: saved statistics and incoming gradients (acc, n_rows; a null gradient is
+  // zero), and the (n_rows, vocab) contiguous gradient in the logits' dtype
+  const void* saved_row_max;
+  const void* saved_log_sum;
+  const void* saved_entropy;
+  const void* grad_logprobs;
+  const void* grad_entropy;
+  void* grad_logits;
+};
+
+// GAE over n_seq contiguous sequences of `length` steps; float32 or float64 (dtype).
+struct GaeArgs {
+  const void* rewards;
+  const void* values;
+  const bool* mask;
+  void* advantages;
+  void* returns;
+  int dtype;
+  int64_t n_seq, length;
+  double gamma, lam;
+};
+
+void token_logprobs_forward_cpu(const LogprobsArgs& args, int num_threads);
+void token_logprobs_backward_cpu(const LogprobsArgs& args, int num_threads);
+void gae_cpu(const GaeArgs& args, int num_threads);
+
+// CUDA launchers (csrc/cuda/kernels.cu): enqueue on `stream` (a cudaStream_t) and return
+// nullptr, or the CUDA error string of a failed launch.
+const char* token_logprobs_forward_cuda(const LogprobsArgs& args, void* stream);
+const char* token_logprobs_backward_cuda(const LogprobsArgs& args, void* stream);
+const char* gae_cuda(const GaeArgs& args, void* stream);
+
+}  // namespace fastpo

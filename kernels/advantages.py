@@ -1,0 +1,515 @@
+"""Advantage estimators: GRPO group z-scores, RLOO, REINFORCE++ baseline, GAE, whitening.
+
+The formulas are those of CONVENTIONS.md ("Advantages"); docs/advantages.md maps every
+option to the peer (TRL, verl, OpenRLHF) it matches.
+
+Rewards of a group-based estimator are a flat (n_groups * G,) tensor laid out group by
+group: the G completions of prompt 0, then the G of prompt 1, ... The Triton kernels
+run one program per group (group_advantages, rloo_advantages) and one per sequence for
+GAE, which scans its row backward with scalar loads. Whitening and the batch-wide
+reductions are single PyTorch reductions on both backends.
+
+These ops usually run under ``torch.no_grad()``. When autograd must record (grad mode
+on and an input that requires grad), the differentiable PyTorch composition runs
+whatever the backend, so the graph is never cut silently.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _native
+from ._backend import HAS_TRITON, resolve_backend
+from ._validate import FLOAT_DTYPES, bool_mask, check_same_device, check_tensor
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+SCALES = ("group", "batch", "none")
+
+# How the Triton group kernel divides (R - group mean).
+_DIVIDE_BY_GROUP_STD, _DIVIDE_BY_BATCH_STD, _NO_DIVISION, _LEAVE_ONE_OUT = 0, 1, 2, 3
+_SCALE_MODES = {"group": _DIVIDE_BY_GROUP_STD, "batch": _DIVIDE_BY_BATCH_STD, "none": _NO_DIVISION}
+
+
+# ------------------------------------------------------------------------ checks
+
+
+def _check_group_size(group_size) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__} {group_size!r}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    return group_size
+
+
+def _check_rewards(rewards, group_size: int) -> None:
+    check_tensor("rewards", rewards, FLOAT_DTYPES)
+    if rewards.dim() != 1:
+        raise ValueError(
+            f"rewards must be 1-D (n_groups * group_size,), laid out group by group; got shape "
+            f"{tuple(rewards.shape)}"
+        )
+    if rewards.numel() % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide the number of rewards ({rewards.numel()}): "
+            f"rewards must hold whole groups"
+        )
+
+
+def _nonnegative_scalar(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _unit_interval(name: str, value) -> float:
+    value = _nonnegative_scalar(name, value)
+    if value > 1:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return value
+
+
+def _acc(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _recording(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records these inputs (then the torch composition runs)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# --------------------------------------------------------------------------- Triton
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _group_advantages_kernel(
+        rewards_ptr,
+        out_ptr,
+        batch_std_ptr,
+        group_size,
+        eps,
+        MODE: tl.constexpr,
+        UNBIASED: tl.constexpr,
+        ACC_DTYPE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        FMAX: tl.constexpr = 3.4028234663852886e38
+        group = tl.program_id(0).to(tl.int64)
+        base = rewards_ptr + group * group_size
+        out = out_ptr + group * group_size
+        cols = tl.arange(0, BLOCK)
+
+        total = tl.zeros([], ACC_DTYPE)
+        lowest = tl.full([], FMAX, ACC_DTYPE)
+        highest = tl.full([], -FMAX, ACC_DTYPE)
+        for start in range(0, group_size, BLOCK):
+            offs = start + cols
+            inside = offs < group_size
+            r = tl.load(base + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+            total += tl.sum(r, axis=0)
+            lowest = tl.minimum(lowest, tl.min(tl.where(inside, r, FMAX), axis=0))
+            highest = tl.maximum(highest, tl.max(tl.where(inside, r, -FMAX), axis=0))
+        mean = total / group_size
+        # All-equal rewards (this includes a group of one) give exactly 0, even where the
+        # rounded mean differs from the rewards in the last bit.
+        constant = lowest == highest
+
+        if MODE == 0:  # group std, a second pass over the centered rewards
+            squares = tl.zeros([], ACC_DTYPE)
+            for start in range(0, group_size, BLOCK):
+                offs = start + cols
+                inside = offs < group_size
+                r = tl.load(base + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+                centered = tl.where(inside, r - mean, 0.0)
+                squares += tl.sum(centered * centered, axis=0)
+            if UNBIASED:
+                dof = tl.maximum(group_size - 1, 1)
+            else:
+                dof = group_size
+            divisor = tl.sqrt(squares / dof) + eps
+        elif MODE == 1:  # batch std, computed beforehand
+            divisor = tl.load(batch_std_ptr).to(ACC_DTYPE) + eps
+        elif MODE == 2:
+            divisor = tl.full([], 1.0, ACC_DTYPE)
+        else:  # leave-one-out: G / (G - 1) * (R - mean)
+            divisor = (group_size - 1) / tl.full([], group_size, ACC_DTYPE)
+        zero = constant | (divisor == 0)
+
+        for start in range(0, group_size, BLOCK):
+            offs = start + cols
+            inside = offs < group_size
+            r = tl.load(base + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+            advantage = tl.where(zero, 0.0, (r - mean) / tl.where(zero, 1.0, divisor))
+            tl.store(out + offs, advantage.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _gae_kernel(
+        rewards_ptr,
+        values_ptr,
+        mask_ptr,
+        advantages_ptr,
+        returns_ptr,
+        n_steps,
+        rewards_stride_row,
+        rewards_stride_step,
+        values_stride_row,
+        values_stride_step,
+        gamma,
+        gamma_lam,
+        ACC_DTYPE: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        rewards_row = rewards_ptr + row * rewards_stride_row
+        values_row = values_ptr + row * values_stride_row
+        mask_row = mask_ptr + row * n_steps
+        out_offset = row * n_steps
+        # Advantage and value of the next valid position; 0 after the last one.
+        next_advantage = tl.zeros([], ACC_DTYPE)
+        next_value = tl.zeros([], ACC_DTYPE)
+        for i in range(0, n_steps):
+            t = n_steps - 1 - i
+            valid = tl.load(mask_row + t) != 0
+            # Masked positions are not read: their rewards and values may be garbage.
+            reward = tl.load(rewards_row + t * rewards_stride_step, mask=valid, other=0.0).to(ACC_DTYPE)
+            value = tl.load(values_row + t * values_stride_step, mask=valid, other=0.0).to(ACC_DTYPE)
+            advantage = reward + gamma * next_value - value + gamma_lam * next_advantage
+            tl.store(advantages_ptr + out_offset + t, tl.where(valid, advantage, 0.0))
+            tl.store(returns_ptr + out_offset + t, tl.where(valid, advantage + value, 0.0))
+            next_advantage = tl.where(valid, advantage, next_advantage)
+            next_value = tl.where(valid, value, next_value)
+
+
+def _triton_group(rewards, group_size, mode, unbiased, eps, batch_std):
+    acc = _acc(rewards)
+    out = torch.empty(rewards.shape, dtype=acc, device=rewards.device)
+    n_groups = rewards.numel() // group_size
+    if n_groups:
+        block = max(16, min(triton.next_power_of_2(group_size), 1024))
+        _group_advantages_kernel[(n_groups,)](
+            rewards.contiguous(), out, batch_std if batch_std is not None else out,
+            group_size, eps,
+            MODE=mode, UNBIASED=bool(unbiased),
+            ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
+            BLOCK=block,
+        )
+    return out
+
+
+def _triton_gae(rewards, values, valid, gamma, lam):
+    acc = _acc(rewards, values)
+    n_rows, n_steps = rewards.shape
+    advantages = torch.empty((n_rows, n_steps), dtype=acc, device=rewards.device)
+    returns = torch.empty_like(advantages)
+    if advantages.numel():
+        _gae_kernel[(n_rows,)](
+            rewards, values, valid.contiguous().view(torch.uint8), advantages, returns,
+            n_steps, rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1),
+            gamma, gamma * lam,
+            ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
+            num_warps=1,
+        )
+    return advantages, returns
+
+
+# --------------------------------------------------------------------- pure PyTorch
+
+
+def _centered_sum_of_squares(centered: torch.Tensor, dim=None):
+    squares = centered * centered
+    return squares.sum() if dim is None else squares.sum(dim)
+
+
+def _safe_sqrt(x: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+    """sqrt(x) where ``use``, 1 elsewhere: keeps sqrt'(0) = inf out of the backward."""
+    return torch.where(use, x, 1.0).sqrt()
+
+
+def _torch_group(rewards, group_size, mode, unbiased, eps, batch_std):
+    acc = _acc(rewards)
+    groups = rewards.to(acc).view(-1, group_size)
+    mean = groups.mean(dim=1, keepdim=True)
+    centered = groups - mean
+    constant = groups.amin(dim=1, keepdim=True) == groups.amax(dim=1, keepdim=True)
+    if mode == _DIVIDE_BY_GROUP_STD:
+        dof = max(group_size - 1, 1) if unbiased else group_size
+        variance = _centered_sum_of_squares(centered, 1).unsqueeze(1) / dof
+        divisor = _safe_sqrt(variance, ~constant) + eps
+    elif mode == _DIVIDE_BY_BATCH_STD:
+        divisor = batch_std + eps
+    elif mode == _NO_DIVISION:
+        divisor = torch.ones((), dtype=acc, device=rewards.device)
+    else:
+        divisor = torch.tensor((group_size - 1) / group_size, dtype=acc, device=rewards.device)
+    zero = constant | (divisor == 0)
+    advantages = torch.where(zero, 0.0, centered / torch.where(divisor == 0, 1.0, divisor))
+    return advantages.reshape(-1)
+
+
+def _batch_std(rewards: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """Std of all rewards, 0 for fewer than two with Bessel's correction (no NaN)."""
+    values = rewards.to(_acc(rewards))
+    n = values.numel()
+    centered = values - values.mean() if n else values
+    dof = max(n - 1, 1) if unbiased else max(n, 1)
+    variance = _centered_sum_of_squares(centered) / dof
+    positive = variance > 0
+    return torch.where(positive, _safe_sqrt(variance, positive), 0.0)
+
+
+def _torch_gae(rewards, values, valid, gamma, lam):
+    acc = _acc(rewards, values)
+    rewards = rewards.to(acc)
+    values = values.to(acc)
+    n_rows, n_steps = rewards.shape
+    next_advantage = torch.zeros(n_rows, dtype=acc, device=rewards.device)
+    next_value = torch.zeros_like(next_advantage)
+    advantages_reversed = []
+    for t in reversed(range(n_steps)):
+        valid_t = valid[:, t]
+        # Masked positions may hold garbage rewards or values: where() drops them.
+        reward = torch.where(valid_t, rewards[:, t], 0.0)
+        value = torch.where(valid_t, values[:, t], 0.0)
+        advantage = reward + gamma * next_value - value + (gamma * lam) * next_advantage
+        advantages_reversed.append(torch.where(valid_t, advantage, 0.0))
+        next_advantage = torch.where(valid_t, advantage, next_advantage)
+        next_value = torch.where(valid_t, value, next_value)
+    if not advantages_reversed:
+        empty = torch.zeros((n_rows, 0), dtype=acc, device=rewards.device)
+        return empty, empty.clone()
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    returns = torch.where(valid, advantages + torch.where(valid, values, 0.0), 0.0)
+    return advantages, returns
+
+
+# ------------------------------------------------------------------------ public
+
+
+def _group_op(rewards, group_size, mode, unbiased, eps, batch_std, backend):
+    if backend == "triton" and not _recording(rewards):
+        return _triton_group(rewards, group_size, mode, unbiased, eps, batch_std)
+    return _torch_group(rewards, group_size, mode, unbiased, eps, batch_std)
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    scale: str = "group",
+    unbiased: bool = True,
+    eps: float = 1e-6,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """GRPO advantages: each reward minus its group's mean, divided by a std.
+
+    ``A_i = (R_i - mean_g) / (std + eps)``, the mean over the group of ``R_i``.
+
+    Args:
+        rewards: (n_groups * group_size,) float rewards laid out group by group.
+        group_size: G, the number of completions per prompt; it must divide
+            ``rewards.numel()``.
+        scale: ``"group"`` (std of the group: TRL ``scale_rewards="group"``, verl
+            ``norm_adv_by_std_in_grpo=True``, OpenRLHF ``group_norm``), ``"batch"`` (the
+            group mean, but the std of all rewards of the batch: TRL
+            ``scale_rewards="batch"``), ``"none"`` (no division: Dr.GRPO, TRL
+            ``scale_rewards="none"``, verl ``norm_adv_by_std_in_grpo=False``).
+        unbiased: Bessel's correction for the std (``/(n-1)``; all three peers), or
+            ``/n`` when False.
+        eps: added to the std, >= 0 (TRL 1e-4, verl 1e-6, OpenRLHF 1e-9).
+        backend: ``"triton"``, ``"torch"`` or None (automatic; see fastpo.kernels).
+
+    Returns:
+        float32 advantages of ``rewards.shape`` (float64 for float64 rewards). A group
+        of size 1, or whose rewards are all equal, gets exactly 0 in every scale mode
+        (no NaN, even with ``eps=0``). Example: G = 2, rewards {0, 1}: mean 0.5,
+        unbiased std sqrt(0.5) = 0.7071, advantages -+0.5 / (0.7071 + eps) = -+0.7071;
+        biased std 0.5 gives -+1.
+    """
+    group_size = _check_group_size(group_size)
+    _check_rewards(rewards, group_size)
+    if scale not in SCALES:
+        raise ValueError(f"scale={scale!r} is not one of {SCALES}")
+    eps = _nonnegative_scalar("eps", eps)
+    backend = resolve_backend(backend, rewards.device, "group_advantages")
+    batch_std = _batch_std(rewards, unbiased) if scale == "batch" else None
+    return _group_op(rewards, group_size, _SCALE_MODES[scale], unbiased, eps, batch_std, backend)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int, *, backend: str | None = None) -> torch.Tensor:
+    """RLOO advantages: each reward minus the mean of the other rewards of its group.
+
+    ``A_i = R_i - mean_{j != i} R_j = G / (G - 1) * (R_i - mean_g)`` (TRL RLOOTrainer,
+    verl ``adv_estimator=rloo``, OpenRLHF ``rloo``).
+
+    Args:
+        rewards: (n_groups * group_size,) float rewards laid out group by group.
+        group_size: G >= 2 (with G = 1 there is no other sample to form a baseline:
+            ValueError, as TRL requires at least two generations).
+        backend: ``"triton"``, ``"torch"`` or None (automatic; see fastpo.kernels).
+
+    Returns:
+        float32 advantages of ``rewards.shape`` (float64 for float64 rewards); a group
+        whose rewards are all equal gets exactly 0.
+    """
+    group_size = _check_group_size(group_size)
+    if group_size < 2:
+        raise ValueError(f"rloo_advantages needs group_size >= 2 (a leave-one-out baseline), got {group_size}")
+    _check_rewards(rewards, group_size)
+    backend = resolve_backend(backend, rewards.device, "rloo_advantages")
+    return _group_op(rewards, group_size, _LEAVE_ONE_OUT, True, 0.0, None, backend)
+
+
+def whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    shift_mean: bool = True,
+    unbiased: bool = True,
+    eps: float = 1e-8,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``(x - mean) * rsqrt(var + eps)`` with mean and variance over the masked entries.
+
+    Args:
+        x: float tensor of any shape.
+        mask: same shape (bool, or 0/1 integers or floats; nonzero = valid).
+        shift_mean: when False the mean is added back (only the scale changes), as in
+            TRL's and verl's ``masked_whiten(shift_mean=False)``.
+        unbiased: variance with Bessel's correction ``/(N-1)`` (TRL, verl), or ``/N``
+            (OpenRLHF) when False. With N <= 1 valid entries the variance is taken as 0.
+        eps: added to the variance, >= 0 (TRL and verl use 1e-8).
+        backend: accepted for uniformity and validated; both backends run the same two
+            PyTorch reductions (a global masked mean and variance).
+
+    Returns:
+        float32 tensor of ``x.shape`` (float64 for float64 ``x``); masked-out positions
+        are 0 (TRL and verl leave them transformed; callers multiply by the mask). No
+        valid entry gives all zeros; ``var + eps == 0`` gives the centered values' zeros
+        rather than NaN.
+    """
+    check_tensor("x", x, FLOAT_DTYPES)
+    valid = bool_mask("mask", mask, x.shape, x.device)
+    eps = _nonnegative_scalar("eps", eps)
+    resolve_backend(backend, x.device, "whiten")
+    return _whiten(x, valid, shift_mean, unbiased, eps)
+
+
+def _whiten(x, valid, shift_mean, unbiased, eps):
+    acc = _acc(x)
+    x = x.to(acc)
+    count = valid.sum().to(acc)
+    mean = torch.where(valid, x, 0.0).sum() / count.clamp(min=1)
+    centered = torch.where(valid, x - mean, 0.0)
+    dof = (count - 1 if unbiased else count).clamp(min=1)
+    variance = _centered_sum_of_squares(centered) / dof
+    denominator = variance + eps
+    positive = denominator > 0
+    inv_std = torch.where(positive, torch.where(positive, denominator, 1.0).rsqrt(), 0.0)
+    out = centered * inv_std
+    if not shift_mean:
+        out = out + mean
+    return torch.where(valid, out, 0.0)
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    mask: torch.Tensor,
+    *,
+    unbiased: bool = True,
+    eps: float = 1e-8,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """REINFORCE++ with a group baseline: ``R_i - mean_g``, spread over each sequence's
+    valid tokens, then whitened over all valid tokens of the batch.
+
+    verl ``adv_estimator=reinforce_plus_plus_baseline`` and OpenRLHF
+    ``reinforce_baseline``. One difference with verl: verl uses a baseline of 0 for a
+    group of one; here a group of one (or of equal rewards) gets 0 before whitening, as
+    the group mean is subtracted.
+
+    Args:
+        rewards: (B,) float sequence rewards, B = n_groups * group_size, laid out group
+            by group.
+        group_size: G, dividing B.
+        mask: (B, T) response-token mask (bool, or 0/1 integers or floats).
+        unbiased, eps: the whitening options of :func:`whiten` (defaults as verl).
+        backend: ``"triton"``, ``"torch"`` or None (automatic; see fastpo.kernels). The
+            group step uses the Triton group kernel; whitening is PyTorch on both.
+
+    Returns:
+        (B, T) float32 token advantages (float64 for float64 rewards), 0 at masked-out
+        positions.
+    """
+    group_size = _check_group_size(group_size)
+    _check_rewards(rewards, group_size)
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != rewards.numel():
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be (B, T) with B = rewards.numel() = {rewards.numel()}, got {shape}")
+    valid = bool_mask("mask", mask, mask.shape, rewards.device)
+    eps = _nonnegative_scalar("eps", eps)
+    backend = resolve_backend(backend, rewards.device, "reinforce_pp_advantages")
+    sequence_advantages = _group_op(rewards, group_size, _NO_DIVISION, True, 0.0, None, backend)
+    token_advantages = torch.where(valid, sequence_advantages[:, None], 0.0)
+    return _whiten(token_advantages, valid, True, unbiased, eps)
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation, scanning each sequence backward.
+
+    Over the valid positions ``t_1 < ... < t_k`` of a row (masked positions skipped):
+
+        delta_i = r[t_i] + gamma * V[t_{i+1}] - V[t_i],   A[t_i] = delta_i + gamma * lam * A[t_{i+1}],
+
+    with ``V[t_{k+1}] = A[t_{k+1}] = 0`` (nothing after the last valid token), and
+    ``returns = A + V``. A masked position carries no reward and no value: the recursion
+    jumps over it to the next valid position, exactly as if it were removed from the
+    row (verl's ``compute_gae_advantage_return``; TRL and OpenRLHF instead zero the
+    values and rewards of trailing padding, which agrees for right-padded masks).
+
+    Args:
+        rewards: (B, T) float per-token rewards.
+        values: (B, T) float value estimates.
+        mask: (B, T) bool, or 0/1 integers or floats; nonzero = valid. Holes are allowed.
+        gamma: discount in [0, 1].
+        lam: GAE lambda in [0, 1].
+        backend: ``"triton"`` (one program per row, a loop over T), ``"torch"`` (a loop
+            over T vectorized across rows), ``"cpp"`` / ``"cuda"`` (native kernels, one
+            thread per row) or None (automatic; see fastpo.kernels).
+
+    Returns:
+        ``(advantages, returns)``, both (B, T) float32 (float64 when an input is
+        float64), 0 at masked positions; the rewards and values there are never used,
+        so they may hold anything (even NaN).
+    """
+    check_tensor("rewards", rewards, FLOAT_DTYPES)
+    check_tensor("values", values, FLOAT_DTYPES)
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (B, T), got shape {tuple(rewards.shape)}")
+    if values.shape != rewards.shape:
+        raise ValueError(f"values.shape {tuple(values.shape)} does not match rewards.shape {tuple(rewards.shape)}")
+    check_same_device(rewards=rewards, values=values)
+    valid = bool_mask("mask", mask, rewards.shape, rewards.device)
+    gamma = _unit_interval("gamma", gamma)
+    lam = _unit_interval("lam", lam)
+    backend = resolve_backend(backend, rewards.device, "gae")
+    if backend == "triton" and not _recording(rewards, values):
+        return _triton_gae(rewards, values, valid, gamma, lam)
+    if backend in ("cpp", "cuda") and not _recording(rewards, values):
+        return _native.gae(rewards, values, valid, gamma, lam)
+    return _torch_gae(rewards, values, valid, gamma, lam)
