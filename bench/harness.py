@@ -7,6 +7,8 @@ CUDA caching allocator's peak counter on a GPU.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import os
@@ -74,9 +76,25 @@ def peak_rss_bytes() -> int:
     return _status_bytes("VmHWM")
 
 
+def _glibc_returns_freed_memory() -> None:
+    """Make glibc's malloc hand every freed block of 64 KiB or more back to the OS, and
+    release what it holds now, so that the resident set follows live allocations.
+
+    By default glibc raises its mmap threshold after the first large free and keeps
+    later blocks of that size on its heap, resident: a second call of the same code
+    then reuses them and the resident-set peak would miss its temporaries. This makes
+    later allocations slower (fresh pages each time), so time before calling it.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_mmap_threshold = -3  # mallopt parameter; a fixed value also stops the adjustment
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+    libc.malloc_trim(0)
+
+
 def measure_peak_extra(setup: Callable[[], Callable[[], object]], device: str) -> int:
     """Peak bytes allocated by one call of the function ``setup()`` returns, beyond what
-    existed before it. On the CPU this is only meaningful in a fresh process."""
+    existed before it. On the CPU this is only meaningful in a fresh process, and it
+    changes that process's allocator (see _glibc_returns_freed_memory): time first."""
     fn = setup()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -85,6 +103,7 @@ def measure_peak_extra(setup: Callable[[], Callable[[], object]], device: str) -
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    _glibc_returns_freed_memory()
     reset_peak_rss()
     before = rss_bytes()
     fn()

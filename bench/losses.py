@@ -5,9 +5,10 @@
 Cases (forward+backward where there is a gradient):
 - policy_loss: fastpo's fused clipped surrogate (loss_type="grpo", per-sequence
   advantages, k3 KL to a reference) against the eager chain of ops TRL's GRPOTrainer
-  runs, at (B, T) in {(512, 1024), (1024, 4096)};
-- gae: fastpo's gae against the reverse Python loop over time steps that TRL's PPO
-  trainer and OpenRLHF use;
+  runs, with the clip-fraction and KL metrics it logs, at (B, T) in {(512, 1024),
+  (1024, 4096)};
+- gae: fastpo's gae (torch and native backends) against the reverse Python loop over
+  time steps that TRL's PPO trainer and OpenRLHF use;
 - dpo: summing padded (and packed) token log-probs per sequence plus the DPO sigmoid
   loss, against eager masked sums and ``-logsigmoid``, at B = 64 pairs, T = 4096.
 
@@ -53,15 +54,20 @@ def eager_grpo_loss(lp, old, ref, adv, mask):
     clipped = torch.clamp(ratio, 1 - EPS, 1 + EPS)
     per_token = -torch.min(ratio * adv[:, None], clipped * adv[:, None]) + KL_COEF * kl
     mask = mask.float()
-    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    with torch.no_grad():  # the metrics TRL logs every step (fastpo's policy_loss returns them too)
+        n = mask.sum().clamp(min=1.0)
+        low = ((ratio < 1 - EPS) & (adv[:, None] < 0)).float()
+        high = ((ratio > 1 + EPS) & (adv[:, None] > 0)).float()
+        metrics = [(low * mask).sum() / n, (high * mask).sum() / n, (kl * mask).sum() / n]
+    return loss, metrics
 
 
 def fastpo_grpo_loss(lp, old, ref, adv, mask):
     from fastpo.kernels import policy_loss
 
-    loss, _ = policy_loss(lp, old, adv, mask, loss_type="grpo", clip_eps_low=EPS,
-                          ref_logprobs=ref, kl_coef=KL_COEF)
-    return loss
+    return policy_loss(lp, old, adv, mask, loss_type="grpo", clip_eps_low=EPS,
+                       ref_logprobs=ref, kl_coef=KL_COEF)
 
 
 def eager_gae(rewards, values, mask, gamma=1.0, lam=0.95):
@@ -95,7 +101,8 @@ def case_step(name: str, impl: str, shape: tuple, device: str):
         fn = eager_grpo_loss if impl == "eager" else fastpo_grpo_loss
 
         def step():
-            fn(lp, old, ref, adv, mask).backward()
+            loss, _ = fn(lp, old, ref, adv, mask)
+            loss.backward()
             lp.grad = None
 
         return step
@@ -109,7 +116,8 @@ def case_step(name: str, impl: str, shape: tuple, device: str):
             return lambda: eager_gae(rewards, values, mask)
         from fastpo.kernels import gae
 
-        return lambda: gae(rewards, values, mask, gamma=1.0, lam=0.95)
+        backend = {"fastpo_torch": "torch", "fastpo_native": "cuda" if device == "cuda" else "cpp"}[impl]
+        return lambda: gae(rewards, values, mask, gamma=1.0, lam=0.95, backend=backend)
     if name == "dpo":
         from fastpo.kernels import dpo_loss, sequence_logprobs
 
@@ -147,7 +155,7 @@ def case_step(name: str, impl: str, shape: tuple, device: str):
 
 CASES = {
     "policy_loss": ([(512, 1024), (1024, 4096)], ["eager", "fastpo"]),
-    "gae": ([(512, 1024), (1024, 4096)], ["eager", "fastpo"]),
+    "gae": ([(512, 1024), (1024, 4096)], ["eager", "fastpo_torch", "fastpo_native"]),
     "dpo": ([(64, 4096)], ["eager", "fastpo", "fastpo_packed"]),
 }
 QUICK = {"policy_loss": [(64, 256)], "gae": [(64, 256)], "dpo": [(8, 512)]}
@@ -175,11 +183,12 @@ def count_ops(step, device: str) -> int:
 
 def child(args: dict) -> dict:
     step = case_step(args["case"], args["impl"], tuple(args["shape"]), args["device"])
-    step()  # pages in code and thread pools before the memory measurement
-    peak = harness.measure_peak_extra(lambda: step, args["device"])
-    timing = harness.time_fn(step, args["device"], reps=10, max_seconds=20)
+    step()  # pages in code and thread pools
+    timing = harness.time_fn(step, args["device"], warmup=0, reps=10, max_seconds=20)
+    ops = count_ops(step, args["device"])
+    peak = harness.measure_peak_extra(lambda: step, args["device"])  # last: it changes the allocator
     return {"extra_bytes": peak, "median_ms": timing.median_ms, "p20_ms": timing.p20_ms,
-            "p80_ms": timing.p80_ms, "ops": count_ops(step, args["device"])}
+            "p80_ms": timing.p80_ms, "ops": ops}
 
 
 def run(device: str, quick: bool, only: str | None, out_dir: str | None) -> list[dict]:

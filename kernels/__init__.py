@@ -8,6 +8,7 @@ PyTorch elsewhere. See the README for the conventions each option matches.
 from ._backend import BACKENDS
 from .advantages import gae, group_advantages, reinforce_pp_advantages, rloo_advantages, whiten
 from .kl import logits_kl
+from .linear_logprobs import linear_policy_loss, linear_preference_logprobs, linear_token_logprobs
 from .logprobs import token_logprobs
 from .policy import kl_penalty, policy_loss, value_loss
 from .preference import (
@@ -20,7 +21,6 @@ from .preference import (
     ranking_loss,
 )
 from .sequence import sequence_logprobs
-from .linear_logprobs import linear_policy_loss, linear_preference_logprobs, linear_token_logprobs
 
 __all__ = [
     "BACKENDS",

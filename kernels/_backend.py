@@ -17,6 +17,7 @@ in ``NATIVE_OPS`` only: ``"cpp"`` on CPU tensors, ``"cuda"`` on CUDA tensors. Se
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -33,8 +34,8 @@ NATIVE_BACKENDS = {"cpp": "cpu", "cuda": "cuda"}  # backend -> the device type i
 # Ops implemented in the native extension (csrc/).
 NATIVE_OPS = frozenset({"token_logprobs", "gae"})
 # Ops whose automatic CPU backend is "cpp": measured faster than "torch" by
-# bench/native_cpu.py (see docs/native.md for the numbers).
-CPP_DEFAULT_OPS = frozenset({"token_logprobs"})
+# bench/token_logprobs.py and bench/losses.py (numbers in bench/RESULTS.md).
+CPP_DEFAULT_OPS = frozenset({"token_logprobs", "gae"})
 
 
 def triton_interpreter_enabled() -> bool:
@@ -97,3 +98,21 @@ def _check_native(backend: str, device: torch.device, op: str) -> None:
             f"{op}: backend={backend!r} requested but fastpo's native extension is unavailable: "
             f"{_native.unavailable_reason() or 'built without CUDA'}"
         )
+
+
+def on_tensor_device(fn):
+    """Run ``fn`` with the current CUDA device set to that of its first CUDA tensor
+    argument (a tensor, or a tuple starting with one). Triton kernels and the native
+    CUDA kernels launch on the current device, so without this, tensors on cuda:1
+    while cuda:0 is current would be read from the wrong device."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for arg in (*args, *kwargs.values()):
+            tensor = arg[0] if isinstance(arg, tuple) and arg else arg
+            if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+                with torch.cuda.device(tensor.device):
+                    return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper

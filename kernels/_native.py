@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from ._backend import on_tensor_device
+
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 JIT_NAME = "fastpo_native"
 CPU_SOURCES = ("bindings.cpp", "cpu/kernels.cpp")
@@ -171,6 +173,9 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+@on_tensor_device
+
+
 def token_logprobs_forward(layout, targets, temp, softcap, ignore_index, compute_entropy):
     """Native forward with the contract of logprobs.py's ``_torch_forward``: returns
     ``(logprobs, entropy or None, (row_max, log_sum))``, each (n_rows,)."""
@@ -191,6 +196,9 @@ def token_logprobs_forward(layout, targets, temp, softcap, ignore_index, compute
             _device_arg(logits.device),
         )
     return logprobs, entropy, (row_max, log_sum)
+
+
+@on_tensor_device
 
 
 def token_logprobs_backward(layout, targets, temp, softcap, ignore_index, stats, entropy, g_lp, g_h):
@@ -217,6 +225,9 @@ def token_logprobs_backward(layout, targets, temp, softcap, ignore_index, stats,
             _device_arg(logits.device),
         )
     return grad
+
+
+@on_tensor_device
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):

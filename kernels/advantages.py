@@ -1,6 +1,6 @@
 """Advantage estimators: GRPO group z-scores, RLOO, REINFORCE++ baseline, GAE, whitening.
 
-The formulas are those of CONVENTIONS.md ("Advantages"); docs/advantages.md maps every
+The formulas are those of docs/conventions.md ("Advantages"); docs/advantages.md maps every
 option to the peer (TRL, verl, OpenRLHF) it matches.
 
 Rewards of a group-based estimator are a flat (n_groups * G,) tensor laid out group by
@@ -21,7 +21,7 @@ import math
 import torch
 
 from . import _native
-from ._backend import HAS_TRITON, resolve_backend
+from ._backend import HAS_TRITON, on_tensor_device, resolve_backend
 from ._validate import FLOAT_DTYPES, bool_mask, check_same_device, check_tensor
 
 if HAS_TRITON:
@@ -187,6 +187,9 @@ if HAS_TRITON:
             next_value = tl.where(valid, value, next_value)
 
 
+@on_tensor_device
+
+
 def _triton_group(rewards, group_size, mode, unbiased, eps, batch_std):
     acc = _acc(rewards)
     out = torch.empty(rewards.shape, dtype=acc, device=rewards.device)
@@ -201,6 +204,9 @@ def _triton_group(rewards, group_size, mode, unbiased, eps, batch_std):
             BLOCK=block,
         )
     return out
+
+
+@on_tensor_device
 
 
 def _triton_gae(rewards, values, valid, gamma, lam):

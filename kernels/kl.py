@@ -3,7 +3,7 @@
     KL = sum_v p_v (log p_v - log q_v),   p = softmax(z),  q = softmax(z_ref),
     z = logits / T,  z_ref = ref_logits / T   (the same temperature for both).
 
-This is the "full" KL estimator of CONVENTIONS.md (verl names it and raises). Neither
+This is the "full" KL estimator of docs/conventions.md (verl names it and raises). Neither
 softmax is materialized: the forward is one online pass per row over both logits rows,
 keeping a running max and sum of exponentials for each and, for the policy,
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import HAS_TRITON, resolve_backend
+from ._backend import HAS_TRITON, on_tensor_device, resolve_backend
 from ._validate import FLOAT_DTYPES, bool_mask, check_same_device, check_tensor, row_temperature
 from .logprobs import TORCH_CHUNK_ELEMENTS, _acc_dtype, _row_layout, _rows_view, _triton_config
 
@@ -176,6 +176,9 @@ def _layout_args(layout):
     return layout[1], layout[2], layout[3]
 
 
+@on_tensor_device
+
+
 def _triton_forward(layout, ref_layout, temp, mask_rows, n_rows):
     logits = layout[0]
     vocab = logits.shape[-1]
@@ -195,6 +198,9 @@ def _triton_forward(layout, ref_layout, temp, mask_rows, n_rows):
             num_warps=num_warps,
         )
     return kl, stats
+
+
+@on_tensor_device
 
 
 def _triton_backward(layout, ref_layout, temp, mask_rows, kl, stats, grad_kl):
@@ -346,7 +352,7 @@ def logits_kl(
     """Exact KL(pi || pi_ref) at every position, summed over the whole vocabulary.
 
     ``KL = sum_v p_v (log p_v - log q_v)`` with ``p = softmax(logits / T)`` and
-    ``q = softmax(ref_logits / T)``: the "full" estimator of CONVENTIONS.md, which TRL,
+    ``q = softmax(ref_logits / T)``: the "full" estimator of docs/conventions.md, which TRL,
     verl and OpenRLHF do not offer (verl's ``kl_penalty="full"`` raises). Computed in one
     online pass per row over both logits tensors without materializing either softmax.
 

@@ -21,7 +21,7 @@ import math
 import torch
 
 from . import _native
-from ._backend import HAS_TRITON, resolve_backend
+from ._backend import HAS_TRITON, on_tensor_device, resolve_backend
 from ._validate import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -147,7 +147,9 @@ if HAS_TRITON:
             alpha = tl.exp(m - m_new)
             p = tl.where(in_row, tl.exp(z - m_new), 0.0)
             if COMPUTE_ENTROPY:
-                u = alpha * (u + (m - m_new) * s) + tl.sum(p * (z - m_new), axis=0)
+                # alpha * (m - m_new) first: after a run of -inf logits m is -FLT_MAX and
+                # (m - m_new) * s would overflow to -inf, times alpha = 0 giving NaN.
+                u = alpha * u + (alpha * (m - m_new)) * s + tl.sum(p * (z - m_new), axis=0)
             s = alpha * s + tl.sum(p, axis=0)
             m = m_new
 
@@ -249,6 +251,9 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+@on_tensor_device
+
+
 def _triton_forward(layout, targets, temp, softcap, ignore_index, compute_entropy):
     logits, n_inner, stride_outer, stride_inner = layout
     vocab = logits.shape[-1]
@@ -270,6 +275,9 @@ def _triton_forward(layout, targets, temp, softcap, ignore_index, compute_entrop
             num_warps=num_warps,
         )
     return logprobs, entropy, (row_max, log_sum)
+
+
+@on_tensor_device
 
 
 def _triton_backward(layout, targets, temp, softcap, ignore_index, stats, entropy, g_lp, g_h):

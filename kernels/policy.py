@@ -1,6 +1,6 @@
 """Clipped-surrogate policy losses (PPO/GRPO family), KL estimators and the PPO value loss.
 
-Every formula is written in ../shared/CONVENTIONS.md; docs/rl-losses.md maps each option
+Every formula is written in docs/conventions.md; docs/rl-losses.md maps each option
 to the peer (TRL, verl, OpenRLHF) it matches. Notation: ``lp`` current log-probs,
 ``lp_old`` log-probs of the policy that sampled the rollouts, ``m`` the 0/1 token mask,
 ``A`` the advantage, ``r = exp(lp - lp_old)``.
@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ._backend import HAS_TRITON, resolve_backend
+from ._backend import HAS_TRITON, on_tensor_device, resolve_backend
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor, positive_scalar
 
 if HAS_TRITON:
@@ -420,6 +420,7 @@ class _KLPenalty(torch.autograd.Function):
     """Triton forward writes the estimate and its derivative; the backward scales it."""
 
     @staticmethod
+    @on_tensor_device
     def forward(ctx, logprobs, ref_logprobs, kind_id, need_grad):
         acc = _acc_dtype(torch.promote_types(logprobs.dtype, ref_logprobs.dtype))
         lp = logprobs.contiguous().view(-1)
@@ -661,6 +662,9 @@ def _policy_loss_torch(lp, old, adv, valid, ref, entropy, rollout, ent_threshold
         ]
         stats = torch.stack([c.to(acc) for c in columns], dim=-1)
     return row_loss, stats
+
+
+@on_tensor_device
 
 
 def _policy_loss_triton(lp, old, adv, mask, ref, entropy, rollout, ent_threshold, opts, need_grad):
@@ -990,6 +994,9 @@ class _ScaledValueLoss(torch.autograd.Function):
             return None, None, None, None
         row_scale, token_grad = ctx.saved_tensors
         return (token_grad * (grad_loss * row_scale).unsqueeze(-1)).to(ctx.dtype), None, None, None
+
+
+@on_tensor_device
 
 
 def value_loss(

@@ -3,7 +3,7 @@
 All inputs are per-sequence quantities: summed (or averaged, see
 ``sequence_logprobs``) log-probs of each response, or reward-model scores. Every
 loss returns one value per example, shape (B,); the caller reduces (usually
-``.mean()``). Formulas are those of CONVENTIONS.md; with ``x = lp - lp_ref`` per
+``.mean()``). Formulas are those of docs/conventions.md; with ``x = lp - lp_ref`` per
 response and ``h = x_chosen - x_rejected``:
 
     sigmoid   -(1-eps) log sig(beta h) - eps log sig(-beta h)      (eps = 0: DPO)
@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._backend import HAS_TRITON, resolve_backend
+from ._backend import HAS_TRITON, on_tensor_device, resolve_backend
 from ._validate import FLOAT_DTYPES, check_same_device, check_tensor, positive_scalar
 
 if HAS_TRITON:
@@ -178,6 +178,9 @@ if HAS_TRITON:
 
 def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@on_tensor_device
 
 
 def _triton_launch(loss_id, policy, ref, aux, z0, beta, param_a, param_b, store_rewards):

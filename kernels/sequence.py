@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import HAS_TRITON, resolve_backend
+from ._backend import HAS_TRITON, on_tensor_device, resolve_backend
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, bool_mask, check_same_device, check_tensor
 
 if HAS_TRITON:
@@ -134,6 +134,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class _SequenceLogprobsTriton(torch.autograd.Function):
     @staticmethod
+    @on_tensor_device
     def forward(ctx, x, mask, cu_seqlens, n_seqs, average):
         packed = cu_seqlens is not None
         acc = _acc_dtype(x.dtype)
@@ -157,6 +158,7 @@ class _SequenceLogprobsTriton(torch.autograd.Function):
         return out
 
     @staticmethod
+    @on_tensor_device
     def backward(ctx, grad_out):
         mask, cu_seqlens, count = ctx.saved_tensors
         shape, dtype, packed, average, block = ctx.meta

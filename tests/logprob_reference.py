@@ -42,7 +42,9 @@ def reference(logits, targets, temperature=1.0, softcap=None, ignore_index=-100,
     log_p = z.log_softmax(-1)
     keep = targets != ignore_index
     lp = log_p.gather(-1, targets.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
-    ent = -(log_p.exp() * log_p).nan_to_num().sum(-1)
+    p = log_p.exp()
+    # 0 * log 0 = 0, with a gradient that stays finite where p = 0 (-inf logits)
+    ent = -(p * torch.where(p > 0, log_p, 0.0)).sum(-1)
     return torch.where(keep, lp, 0.0), torch.where(keep, ent, 0.0)
 
 

@@ -196,7 +196,7 @@ def test_rloo(backend, group_size):
     out = rloo_advantages(rewards, group_size, backend=backend)
     close(out, ref_rloo(rewards, group_size))
     assert (out[:group_size] == 0).all()
-    # The identity of CONVENTIONS.md: G / (G - 1) * (R - group mean).
+    # The identity of docs/conventions.md: G / (G - 1) * (R - group mean).
     groups = rewards.double().view(-1, group_size)
     identity = group_size / (group_size - 1) * (groups - groups.mean(1, keepdim=True))
     close(out[group_size:], identity.reshape(-1)[group_size:])

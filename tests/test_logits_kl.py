@@ -7,7 +7,7 @@ import torch
 
 from fastpo.kernels import logits_kl
 
-# The most negative float32: CONVENTIONS/logprobs treat a -inf logit as this value.
+# The most negative float32: docs/conventions.md and logprobs.py treat a -inf logit as this value.
 FMAX32 = 3.4028234663852886e38
 
 

@@ -157,6 +157,15 @@ def test_extreme_values(logprobs_backend, case):
         assert (masked_grad == 0).all()
 
 
+def test_long_masked_prefix_then_finite_logits(logprobs_backend):
+    # A masked-out run longer than any kernel's block, before the first finite logit:
+    # the online entropy update must not compute 0 * -inf there.
+    logits = torch.randn(3, 40000)
+    logits[:, :20000] = float("-inf")
+    targets = torch.randint(20000, 40000, (3,))
+    check_against_reference(logits, targets, logprobs_backend)
+
+
 def test_fully_masked_row_has_no_nan(logprobs_backend):
     # Documented: a target whose logit is -inf has log-probability -inf; a row whose
     # logits are all -inf is otherwise treated as uniform, so entropy and gradient stay finite.
@@ -305,3 +314,16 @@ def test_cuda_more_than_2_31_elements():
     ref = torch.log_softmax(logits[-3:].detach().double(), -1).gather(-1, targets[-3:, None]).squeeze(-1)
     torch.testing.assert_close(lp[-3:].double(), ref, rtol=1e-5, atol=1e-4)
     assert x.grad[-1].float().abs().sum().item() > 0 and x.grad[0].abs().sum().item() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_tensors_on_a_device_that_is_not_current():
+    logits = torch.randn(4, 1000, device="cuda:1", requires_grad=True)
+    targets = torch.randint(0, 1000, (4,), device="cuda:1")
+    with torch.cuda.device(0):
+        lp = token_logprobs(logits, targets, backend="triton")
+        lp.sum().backward()
+    ref = logits.detach().double().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(logits.grad).all()

@@ -111,7 +111,7 @@ def test_missing_compiler_degrades_to_torch_with_one_warning(tmp_path):
 
 
 def loop_gae(rewards, values, mask, gamma, lam):
-    """CONVENTIONS.md's recursion over the valid positions of each row, in float64 loops."""
+    """docs/conventions.md's recursion over the valid positions of each row, in float64 loops."""
     adv = torch.zeros(rewards.shape, dtype=torch.float64)
     for b in range(rewards.shape[0]):
         next_value = next_adv = 0.0

@@ -1,5 +1,5 @@
 """policy_loss, kl_penalty and value_loss against independent float64 references written
-per element from ../shared/CONVENTIONS.md (Python loops over scalar tensors, so that
+per element from docs/conventions.md (Python loops over scalar tensors, so that
 autograd of the reference gives the expected gradients), on every CPU-runnable backend."""
 
 import math

@@ -1,5 +1,5 @@
 """Preference and reward-model losses against per-element float64 references written
-from CONVENTIONS.md, on every CPU-runnable backend."""
+from docs/conventions.md, on every CPU-runnable backend."""
 
 import math
 

@@ -234,7 +234,8 @@ FASTPO_INLINE void forward_row(const Params<scalar_t, acc_t>& p, int64_t r) {
     if (block_max > m) {  // rescale what was summed against the old max
       const acc_t shift = m - block_max;
       const acc_t alpha = std::exp(shift);
-      if (ENTROPY) u = alpha * (u + shift * s);
+      // alpha * shift first: after a run of -inf logits shift * s can overflow to -inf
+      if (ENTROPY) u = alpha * u + (alpha * shift) * s;
       s *= alpha;
       m = block_max;
     }

@@ -123,7 +123,7 @@ struct State {
     if (z > m) {
       const acc_t shift = m - z;
       const acc_t alpha = acc_exp(shift);
-      u = alpha * (u + shift * s);
+      u = alpha * u + (alpha * shift) * s;  // alpha * shift first: shift * s can overflow
       s *= alpha;
       m = z;
     }
@@ -136,7 +136,7 @@ struct State {
     const acc_t top = m > o.m ? m : o.m;
     const acc_t d1 = m - top, d2 = o.m - top;
     const acc_t a1 = acc_exp(d1), a2 = acc_exp(d2);
-    u = a1 * (u + d1 * s) + a2 * (o.u + d2 * o.s);
+    u = a1 * u + (a1 * d1) * s + a2 * o.u + (a2 * d2) * o.s;  // a * d first, as in add()
     s = a1 * s + a2 * o.s;
     m = top;
   }
