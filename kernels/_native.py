@@ -174,8 +174,6 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 
 @on_tensor_device
-
-
 def token_logprobs_forward(layout, targets, temp, softcap, ignore_index, compute_entropy):
     """Native forward with the contract of logprobs.py's ``_torch_forward``: returns
     ``(logprobs, entropy or None, (row_max, log_sum))``, each (n_rows,)."""
@@ -199,8 +197,6 @@ def token_logprobs_forward(layout, targets, temp, softcap, ignore_index, compute
 
 
 @on_tensor_device
-
-
 def token_logprobs_backward(layout, targets, temp, softcap, ignore_index, stats, entropy, g_lp, g_h):
     """Native backward with the contract of logprobs.py's ``_torch_backward``:
     returns the (n_rows, V) gradient in the logits' dtype."""
@@ -228,8 +224,6 @@ def token_logprobs_backward(layout, targets, temp, softcap, ignore_index, stats,
 
 
 @on_tensor_device
-
-
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Native GAE over the last dimension of (..., T) tensors: ``(advantages, returns)``
     in float32 (float64 when an input is float64). Masked positions get 0 for both and

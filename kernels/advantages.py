@@ -188,8 +188,6 @@ if HAS_TRITON:
 
 
 @on_tensor_device
-
-
 def _triton_group(rewards, group_size, mode, unbiased, eps, batch_std):
     acc = _acc(rewards)
     out = torch.empty(rewards.shape, dtype=acc, device=rewards.device)
@@ -207,8 +205,6 @@ def _triton_group(rewards, group_size, mode, unbiased, eps, batch_std):
 
 
 @on_tensor_device
-
-
 def _triton_gae(rewards, values, valid, gamma, lam):
     acc = _acc(rewards, values)
     n_rows, n_steps = rewards.shape

@@ -36,6 +36,12 @@ if HAS_TRITON:
 if HAS_TRITON:
 
     @triton.jit
+    def _finite_floor(z):
+        """-inf raised to the most negative finite float (probability 0, no NaN from
+        inf - inf); a NaN stays NaN, as in the torch backend."""
+        return tl.where(z == float("-inf"), -3.4028234663852886e38, z)
+
+    @triton.jit
     def _logits_kl_fwd_kernel(
         logits_ptr,
         ref_ptr,
@@ -79,8 +85,8 @@ if HAS_TRITON:
             in_row = offs < vocab
             x = tl.load(row_ptr + offs, mask=in_row, other=0.0).to(ACC_DTYPE)
             x_ref = tl.load(ref_row_ptr + offs, mask=in_row, other=0.0).to(ACC_DTYPE)
-            z = tl.where(in_row, tl.maximum(x * inv_temp, -FMAX), -FMAX)
-            z_ref = tl.where(in_row, tl.maximum(x_ref * inv_temp, -FMAX), -FMAX)
+            z = tl.where(in_row, _finite_floor(x * inv_temp), -FMAX)
+            z_ref = tl.where(in_row, _finite_floor(x_ref * inv_temp), -FMAX)
             m_new = tl.maximum(m, tl.max(z, axis=0))
             m_ref_new = tl.maximum(m_ref, tl.max(z_ref, axis=0))
             alpha = tl.exp(m - m_new)
@@ -104,7 +110,7 @@ if HAS_TRITON:
         log_s = tl.log(s)
         log_s_ref = tl.log(s_ref)
         # KL >= 0; rounding can leave a tiny negative value when p == q.
-        kl = tl.maximum(w / s - log_s + log_s_ref, 0.0)
+        kl = tl.maximum(w / s - log_s + log_s_ref, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(kl_ptr + row, tl.where(valid, kl, 0.0))
         # The max and the log-sum separately: m + log s would round to m for a row of
         # -inf logits (m = -FMAX) and lose the log(V) of its uniform distribution.
@@ -163,8 +169,8 @@ if HAS_TRITON:
             # Lanes not read become -FMAX - m: probability 0, no overflow in exp().
             x = tl.load(row_ptr + offs, mask=load_mask, other=float("-inf")).to(ACC_DTYPE)
             x_ref = tl.load(ref_row_ptr + offs, mask=load_mask, other=float("-inf")).to(ACC_DTYPE)
-            log_p = (tl.maximum(x * inv_temp, -FMAX) - m) - log_s
-            log_q = (tl.maximum(x_ref * inv_temp, -FMAX) - m_ref) - log_s_ref
+            log_p = (_finite_floor(x * inv_temp) - m) - log_s
+            log_q = (_finite_floor(x_ref * inv_temp) - m_ref) - log_s_ref
             p = tl.exp(log_p)
             # p == 0 contributes nothing, even where log p - log q overflows.
             grad_z = tl.where(p > 0, p * ((log_p - log_q) - kl), 0.0)
@@ -177,8 +183,6 @@ def _layout_args(layout):
 
 
 @on_tensor_device
-
-
 def _triton_forward(layout, ref_layout, temp, mask_rows, n_rows):
     logits = layout[0]
     vocab = logits.shape[-1]
@@ -201,8 +205,6 @@ def _triton_forward(layout, ref_layout, temp, mask_rows, n_rows):
 
 
 @on_tensor_device
-
-
 def _triton_backward(layout, ref_layout, temp, mask_rows, kl, stats, grad_kl):
     logits = layout[0]
     n_rows, vocab = kl.numel(), logits.shape[-1]

@@ -99,9 +99,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _clamped_z(x, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
-        """z with -inf raised to the most negative finite float, so exp() gives 0, never NaN."""
+        """z with -inf raised to the most negative finite float, so exp() gives 0, never NaN
+        (a NaN logit stays NaN and makes its row NaN, as in the other backends)."""
         z, dz = _transform(x, inv_temp, softcap, HAS_SOFTCAP)
-        return tl.maximum(z, -3.4028234663852886e38), dz
+        return tl.where(z == float("-inf"), -3.4028234663852886e38, z), dz
 
     @triton.jit
     def _token_logprobs_fwd_kernel(
@@ -252,8 +253,6 @@ def _acc_dtype(dtype: torch.dtype):
 
 
 @on_tensor_device
-
-
 def _triton_forward(layout, targets, temp, softcap, ignore_index, compute_entropy):
     logits, n_inner, stride_outer, stride_inner = layout
     vocab = logits.shape[-1]
@@ -278,8 +277,6 @@ def _triton_forward(layout, targets, temp, softcap, ignore_index, compute_entrop
 
 
 @on_tensor_device
-
-
 def _triton_backward(layout, targets, temp, softcap, ignore_index, stats, entropy, g_lp, g_h):
     logits, n_inner, stride_outer, stride_inner = layout
     row_max, log_sum = stats

@@ -96,10 +96,10 @@ if HAS_TRITON:
             kl = tl.abs(d)
             dkl = tl.where(d > 0, zero + 1.0, tl.where(d < 0, zero - 1.0, zero))
         else:  # low_var_kl: k3 of d clamped to [-20, 20], result clamped to [-10, 10]
-            dc = tl.minimum(tl.maximum(d, -20.0), 20.0)
+            dc = tl.minimum(tl.maximum(d, -20.0, propagate_nan=tl.PropagateNan.ALL), 20.0, propagate_nan=tl.PropagateNan.ALL)
             e = tl.exp(-dc)
             k3 = e + dc - 1.0
-            kl = tl.minimum(tl.maximum(k3, -10.0), 10.0)
+            kl = tl.minimum(tl.maximum(k3, -10.0, propagate_nan=tl.PropagateNan.ALL), 10.0, propagate_nan=tl.PropagateNan.ALL)
             dkl = tl.where((d >= -20.0) & (d <= 20.0) & (k3 <= 10.0), 1.0 - e, zero)
         return kl, dkl
 
@@ -237,16 +237,16 @@ if HAS_TRITON:
             high_hit = offs < 0
             if LOSS_KIND == 0:  # PPO clip
                 if HAS_DELTA:
-                    r1 = tl.minimum(ratio, delta)
+                    r1 = tl.minimum(ratio, delta, propagate_nan=tl.PropagateNan.ALL)
                     d_r1 = tl.where(ratio <= delta, zero + 1.0, zero)
                 else:
                     r1 = ratio
                     d_r1 = zero + 1.0
-                r2 = tl.minimum(tl.maximum(ratio, lo), hi)
+                r2 = tl.minimum(tl.maximum(ratio, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
                 d_r2 = tl.where((ratio >= lo) & (ratio <= hi), zero + 1.0, zero)
                 t1 = r1 * adv
                 t2 = r2 * adv
-                policy = -tl.minimum(t1, t2)
+                policy = -tl.minimum(t1, t2, propagate_nan=tl.PropagateNan.ALL)
                 # min() passes the gradient to the smaller operand, half to each on a tie
                 d_ratio = tl.where(t1 < t2, -adv * d_r1, tl.where(t2 < t1, -adv * d_r2, -0.5 * adv * (d_r1 + d_r2)))
                 if HAS_DUAL:
@@ -258,7 +258,7 @@ if HAS_TRITON:
                 low_hit = valid & (ratio < lo) & (adv < 0)
                 high_hit = valid & (ratio > hi) & (adv > 0)
             elif LOSS_KIND == 1:  # CISPO: stop-gradient truncated ratio times lp
-                direct = -tl.minimum(ratio, cispo_cap) * adv
+                direct = -tl.minimum(ratio, cispo_cap, propagate_nan=tl.PropagateNan.ALL) * adv
                 policy = direct * lp
                 high_hit = valid & (ratio > cispo_cap) & (adv > 0)
             else:  # SAPO soft gate
@@ -273,7 +273,7 @@ if HAS_TRITON:
                 weight = tl.where(ent >= ent_threshold, weight, zero)
             if TIS_KIND == 1:
                 roll = _load_row(roll_ptr + base, offs, in_row, valid, ACC_DTYPE)
-                weight = weight * tl.exp(tl.minimum(old - roll, log_tis_cap))
+                weight = weight * tl.exp(tl.minimum(old - roll, log_tis_cap, propagate_nan=tl.PropagateNan.ALL))
             elif TIS_KIND == 2:
                 weight = weight * seq_tis
             token_loss = policy * weight
@@ -360,7 +360,8 @@ if HAS_TRITON:
             grad = err
             if HAS_CLIP:
                 old = _load_row(old_ptr + base, offs, in_row, valid, ACC_DTYPE)
-                v_clip = tl.minimum(tl.maximum(v, old - clip_eps), old + clip_eps)
+                v_clip = tl.maximum(v, old - clip_eps, propagate_nan=tl.PropagateNan.ALL)
+                v_clip = tl.minimum(v_clip, old + clip_eps, propagate_nan=tl.PropagateNan.ALL)
                 inside = (v >= old - clip_eps) & (v <= old + clip_eps)
                 err_clip = v_clip - ret
                 loss_clip = 0.5 * err_clip * err_clip
@@ -368,7 +369,7 @@ if HAS_TRITON:
                 # max() passes the gradient to the larger operand, half to each on a tie
                 grad = tl.where(loss > loss_clip, grad, tl.where(loss_clip > loss, d_clip, 0.5 * (grad + d_clip)))
                 clipped += tl.sum((valid & (loss_clip > loss)).to(ACC_DTYPE), axis=0)
-                loss = tl.maximum(loss, loss_clip)
+                loss = tl.maximum(loss, loss_clip, propagate_nan=tl.PropagateNan.ALL)
             loss_sum += tl.sum(tl.where(valid, loss, 0.0), axis=0)
             count += tl.sum(valid.to(ACC_DTYPE), axis=0)
             if NEED_GRAD:
@@ -665,8 +666,6 @@ def _policy_loss_torch(lp, old, adv, valid, ref, entropy, rollout, ent_threshold
 
 
 @on_tensor_device
-
-
 def _policy_loss_triton(lp, old, adv, mask, ref, entropy, rollout, ent_threshold, opts, need_grad):
     B, T = lp.shape
     acc = _acc_dtype(lp.dtype)
@@ -997,8 +996,6 @@ class _ScaledValueLoss(torch.autograd.Function):
 
 
 @on_tensor_device
-
-
 def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,

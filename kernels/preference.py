@@ -181,8 +181,6 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 @on_tensor_device
-
-
 def _triton_launch(loss_id, policy, ref, aux, z0, beta, param_a, param_b, store_rewards):
     """Run the fused kernel: returns (losses (B,), grad (B, K), rewards (B, K) or None)."""
     n_rows, n_cols = policy.shape

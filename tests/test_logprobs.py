@@ -177,6 +177,18 @@ def test_fully_masked_row_has_no_nan(logprobs_backend):
     assert torch.isfinite(grad).all()
 
 
+def test_nan_logit_makes_its_row_nan_and_no_other(logprobs_backend):
+    # A NaN in the logits is a bug upstream: it must show, not be read as probability 0.
+    logits = torch.randn(3, 50)
+    logits[1, 7] = float("nan")
+    x = logits.clone().requires_grad_()
+    lp, ent = token_logprobs(x, torch.tensor([0, 3, 9]), return_entropy=True, backend=logprobs_backend)
+    (grad,) = torch.autograd.grad(lp.sum() + ent.sum(), x)
+    assert torch.isnan(lp[1]) and torch.isnan(ent[1]) and torch.isnan(grad[1]).all()
+    rows = torch.tensor([0, 2])
+    assert torch.isfinite(lp[rows]).all() and torch.isfinite(ent[rows]).all() and torch.isfinite(grad[rows]).all()
+
+
 def test_ignored_positions_give_zero_and_no_gradient(logprobs_backend):
     logits = torch.randn(2, 4, 13)
     targets = torch.full((2, 4), -100)

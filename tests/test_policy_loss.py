@@ -458,6 +458,20 @@ def test_token_mean_without_global_count_is_not_invariant(backend):
 # ------------------------------------------------------------------ edge cases
 
 
+@pytest.mark.parametrize("loss_type,kl_kind", [("grpo", "low_var_kl"), ("dapo", "k3"), ("cispo", "k1")])
+def test_nan_at_a_valid_position_gives_nan_loss(loss_type, kl_kind, backend):
+    # Clamps must not turn a NaN log-prob into a finite loss (torch.clamp propagates NaN;
+    # Triton's min/max must be told to).
+    lp = torch.randn(3, 5) * 0.1 - 1.0
+    old = lp + 0.01
+    lp[1, 2] = float("nan")
+    loss, _ = policy_loss(lp, old, torch.randn(3), torch.ones(3, 5, dtype=torch.bool), loss_type=loss_type,
+                          clip_eps_high=5.0 if loss_type == "cispo" else None, ref_logprobs=old.clone(),
+                          kl_coef=0.1, kl_kind=kl_kind, backend=backend)
+    assert torch.isnan(loss)
+    assert torch.isnan(kl_penalty(lp, old, kind=kl_kind, backend=backend)[1, 2])
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo", "sapo", "gspo"])
 def test_mask_without_valid_token(loss_type, backend):
     """Loss 0, zero gradients, zero metrics, no NaN, even with garbage everywhere."""
