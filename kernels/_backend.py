@@ -32,10 +32,11 @@ except ImportError:  # Triton ships wheels for Linux only.
 BACKENDS = ("triton", "torch", "cpp", "cuda")
 NATIVE_BACKENDS = {"cpp": "cpu", "cuda": "cuda"}  # backend -> the device type it runs on
 # Ops implemented in the native extension (csrc/).
-NATIVE_OPS = frozenset({"token_logprobs", "gae"})
+# linear_token_logprobs runs its per-chunk row reductions on token_logprobs' kernels.
+NATIVE_OPS = frozenset({"token_logprobs", "linear_token_logprobs", "gae"})
 # Ops whose automatic CPU backend is "cpp": measured faster than "torch" by
 # bench/token_logprobs.py and bench/losses.py (numbers in bench/RESULTS.md).
-CPP_DEFAULT_OPS = frozenset({"token_logprobs", "gae"})
+CPP_DEFAULT_OPS = frozenset({"token_logprobs", "linear_token_logprobs", "gae"})
 
 
 def triton_interpreter_enabled() -> bool:

@@ -56,7 +56,7 @@ from ._validate import (
     positive_scalar,
     row_temperature,
 )
-from .logprobs import _row_layout, _torch_backward, _torch_forward, _triton_backward, _triton_forward
+from .logprobs import _IMPLEMENTATIONS, _row_layout
 from .policy import policy_loss
 from .sequence import sequence_logprobs
 
@@ -107,7 +107,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, temp, options):
         softcap, ignore_index, compute_entropy, chunk, backend = options
         n_rows, vocab = hidden.shape[0], weight.shape[0]
-        row_forward = _triton_forward if backend == "triton" else _torch_forward
+        row_forward = _IMPLEMENTATIONS[backend][0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         logprobs = torch.empty(n_rows, dtype=acc, device=hidden.device)
         entropy = torch.empty(n_rows, dtype=acc, device=hidden.device) if compute_entropy else None
@@ -139,7 +139,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         if (grad_logprobs is None and grad_entropy is None) or not stats:
             return (None,) * 6
         softcap, ignore_index, _, chunk, backend = ctx.options
-        row_backward = _triton_backward if backend == "triton" else _torch_backward
+        row_backward = _IMPLEMENTATIONS[backend][1]
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
@@ -248,7 +248,8 @@ def linear_token_logprobs(
         return_entropy: also return the entropy of each position's distribution.
         chunk_size: tokens per chunk (the workspace is one (chunk_size, V) buffer);
             None picks about 2^23 logits per chunk on the CPU and 2^28 on CUDA.
-        backend: ``"triton"``, ``"torch"`` or None (automatic; see fastpo.kernels).
+        backend: the row kernels: ``"triton"``, ``"torch"``, ``"cpp"``, ``"cuda"`` or None
+            (automatic; see fastpo.kernels). The matmuls are always ``torch.mm``.
             It picks the row kernels; the matmuls are torch's (cuBLAS on CUDA).
 
     Returns:

@@ -155,7 +155,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(backend, case):
+def test_matches_reference(logprobs_backend, case):
     shape, width, vocab, dtype, with_bias, softcap, temperature, ignore_index, chunk = CASES[case]
     hidden, weight, bias, targets = make_inputs(shape, width, vocab, dtype, with_bias, ignore_index)
     if temperature == "per-seq":
@@ -163,24 +163,24 @@ def test_matches_reference(backend, case):
     elif temperature == "per-token":
         temperature = torch.rand(shape) + 0.5
     check_against_reference(
-        hidden, weight, bias, targets, backend, chunk_size=chunk,
+        hidden, weight, bias, targets, logprobs_backend, chunk_size=chunk,
         temperature=temperature, softcap=softcap, ignore_index=ignore_index,
     )
 
 
-def test_chunk_size_does_not_change_results(backend):
+def test_chunk_size_does_not_change_results(logprobs_backend):
     hidden, weight, bias, targets = make_inputs((23,), 11, 301, torch.float32)
     g_lp, g_ent = torch.randn(23, dtype=torch.float64), torch.randn(23, dtype=torch.float64)
-    lp1, ent1, grads1 = run_ours(hidden, weight, bias, targets, g_lp, g_ent, backend, chunk_size=23)
+    lp1, ent1, grads1 = run_ours(hidden, weight, bias, targets, g_lp, g_ent, logprobs_backend, chunk_size=23)
     for chunk in (1, 6, 1000):
-        lp, ent, grads = run_ours(hidden, weight, bias, targets, g_lp, g_ent, backend, chunk_size=chunk)
+        lp, ent, grads = run_ours(hidden, weight, bias, targets, g_lp, g_ent, logprobs_backend, chunk_size=chunk)
         torch.testing.assert_close(lp, lp1, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(ent, ent1, rtol=1e-6, atol=1e-6)
         for a, b in zip(grads, grads1):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_single_output_gradients(backend):
+def test_single_output_gradients(logprobs_backend):
     """Gradients through only the log-probs, and through only the entropy."""
     hidden, weight, bias, targets = make_inputs((3, 5), 8, 97, torch.float32)
     temp = torch.tensor([[0.6], [1.0], [1.9]])
@@ -188,7 +188,7 @@ def test_single_output_gradients(backend):
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
         lp, ent = linear_token_logprobs(
             leaves[0], leaves[1], targets, bias=leaves[2], temperature=temp,
-            return_entropy=True, chunk_size=4, backend=backend,
+            return_entropy=True, chunk_size=4, backend=logprobs_backend,
         )
         out = lp if use_lp else ent
         grads = torch.autograd.grad(out.sum(), leaves)
@@ -218,10 +218,10 @@ def test_weight_and_bias_gradients_accumulate_in_fp32_across_chunks():
         torch.testing.assert_close(grad.double(), ref, rtol=1e-2, atol=1e-2)
 
 
-def test_only_some_inputs_require_grad(backend):
+def test_only_some_inputs_require_grad(logprobs_backend):
     hidden, weight, _, targets = make_inputs((9,), 6, 40, torch.float32)
     h = hidden.clone().requires_grad_()
-    lp = linear_token_logprobs(h, weight, targets, chunk_size=4, backend=backend)
+    lp = linear_token_logprobs(h, weight, targets, chunk_size=4, backend=logprobs_backend)
     (grad,) = torch.autograd.grad(lp.sum(), h)
     h64 = hidden.double().requires_grad_()
     (ref_grad,) = torch.autograd.grad(reference(h64, weight, None, targets)[0].sum(), h64)
@@ -229,13 +229,13 @@ def test_only_some_inputs_require_grad(backend):
     assert weight.grad is None
 
 
-def test_ignored_positions_give_zero_and_do_not_touch_gradients(backend):
+def test_ignored_positions_give_zero_and_do_not_touch_gradients(logprobs_backend):
     hidden, weight, bias, targets = make_inputs((4, 5), 7, 33, torch.float32, n_ignored=0)
     targets[1, :] = -100
     targets[3, 2] = -100
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     lp, ent = linear_token_logprobs(
-        leaves[0], leaves[1], targets, bias=leaves[2], return_entropy=True, chunk_size=3, backend=backend
+        leaves[0], leaves[1], targets, bias=leaves[2], return_entropy=True, chunk_size=3, backend=logprobs_backend
     )
     ignored = targets == -100
     assert (lp[ignored] == 0).all() and (ent[ignored] == 0).all()
@@ -246,28 +246,28 @@ def test_ignored_positions_give_zero_and_do_not_touch_gradients(backend):
     with torch.no_grad():
         changed[0][ignored] = 1e3
     lp2, ent2 = linear_token_logprobs(
-        changed[0], changed[1], targets, bias=changed[2], return_entropy=True, chunk_size=3, backend=backend
+        changed[0], changed[1], targets, bias=changed[2], return_entropy=True, chunk_size=3, backend=logprobs_backend
     )
     grads2 = torch.autograd.grad(lp2.sum() + ent2.sum(), changed)
     torch.testing.assert_close(grads2[1], grads[1])
     torch.testing.assert_close(grads2[2], grads[2])
 
 
-def test_no_grad_pass_matches_and_keeps_nothing(backend):
+def test_no_grad_pass_matches_and_keeps_nothing(logprobs_backend):
     """The reference model's pass: same function under no_grad."""
     hidden, weight, bias, targets = make_inputs((11,), 5, 50, torch.float32)
     with torch.no_grad():
-        lp = linear_token_logprobs(hidden, weight, targets, bias=bias, backend=backend, chunk_size=4)
+        lp = linear_token_logprobs(hidden, weight, targets, bias=bias, backend=logprobs_backend, chunk_size=4)
     assert lp.grad_fn is None
     ref_lp, _ = reference(hidden, weight, bias, targets)
     torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=1e-5)
 
 
-def test_empty_inputs_give_empty_outputs(backend):
+def test_empty_inputs_give_empty_outputs(logprobs_backend):
     hidden = torch.randn(0, 4, requires_grad=True)
     weight = torch.randn(9, 4, requires_grad=True)
     lp, ent = linear_token_logprobs(
-        hidden, weight, torch.zeros(0, dtype=torch.long), return_entropy=True, backend=backend
+        hidden, weight, torch.zeros(0, dtype=torch.long), return_entropy=True, backend=logprobs_backend
     )
     assert lp.shape == (0,) and ent.shape == (0,)
     (lp.sum() + ent.sum()).backward()
