@@ -105,6 +105,16 @@ if HAS_TRITON:
         return tl.where(z == float("-inf"), -3.4028234663852886e38, z), dz
 
     @triton.jit
+    def _this_row(logits_ptr, targets_ptr, temp_ptr, temp_stride, n_inner, stride_outer, stride_inner,
+                  ignore_index, ACC_DTYPE: tl.constexpr):
+        """This program's row: (row index, pointer to its logits, target, 1 / T, ignored?)."""
+        row = tl.program_id(0).to(tl.int64)
+        base = (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+        target = tl.load(targets_ptr + row).to(tl.int64)
+        inv_temp = 1.0 / tl.load(temp_ptr + row * temp_stride).to(ACC_DTYPE)
+        return row, logits_ptr + base, target, inv_temp, target == ignore_index
+
+    @triton.jit
     def _token_logprobs_fwd_kernel(
         logits_ptr,
         targets_ptr,
@@ -125,12 +135,10 @@ if HAS_TRITON:
         ACC_DTYPE: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        base = (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
-        row_ptr = logits_ptr + base
-        target = tl.load(targets_ptr + row).to(tl.int64)
-        inv_temp = 1.0 / tl.load(temp_ptr + row * temp_stride).to(ACC_DTYPE)
-        ignored = target == ignore_index
+        row, row_ptr, target, inv_temp, ignored = _this_row(
+            logits_ptr, targets_ptr, temp_ptr, temp_stride, n_inner, stride_outer, stride_inner,
+            ignore_index, ACC_DTYPE,
+        )
         # Ignored rows skip the vocabulary loop altogether (padding is common).
         v_end = tl.where(ignored, 0, vocab)
 
@@ -197,13 +205,11 @@ if HAS_TRITON:
         ACC_DTYPE: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        base = (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
-        row_ptr = logits_ptr + base
+        row, row_ptr, target, inv_temp, ignored = _this_row(
+            logits_ptr, targets_ptr, temp_ptr, temp_stride, n_inner, stride_outer, stride_inner,
+            ignore_index, ACC_DTYPE,
+        )
         out_ptr = grad_logits_ptr + row * vocab
-        target = tl.load(targets_ptr + row).to(tl.int64)
-        inv_temp = 1.0 / tl.load(temp_ptr + row * temp_stride).to(ACC_DTYPE)
-        ignored = target == ignore_index
         row_max = tl.load(row_max_ptr + row)
         log_sum = tl.load(log_sum_ptr + row)
         g_lp = tl.zeros([], ACC_DTYPE)

@@ -8,6 +8,9 @@ import sys
 
 import pytest
 import torch
+from logprob_reference import max_err
+from logprob_reference import reference as token_reference
+from logprob_reference import reference_loop as token_reference_loop
 
 from fastpo.kernels import (
     linear_policy_loss,
@@ -21,52 +24,25 @@ from fastpo.kernels import (
 # ------------------------------------------------------------------ references
 
 
-def reference_loop(hidden, weight, bias, targets, temperature=1.0, softcap=None, ignore_index=-100):
-    """Per-element Python loops in float64, straight from the definitions."""
+def reference_loop(hidden, weight, bias, targets, **kw):
+    """Per-element Python loops in float64: each logit as a sum of products, then the
+    token log-prob loops of logprob_reference."""
     rows = hidden.reshape(-1, hidden.shape[-1]).double().tolist()
     w = weight.double().tolist()
     b = bias.double().tolist() if bias is not None else [0.0] * len(w)
-    tgts = targets.reshape(-1).tolist()
-    temps = torch.as_tensor(temperature, dtype=torch.float64).expand(targets.shape).reshape(-1).tolist()
-    lps, ents = [], []
-    for h, tgt, temp in zip(rows, tgts, temps):
-        if tgt == ignore_index:
-            lps.append(0.0)
-            ents.append(0.0)
-            continue
-        logits = [sum(hk * wk for hk, wk in zip(h, w_v)) + b_v for w_v, b_v in zip(w, b)]
-        z = [(softcap * math.tanh(x / softcap) if softcap else x) / temp for x in logits]
-        top = max(z)
-        lse = top + math.log(sum(math.exp(v - top) for v in z))
-        lps.append(z[tgt] - lse)
-        ents.append(-sum(math.exp(v - lse) * (v - lse) for v in z))
-    shape = targets.shape
-    return torch.tensor(lps, dtype=torch.float64).view(shape), torch.tensor(ents, dtype=torch.float64).view(shape)
+    logits = [[sum(hk * wk for hk, wk in zip(h, w_v)) + b_v for w_v, b_v in zip(w, b)] for h in rows]
+    logits = torch.tensor(logits, dtype=torch.float64).view(*targets.shape, len(w))
+    return token_reference_loop(logits, targets, **kw)
 
 
-def reference(hidden, weight, bias, targets, temperature=1.0, softcap=None, ignore_index=-100, dtype=torch.float64):
-    """Explicit logits (matmul + bias), then log_softmax + gather, all in ``dtype``
-    (float64: the reference; the inputs' own dtype: what eager PyTorch gives).
+def reference(hidden, weight, bias, targets, dtype=torch.float64, **kw):
+    """Explicit logits (matmul + bias) in ``dtype`` (float64: the reference; the inputs'
+    own dtype: what eager PyTorch gives), then logprob_reference's log_softmax + gather.
     Differentiable."""
     logits = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
         logits = logits + bias.to(dtype)
-    z = logits
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    if isinstance(temperature, torch.Tensor):
-        z = z / temperature.to(dtype).unsqueeze(-1)
-    else:
-        z = z / temperature
-    log_p = z.log_softmax(-1)
-    keep = targets != ignore_index
-    lp = log_p.gather(-1, targets.masked_fill(~keep, 0).long().unsqueeze(-1)).squeeze(-1)
-    ent = -(log_p.exp() * log_p).sum(-1)
-    return torch.where(keep, lp, 0.0), torch.where(keep, ent, 0.0)
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    return token_reference(logits, targets, dtype=dtype, **kw)
 
 
 def make_inputs(shape, width, vocab, dtype, with_bias=True, ignore_index=-100, n_ignored=2):
