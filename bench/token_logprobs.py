@@ -7,7 +7,8 @@ logits' dtype, and the fp32-upcast variant ``logits.float().log_softmax(-1)...``
 "Extra memory" is the peak beyond the logits and their gradient. On a GPU the
 effective bandwidth (the bytes that must move: the logits read forward, read again
 backward, the gradient written) is reported as a fraction of the device's copy
-bandwidth measured in the same run.
+bandwidth measured in the same run. ``input_check_ms`` is the time of the op's one host
+synchronization, the check that every target is in range (included in median_ms).
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ def child(args: dict) -> dict:
     if args.get("time", True):
         timing = harness.time_fn(step, device, warmup=0, reps=5 if device == "cpu" else 20)
         result.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms)
+    if args.get("time", True) and args["impl"].startswith("fastpo"):
+        # The one host synchronization of the op: reading back the bad-target flag.
+        from fastpo.kernels._validate import check_targets
+
+        checks = harness.time_fn(lambda: check_targets(targets, v, -100), device, reps=20)
+        result["input_check_ms"] = checks.median_ms
     grad_bytes = logits.numel() * logits.element_size()
     result["extra_bytes"] = max(0, harness.measure_peak_extra(lambda: step, device) - grad_bytes)
     return result
@@ -95,6 +102,8 @@ def run(device: str, shapes, dtypes, out_dir: str | None) -> list[dict]:
                     rows.append(row)
                     continue
                 row.update(median_ms=result["median_ms"], p20_ms=result["p20_ms"], p80_ms=result["p80_ms"])
+                if "input_check_ms" in result:
+                    row["input_check_ms"] = result["input_check_ms"]
                 row["extra_mem_MiB"] = result["extra_bytes"] / 2**20
                 row["extra_mem_%logits"] = 100.0 * result["extra_bytes"] / logits_bytes
                 if impl == "eager":
@@ -109,7 +118,7 @@ def run(device: str, shapes, dtypes, out_dir: str | None) -> list[dict]:
     env = harness.environment(device)
     if copy_bw:
         env["copy_bandwidth_GBps"] = round(copy_bw / 1e9, 1)
-    columns = ["impl", "tokens", "vocab", "dtype", "median_ms", "p20_ms", "p80_ms",
+    columns = ["impl", "tokens", "vocab", "dtype", "median_ms", "p20_ms", "p80_ms", "input_check_ms",
                "speedup_vs_eager", "extra_mem_MiB", "extra_mem_%logits", "%copy_bw", "note"]
     table = harness.markdown_table(rows, columns)
     header = "token_logprobs forward+backward; " + ", ".join(f"{k}: {v}" for k, v in env.items())
