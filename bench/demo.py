@@ -33,9 +33,11 @@ def main(argv=None) -> None:
     targets = torch.randint(0, VOCAB, (4,), device=device)
     fused = token_logprobs(logits, targets)
     eager = logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    exact = logits.double().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     print(f"log p(target) for 4 rows of bf16 logits, vocabulary {VOCAB:,}:")
-    print(f"  fastpo.kernels.token_logprobs: {fused.tolist()}")
-    print(f"  eager log_softmax + gather:    {eager.tolist()}")
+    print(f"  fastpo.kernels.token_logprobs:    {fused.tolist()}")
+    print(f"  eager log_softmax + gather, fp32: {eager.tolist()}")
+    print(f"  float64 reference:                {exact.tolist()}")
 
     logits_mib = tokens * VOCAB * 2 / 2**20
     print(f"\nforward+backward on {tokens:,} tokens x {VOCAB:,} vocabulary in bf16 on {device} "

@@ -160,3 +160,32 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
             cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def time_after_setup(setup: Callable[[], object], fn: Callable[[object], object], device: str, *,
+                     warmup: int = 1, reps: int = 5, max_seconds: float = 10.0) -> Timing:
+    """Like ``time_fn`` for ``fn(setup())``, timing only ``fn``: ``setup`` runs untimed
+    before every call (a forward pass before each timed backward pass, say)."""
+    for _ in range(warmup):
+        fn(setup())
+    times: list[float] = []
+    budget_end = time.perf_counter() + max_seconds
+    while len(times) < reps and (len(times) < 3 or time.perf_counter() < budget_end):
+        state = setup()
+        _sync(device)
+        start = time.perf_counter()
+        fn(state)
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+        del state
+    times.sort()
+    quantiles = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
+    return Timing(statistics.median(times), quantiles[0], quantiles[3])
+
+
+def matmul_throughput(device: str, n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Dense (n x n) @ (n x n) matmul throughput in FLOP/s, measured now."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    timing = time_fn(lambda: a @ b, device, warmup=3, reps=20)
+    return 2 * n**3 / (timing.median_ms / 1e3)

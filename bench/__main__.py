@@ -1,0 +1,41 @@
+"""python -m fastpo.bench: the benchmark suite (see fastpo.bench.suite and docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from fastpo.bench import suite
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fastpo.bench", description=suite.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small CPU shapes, fp32 only (CI: about 2 minutes)")
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated suites, of: {', '.join(suite.SUITES)}")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="directory for the CSV, the Markdown table and the plots")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure torch.compile of the eager code too (default: yes, except with --quick: "
+                             "compiling takes 10 to 30 seconds per case on a small CPU)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per pass (default 5 on CPU, 20 on GPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per case (torch.set_num_threads); 1 keeps timings steady on a shared machine")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(suite.child(json.loads(args.child))))
+        return
+    only = args.only.split(",") if args.only else None
+    unknown = sorted(set(only or ()) - set(suite.SUITES))
+    if unknown:
+        parser.error(f"--only: unknown suite(s) {', '.join(unknown)}; choose from {', '.join(suite.SUITES)}")
+    compile_rows = not args.quick if args.compile is None else args.compile
+    suite.run(args.device, args.quick, only, args.out, compile=compile_rows, reps=args.reps, threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()
