@@ -50,8 +50,8 @@ def row_temperature(temperature, shape: torch.Size, device: torch.device) -> tor
         expanded = temperature.expand(shape)
     except RuntimeError:
         raise ValueError(
-            f"temperature of shape {tuple(temperature.shape)} does not broadcast to "
-            f"targets of shape {tuple(shape)}"
+            f"temperature of shape {tuple(temperature.shape)} does not broadcast to the "
+            f"per-token shape {tuple(shape)} (one value per row of logits)"
         ) from None
     rows = expanded.reshape(-1).to(torch.float32)
     if rows.numel() and not bool(((rows > 0) & torch.isfinite(rows)).all()):

@@ -309,6 +309,9 @@ if HAS_TRITON:
         # Pass 3 (GSPO): d s_i / d lp_t = m_t * s_i / n_i for every token of the row.
         if NEED_GRAD and SEQ_RATIO and LOSS_KIND != 1:
             shared = seq_grad * seq_ratio / tl.maximum(seq_n, 1.0)
+            # Pass 2's stores must be visible to every thread of the program before they
+            # are read back (the compiler does not promise the same element-to-thread map).
+            tl.debug_barrier()
             for start in range(0, T, BLOCK_T):
                 offs = start + cols
                 in_row = offs < T
