@@ -1,0 +1,7 @@
+"""``python -m fastpo.engine <algorithm> ...``: the same as the ``fastpo`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

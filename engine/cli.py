@@ -1,0 +1,62 @@
+"""The ``fastpo`` command: ``fastpo <algorithm> [--config FILE.yaml] [key=value ...]``."""
+
+from __future__ import annotations
+
+import sys
+
+from .config import ALGORITHMS, ConfigError, format_help, load_config
+from .runner import train
+
+__all__ = ["main"]
+
+USAGE = (
+    "usage: fastpo <algorithm> [--config FILE.yaml] [key=value ...]\n"
+    "       fastpo <algorithm> --help\n"
+    f"algorithms: {', '.join(ALGORITHMS)}\n"
+)
+
+
+def _parse(args: list[str]) -> tuple[str | None, list[str], bool]:
+    """``(config_file, overrides, wants_help)`` from the arguments after the algorithm."""
+    config_file, overrides, wants_help = None, [], False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-h", "--help"):
+            wants_help = True
+        elif arg == "--config":
+            if i + 1 == len(args):
+                raise ConfigError("--config needs a file name")
+            config_file = args[i + 1]
+            i += 1
+        elif arg.startswith("--config="):
+            config_file = arg.partition("=")[2]
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown flag {arg!r}; options are given as key=value")
+        else:
+            overrides.append(arg)
+        i += 1
+    return config_file, overrides, wants_help
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    algorithm, rest = argv[0], argv[1:]
+    try:
+        config_file, overrides, wants_help = _parse(rest)
+        if wants_help:
+            print(format_help(algorithm), end="")
+            return 0
+        config = load_config(algorithm, config_file, overrides)
+        train(algorithm, config)
+    except ConfigError as error:
+        print(f"fastpo: error: {error}", file=sys.stderr)
+        return 2
+    except NotImplementedError as error:
+        print(f"fastpo: {error}", file=sys.stderr)
+        return 1
+    return 0

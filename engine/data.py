@@ -1,0 +1,130 @@
+"""Local datasets: JSONL (one JSON object per line) or Parquet (needs pyarrow).
+
+One schema per kind of data; a row may carry other fields too, which are kept (online
+reward functions receive them).
+
+=============  ==============================================  ==========================
+schema         fields                                          algorithms
+=============  ==============================================  ==========================
+completion     prompt: str, completion: str                    sft
+pairwise       prompt: str, chosen: str, rejected: str         dpo, ipo, reward
+ranked         prompt: str, responses: list[str] (>= 2),       dpo (Plackett-Luce),
+               best first                                      reward (K-wise ranking)
+unary          prompt: str, completion: str, label: bool       kto
+               (true: desirable)
+=============  ==============================================  ==========================
+
+A malformed row is a ValueError naming the file, the line (JSONL) or row (Parquet),
+counted from 1, and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["ALGORITHM_SCHEMAS", "SCHEMAS", "load_dataset", "load_rows", "schema_of"]
+
+SCHEMAS: dict[str, tuple[str, ...]] = {
+    "completion": ("prompt", "completion"),
+    "pairwise": ("prompt", "chosen", "rejected"),
+    "ranked": ("prompt", "responses"),
+    "unary": ("prompt", "completion", "label"),
+}
+
+# The schemas each algorithm trains on, in the order a file's first row is matched.
+ALGORITHM_SCHEMAS: dict[str, tuple[str, ...]] = {
+    "sft": ("completion",),
+    "reward": ("pairwise", "ranked"),
+    "dpo": ("pairwise", "ranked"),
+    "ipo": ("pairwise",),
+    "kto": ("unary",),
+}
+
+
+def _read_records(path: Path):
+    """Yield ``(location, record)``; location is "line N" (JSONL) or "row N" (Parquet)."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
+                yield f"line {number}", record
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        for number, record in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield f"row {number}", record
+    else:
+        raise ValueError(f"{path}: unsupported data file type {suffix!r}; use .jsonl or .parquet")
+
+
+def _check_row(record, schema: str, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for name in SCHEMAS[schema]:
+        if name not in record:
+            raise ValueError(f"{where}: field {name!r} is missing (schema {schema!r}: {', '.join(SCHEMAS[schema])})")
+        value = record[name]
+        if name == "responses":
+            if not (isinstance(value, list) and len(value) >= 2 and all(isinstance(r, str) for r in value)):
+                raise ValueError(f"{where}: field 'responses' must be a list of at least 2 strings, got {value!r}")
+        elif name == "label":
+            # Parquet and hand-written JSONL often store labels as 0/1.
+            if not isinstance(value, bool) and value not in (0, 1):
+                raise ValueError(f"{where}: field 'label' must be true or false, got {value!r}")
+            record = {**record, "label": bool(value)}
+        elif not isinstance(value, str):
+            raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__} {value!r}")
+    return record
+
+
+def load_rows(path: str | Path, schema: str) -> list[dict]:
+    """Every row of ``path`` checked against ``schema`` (one of ``SCHEMAS``)."""
+    if schema not in SCHEMAS:
+        raise ValueError(f"schema {schema!r} is not one of {', '.join(SCHEMAS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} does not exist")
+    rows = [_check_row(record, schema, f"{path}: {where}") for where, record in _read_records(path)]
+    if not rows:
+        raise ValueError(f"{path}: holds no rows")
+    return rows
+
+
+def schema_of(record, algorithm: str) -> str:
+    """The schema of ``algorithm`` whose fields ``record`` carries (the first that fits)."""
+    if algorithm not in ALGORITHM_SCHEMAS:
+        raise ValueError(f"algorithm {algorithm!r} is not one of {', '.join(ALGORITHM_SCHEMAS)}")
+    for schema in ALGORITHM_SCHEMAS[algorithm]:
+        if isinstance(record, dict) and all(name in record for name in SCHEMAS[schema]):
+            return schema
+    raise ValueError(
+        f"algorithm {algorithm!r} needs rows with "
+        + " or ".join(f"({', '.join(SCHEMAS[s])})" for s in ALGORITHM_SCHEMAS[algorithm])
+    )
+
+
+def load_dataset(path: str | Path, algorithm: str) -> tuple[str, list[dict]]:
+    """The rows of ``path`` for ``algorithm``, as ``(schema, rows)``.
+
+    The first row picks the schema among the algorithm's (``ALGORITHM_SCHEMAS``); every
+    row must then follow it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} does not exist")
+    for where, record in _read_records(path):
+        try:
+            schema = schema_of(record, algorithm)
+        except ValueError as error:
+            raise ValueError(f"{path}: {where}: {error}") from None
+        return schema, load_rows(path, schema)
+    raise ValueError(f"{path}: holds no rows")
