@@ -63,8 +63,8 @@ def check_against_reference(logits, targets, backend, temperature=1.0, softcap=N
     lp, ent = token_logprobs(x, targets, return_entropy=True, backend=backend, **kw)
     assert lp.dtype == torch.float32 and ent.dtype == torch.float32
     assert lp.shape == targets.shape and ent.shape == targets.shape
-    g_lp = torch.randn(targets.shape, dtype=torch.float64)
-    g_ent = torch.randn(targets.shape, dtype=torch.float64)
+    g_lp = torch.randn(targets.shape, dtype=torch.float64, device=logits.device)
+    g_ent = torch.randn(targets.shape, dtype=torch.float64, device=logits.device)
     (grad,) = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), x)
     assert grad.dtype == logits.dtype and grad.shape == logits.shape
 

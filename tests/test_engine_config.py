@@ -154,10 +154,10 @@ def test_help_lists_every_option_with_type_default_and_doc(algorithm, capsys):
         assert f"  {f.name} (" in text and f"default: {shown})" in text and doc in text, f.name
 
 
-def test_cli_fails_clearly_until_the_loop_exists(tmp_path, capsys):
+def test_cli_fails_clearly_for_unimplemented_algorithms_and_bad_options(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("steps: 3\n")
-    assert cli.main(["dpo", "--config", str(tmp_path / "c.yaml"), "beta=0.2"]) == 1
-    assert "training loop is not implemented yet" in capsys.readouterr().err
+    assert cli.main(["kto", "--config", str(tmp_path / "c.yaml"), "beta=0.2"]) == 1
+    assert "kto: the configuration is valid, but this algorithm is not implemented yet" in capsys.readouterr().err
     assert cli.main(["dpo", "bta=0.2"]) == 2
     assert "did you mean 'beta'" in capsys.readouterr().err
     assert cli.main(["dop"]) == 2
@@ -171,8 +171,8 @@ def test_cli_fails_clearly_until_the_loop_exists(tmp_path, capsys):
 def test_train_validates_then_raises_not_implemented():
     with pytest.raises(NotImplementedError, match="not implemented yet"):
         train("kto", {"beta": 0.5})
-    with pytest.raises(NotImplementedError):
-        train("sft", ALGORITHMS["sft"]())
+    with pytest.raises(NotImplementedError, match="implemented: sft, dpo"):
+        train("reward", ALGORITHMS["reward"]())
     bad = DPOConfig()
     bad.steps = "many"
     with pytest.raises(ConfigError, match="'steps'"):
@@ -187,4 +187,4 @@ def test_console_script_and_module_entry_point():
     # From the repository root, as a user would run it.
     done = subprocess.run([sys.executable, "-m", "fastpo.engine", "ipo", "steps=2"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and "training loop is not implemented yet" in done.stderr
+    assert done.returncode == 1 and "ipo: the configuration is valid, but this algorithm is not implemented yet" in done.stderr

@@ -292,6 +292,42 @@ def test_backend_environment_variable(monkeypatch):
 # ------------------------------------------------------------------ GPU
 
 
+CUDA_BACKENDS = ["triton", "torch", "cuda"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["flat", "batch_time", "softcap", "shifted", "masked_prefix", "ignored"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend_name", CUDA_BACKENDS)
+def test_cuda_matrix_matches_reference(backend_name, dtype, case):
+    # The CPU matrix's cases on CUDA tensors, with the GPU block sizes (4096) in play.
+    from fastpo.kernels import _native
+
+    if backend_name == "cuda" and not _native.available(torch.device("cuda")):
+        pytest.skip(f"native extension without CUDA: {_native.unavailable_reason()}")
+    kw = {}
+    if case == "flat":
+        logits, targets = torch.randn(257, 32003) * 3, torch.randint(0, 32003, (257,))
+    elif case == "batch_time":
+        logits, targets = torch.randn(3, 9, 151936) * 4, torch.randint(0, 151936, (3, 9))
+        targets[0, -3:] = -100
+        kw["temperature"] = torch.tensor([[0.7], [1.0], [1.3]], device="cuda")
+    elif case == "softcap":
+        logits, targets = torch.randn(4, 5000) * 40, torch.randint(0, 5000, (4,))
+        kw.update(temperature=0.6, softcap=30.0)
+    elif case == "shifted":  # sliced after the move, so that the rows stay strided on the GPU
+        full = torch.randn(3, 8, 1003, device="cuda").to(dtype)
+        check_against_reference(full[:, :-1, :1000], torch.randint(0, 1000, (3, 7), device="cuda"), backend_name)
+        return
+    elif case == "masked_prefix":
+        logits, targets = torch.randn(3, 40000), torch.randint(20000, 40000, (3,))
+        logits[:, :20000] = float("-inf")
+    else:
+        logits, targets = torch.randn(6, 777), torch.full((6,), -100)
+        targets[2] = 5
+    check_against_reference(logits.to(dtype).cuda(), targets.cuda(), backend_name, **kw)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend_name", ["triton", "torch"])
