@@ -7,6 +7,7 @@ CUDA caching allocator's peak counter on a GPU.
 
 from __future__ import annotations
 
+import csv
 import ctypes
 import ctypes.util
 import dataclasses
@@ -149,6 +150,24 @@ def environment(device: str) -> dict:
     else:
         info["device"] = f"CPU ({os.cpu_count()} cores)"
     return info
+
+
+def report(title: str, rows: list[dict], columns: list[str], env: dict, out_dir: str | None, name: str) -> None:
+    """Print the Markdown table of a run, stamped with ``env``; with ``out_dir``, also
+    write it as ``name.md`` and the rows as ``name.csv`` (plus date and device)."""
+    header = f"{title}; " + ", ".join(f"{k}: {v}" for k, v in env.items())
+    table = markdown_table(rows, columns)
+    print(header + "\n\n" + table)
+    if not out_dir:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns + ["date", "device"], extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "date": env["date"], "device": env["device"]})
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(header + "\n\n" + table + "\n")
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -92,13 +91,7 @@ def run(device: str, shapes, dtypes, out_dir: str | None) -> list[dict]:
     env = harness.environment(device)
     columns = ["impl", "N,H,V", "dtype", "median_ms", "p20_ms", "p80_ms", "x_3_matmuls",
                "extra_mem_MiB", "extra_mem_%fp32_logits"]
-    header = "linear_token_logprobs forward+backward; " + ", ".join(f"{k}: {v}" for k, v in env.items())
-    table = harness.markdown_table(rows, columns)
-    print(header + "\n\n" + table)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "linear_logprobs.md"), "w") as f:
-            f.write(header + "\n\n" + table + "\n")
+    harness.report("linear_token_logprobs forward+backward", rows, columns, env, out_dir, "linear_logprobs")
     return rows
 
 

@@ -20,9 +20,7 @@ counted by the PyTorch profiler.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import sys
 
 import torch
@@ -214,18 +212,7 @@ def run(device: str, quick: bool, only: str | None, out_dir: str | None) -> list
     env = harness.environment(device)
     columns = ["case", "impl", "shape", "median_ms", "p20_ms", "p80_ms", "speedup_vs_eager",
                "extra_mem_MiB", "ops"]
-    header = "loss kernels, forward+backward; " + ", ".join(f"{k}: {v}" for k, v in env.items())
-    table = harness.markdown_table(rows, columns)
-    print(header + "\n\n" + table)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "losses.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns + ["date", "device"], extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({**row, "date": env["date"], "device": env["device"]})
-        with open(os.path.join(out_dir, "losses.md"), "w") as f:
-            f.write(header + "\n\n" + table + "\n")
+    harness.report("loss kernels, forward+backward", rows, columns, env, out_dir, "losses")
     return rows
 
 

@@ -14,9 +14,7 @@ synchronization, the check that every target is in range (included in median_ms)
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import sys
 
 import torch
@@ -120,18 +118,7 @@ def run(device: str, shapes, dtypes, out_dir: str | None) -> list[dict]:
         env["copy_bandwidth_GBps"] = round(copy_bw / 1e9, 1)
     columns = ["impl", "tokens", "vocab", "dtype", "median_ms", "p20_ms", "p80_ms", "input_check_ms",
                "speedup_vs_eager", "extra_mem_MiB", "extra_mem_%logits", "%copy_bw", "note"]
-    table = harness.markdown_table(rows, columns)
-    header = "token_logprobs forward+backward; " + ", ".join(f"{k}: {v}" for k, v in env.items())
-    print(header + "\n\n" + table)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "token_logprobs.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns + ["date", "device"], extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({**row, "date": env["date"], "device": env["device"]})
-        with open(os.path.join(out_dir, "token_logprobs.md"), "w") as f:
-            f.write(header + "\n\n" + table + "\n")
+    harness.report("token_logprobs forward+backward", rows, columns, env, out_dir, "token_logprobs")
     return rows
 
 

@@ -142,7 +142,6 @@ if HAS_TRITON:
         ACC_DTYPE: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
-        FMAX: tl.constexpr = 3.4028234663852886e38
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
         ref_row_ptr = ref_ptr + (row // ref_n_inner) * ref_stride_outer + (row % ref_n_inner) * ref_stride_inner
