@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from .config import ALGORITHMS, ConfigError, format_help, load_config
+from .loop import TrainingDiverged
 from .runner import train
 
 __all__ = ["main"]
@@ -52,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
             print(format_help(algorithm), end="")
             return 0
         config = load_config(algorithm, config_file, overrides)
-        train(algorithm, config)
+        summary = train(algorithm, config)
     except ConfigError as error:
         print(f"fastpo: error: {error}", file=sys.stderr)
         return 2
-    except NotImplementedError as error:
+    except (NotImplementedError, TrainingDiverged) as error:
         print(f"fastpo: {error}", file=sys.stderr)
         return 1
-    return 0
+    # 128 + SIGINT, the shell's status for a run stopped by Ctrl-C (its checkpoint is written).
+    return 130 if summary["status"] == "interrupted" else 0

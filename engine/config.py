@@ -85,6 +85,11 @@ class BaseConfig:
     save_every: int = option(0, "Write a checkpoint every N steps (0: only at the end).", minimum=0)
     log_every: int = option(10, "Log metrics every N steps.", positive=True)
     resume: bool = option(False, "Continue from the last checkpoint in output_dir.")
+    max_bad_steps: int = option(
+        3,
+        "Stop the run after this many steps in a row with a non-finite loss or gradient (each is skipped).",
+        positive=True,
+    )
     device: str = option("auto", "Device: auto (cuda when available, else cpu), cpu, cuda, cuda:N.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "Parameter dtype; auto is float32 with bf16 autocast on GPUs, float32 on the CPU."

@@ -1,26 +1,69 @@
 """``train``: the Python entry point of every algorithm.
 
-The shared training loop is not written yet (issue 6, part 2): ``train`` validates the
-algorithm and its config, then raises ``NotImplementedError``. It never pretends to train.
+``sft`` and ``dpo`` train; ``reward``, ``ipo`` and ``kto`` validate their config, then
+raise ``NotImplementedError`` (they never pretend to train).
+
+The final metrics (returned, and printed as one JSON line on stdout):
+
+=============================  =========================================================
+key                            meaning
+=============================  =========================================================
+algorithm                      the algorithm's name
+status                         ``completed``, or ``interrupted`` (SIGINT/SIGTERM: a
+                               checkpoint was written; ``resume=true`` continues)
+steps                          optimizer steps done, skipped ones included
+skipped_steps                  steps skipped in this session for a non-finite loss
+loss                           training loss of the last step (per unit: completion
+                               token for sft, pair for dpo)
+heldout_accuracy_before/after  exact-match accuracy of greedy answers on the held-out
+                               prompts (``_after`` absent when interrupted)
+preference_accuracy_before/    dpo: share of held-out pairs whose implicit reward ranks
+after                          the chosen response first (ties count 1/2)
+train_time_s                   wall clock of the whole call
+run_dir, metrics_file,         the run folder, its ``metrics.jsonl`` and the last
+checkpoint                     checkpoint written (paths as strings)
+=============================  =========================================================
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 
 from .config import BaseConfig, ConfigError, config_class, from_dict
+from .loop import METRICS_FILE
 
-__all__ = ["train"]
+__all__ = ["IMPLEMENTED", "train"]
+
+IMPLEMENTED = ("sft", "dpo")
 
 
-def train(algorithm: str, config: BaseConfig | dict | None = None):
+def _algorithm_module(algorithm: str):
+    if algorithm == "sft":
+        from .algorithms import sft
+
+        return sft
+    if algorithm == "dpo":
+        from .algorithms import dpo
+
+        return dpo
+    raise NotImplementedError(
+        f"{algorithm}: the configuration is valid, but this algorithm is not implemented yet "
+        f"(implemented: {', '.join(IMPLEMENTED)}); nothing was trained"
+    )
+
+
+def train(algorithm: str, config: BaseConfig | dict | None = None) -> dict:
     """Run ``algorithm`` with ``config`` (its config dataclass, a dict of options, or None
-    for the defaults) and return its final metrics and paths.
+    for the defaults); print and return its final metrics and paths (keys above).
 
     Raises:
         ConfigError: unknown algorithm, or a bad option (see ``config.py``).
-        NotImplementedError: always, once the config is valid: the loop does not exist yet.
+        NotImplementedError: an algorithm (or option) not implemented yet.
+        fastpo.engine.loop.TrainingDiverged: too many non-finite steps in a row.
     """
+    started = time.perf_counter()
     cls = config_class(algorithm)
     if config is None or isinstance(config, dict):
         config = from_dict(cls, config)
@@ -31,6 +74,19 @@ def train(algorithm: str, config: BaseConfig | dict | None = None):
     else:
         # Re-validate: fields of a dataclass can be assigned anything after construction.
         config = from_dict(cls, dataclasses.asdict(config))
-    raise NotImplementedError(
-        f"{algorithm}: the configuration is valid, but the training loop is not implemented yet; nothing was trained"
-    )
+    outcome = _algorithm_module(algorithm).run(config)
+    result = outcome["result"]
+    summary = {
+        "algorithm": algorithm,
+        "status": "interrupted" if result.interrupted else "completed",
+        "steps": result.step,
+        "skipped_steps": result.skipped_steps,
+        "loss": result.last_metrics.get("loss"),
+        **outcome["metrics"],
+        "train_time_s": round(time.perf_counter() - started, 3),
+        "run_dir": str(outcome["run_dir"]),
+        "metrics_file": str(outcome["run_dir"] / METRICS_FILE),
+        "checkpoint": None if result.checkpoint is None else str(result.checkpoint),
+    }
+    print(json.dumps(summary), flush=True)
+    return summary

@@ -7,6 +7,7 @@ The loop is driven through the SFT algorithm on builtin:tiny, with its loss_fn w
 import json
 import math
 import os
+import shutil
 import signal
 
 import pytest
@@ -123,7 +124,7 @@ def test_resume_after_a_signal_reproduces_the_uninterrupted_run(tmp_path, monkey
     assert _records(run_dir / "metrics.jsonl") == _records(tmp_path / "full" / "metrics.jsonl")
     for key in ("loss", "heldout_accuracy_before", "heldout_accuracy_after"):
         assert resumed[key] == full[key], key
-    assert any("eval/heldout_accuracy" in r for r in _records(run_dir / "metrics.jsonl"))
+    assert [r["step"] for r in _records(run_dir / "metrics.jsonl") if "eval/heldout_accuracy" in r] == [2, 4]
     # one JSON summary line per run on stdout
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [line["status"] for line in lines] == ["completed", "interrupted", "completed"]
@@ -133,12 +134,22 @@ def test_resume_truncates_records_logged_after_the_checkpoint(tmp_path):
     run = {**SMALL_RUN, "steps": 4, "output_dir": str(tmp_path)}
     train("sft", run)
     # As if the run had died after logging step 4 but before its checkpoint landed.
-    import shutil
-
     shutil.rmtree(tmp_path / "checkpoints" / "step-00000004")
     before = _records(tmp_path / "metrics.jsonl")
     train("sft", {**run, "resume": True})
     assert _records(tmp_path / "metrics.jsonl") == before
+    # Resuming a finished run trains nothing and reports its last logged loss.
+    again = train("sft", {**run, "resume": True})
+    assert again["steps"] == 4 and again["loss"] == before[-1]["loss"]
+    assert _records(tmp_path / "metrics.jsonl") == before
+
+
+def test_evaluations_are_logged_between_log_steps(tmp_path):
+    summary = train("sft", {**SMALL_RUN, "steps": 5, "log_every": 4, "eval_every": 3, "output_dir": str(tmp_path)})
+    records = _records(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [3, 4, 5]  # eval at 3, log at 4, the last step
+    assert "eval/heldout_accuracy" in records[0] and "eval/heldout_accuracy" not in records[1]
+    assert summary["loss"] == records[-1]["loss"]
 
 
 def test_checkpoint_contents(tmp_path):
@@ -182,7 +193,7 @@ def test_one_nan_loss_skips_the_step(tmp_path, monkeypatch):
     summary = train("sft", {**SMALL_RUN, "output_dir": str(tmp_path)})
     assert summary["status"] == "completed" and summary["steps"] == 6 and summary["skipped_steps"] == 1
     records = {r["step"]: r for r in _records(tmp_path / "metrics.jsonl")}
-    assert records[3]["skipped"] == "non-finite loss" and math.isnan(records[3]["loss"])
+    assert records[3]["skipped"] == "non-finite loss" and records[3]["loss"] is None
     assert all("skipped" not in records[s] for s in (1, 2, 4, 5, 6))
     for name, value in weights["at_3"].items():  # the skipped step left the weights alone
         assert torch.equal(value, weights["at_4"][name]), name
@@ -207,3 +218,18 @@ def test_nan_losses_in_a_row_stop_the_run_with_the_checkpoint_intact(tmp_path, m
     saved = type(seen["model"]).from_pretrained(tmp_path / "checkpoints" / "step-00000002" / "model")
     for (name, a), b in zip(seen["model"].state_dict().items(), saved.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_progress_prints_every_log_every_steps_without_tqdm(monkeypatch, capsys):
+    import sys
+
+    from fastpo.engine.loop import _Progress
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    progress = _Progress(total=5, initial=0, log_every=2)
+    for step in range(1, 6):
+        progress.update(step, {"step": step, "loss": 1.0 / step, "lr": 0.1, "grad_norm": None})
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["step 2/5 loss=0.5 lr=0.1", "step 4/5 loss=0.25 lr=0.1", "step 5/5 loss=0.2 lr=0.1"]

@@ -1,0 +1,127 @@
+"""What every algorithm module needs around the loop: the run folder, the model on its
+device, the training and held-out rows, the micro-batch stream and the held-out
+exact-match accuracy."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from ..config import ConfigError, save_yaml
+from ..data import load_dataset
+from ..forward import greedy_completions
+from ..models import load_causal_lm
+from ..task import AdditionTask
+
+__all__ = [
+    "BUILTIN_DATA",
+    "answer_rows",
+    "HELDOUT_SIZE",
+    "MAX_BUILTIN_ROWS",
+    "exact_match_accuracy",
+    "heldout_rows",
+    "micro_batches",
+    "prepare_run",
+    "training_rows",
+]
+
+BUILTIN_DATA = "builtin:addition"
+HELDOUT_SIZE = 200  # held-out problems evaluated before and after training
+MAX_BUILTIN_ROWS = 20_000  # built-in training rows at most; the stream cycles over them
+_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def prepare_run(algorithm: str, config):
+    """``(run_dir, model, tokenizer, device)``: the run folder (with ``config.yaml``) and
+    the initial model on its device (the checkpoint of a resumed run is loaded later, by
+    the loop)."""
+    run_dir = Path(config.output_dir.replace("{algorithm}", algorithm))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(config, run_dir / "config.yaml")
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(config.device)
+        except RuntimeError:
+            raise ConfigError(f"option 'device': got {config.device!r}; expected auto, cpu, cuda or cuda:N") from None
+    model, tokenizer = load_causal_lm(config.model, seed=config.seed, dtype=_DTYPES[config.dtype])
+    return run_dir, model.to(device), tokenizer, device
+
+
+def builtin_task(config) -> AdditionTask:
+    return AdditionTask(seed=config.seed)
+
+
+def training_rows(algorithm: str, config, schema: str) -> list[dict]:
+    """The training rows: ``config.data`` (a file, whose schema must be ``schema``) or the
+    built-in task's train split, one row per example the run consumes (at most
+    ``MAX_BUILTIN_ROWS``)."""
+    if config.data == BUILTIN_DATA:
+        needed = config.steps * config.grad_accum_steps * config.batch_size
+        return builtin_task(config).rows(schema, min(needed, MAX_BUILTIN_ROWS), "train")
+    if config.data.startswith("builtin:"):
+        raise ConfigError(f"option 'data': got {config.data!r}; expected {BUILTIN_DATA} or a .jsonl/.parquet file")
+    found, rows = load_dataset(config.data, algorithm)
+    if found != schema:
+        raise NotImplementedError(f"{algorithm}: rows of schema {found!r} ({config.data}) are not supported yet")
+    return rows
+
+
+def heldout_rows(algorithm: str, config, schema: str) -> list[dict]:
+    """The evaluation rows: ``config.eval_data`` or ``HELDOUT_SIZE`` held-out problems of
+    the built-in task."""
+    if config.eval_data is None:
+        return builtin_task(config).rows(schema, HELDOUT_SIZE, "heldout")
+    found, rows = load_dataset(config.eval_data, algorithm)
+    if found != schema:
+        raise NotImplementedError(f"{algorithm}: eval rows of schema {found!r} ({config.eval_data}) are not supported yet")
+    return rows
+
+
+def micro_batches(rows: list, batch_size: int, seed: int, collate: Callable[[list], dict]) -> Callable[[int], Iterator[dict]]:
+    """The loop's ``batches(position)``: micro-batches of ``batch_size`` rows, reshuffled
+    every epoch by a generator seeded with ``seed`` and the epoch (never global RNG),
+    the last incomplete batch of an epoch dropped. ``collate(rows)`` builds each batch."""
+    if len(rows) < batch_size:
+        raise ConfigError(f"option 'batch_size': got {batch_size}, more than the {len(rows)} training rows")
+    per_epoch = len(rows) // batch_size
+
+    def stream(position: int) -> Iterator[dict]:
+        while True:
+            epoch, index = divmod(position, per_epoch)
+            order = list(range(len(rows)))
+            random.Random(f"batches/{seed}/{epoch}").shuffle(order)
+            chosen = order[index * batch_size : (index + 1) * batch_size]
+            yield collate([rows[i] for i in chosen])
+            position += 1
+
+    return stream
+
+
+def answer_rows(config, eval_rows: list[dict], answer_field: str) -> list[dict]:
+    """The ``{"prompt", "completion"}`` rows of the exact-match evaluation: the built-in
+    task's held-out SFT rows when ``eval_data`` is none (the same prompts for every
+    algorithm, so ``heldout_accuracy`` compares across an sft run and a dpo run on its
+    checkpoint), else each eval row's prompt with its ``answer_field`` as the answer."""
+    if config.eval_data is None:
+        return builtin_task(config).sft_examples(HELDOUT_SIZE, "heldout")
+    return [{"prompt": row["prompt"], "completion": row[answer_field]} for row in eval_rows]
+
+
+def exact_match_accuracy(model, tokenizer, rows: list[dict]) -> float:
+    """Share of ``{"prompt", "completion"}`` rows whose greedy completion of the prompt is
+    right: checked by the addition task's verifier for addition prompts, else equal
+    (stripped, up to the first newline) to the row's completion."""
+    longest = max(len(tokenizer.encode(row["completion"], add_special_tokens=False)) for row in rows)
+    completions = greedy_completions(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=longest + 1)
+    correct = 0.0
+    for row, completion in zip(rows, completions):
+        try:
+            correct += AdditionTask.verify(row["prompt"], completion)
+        except ValueError:  # not an addition prompt: compare with the reference answer
+            correct += completion.split("\n", 1)[0].strip() == row["completion"].strip()
+    return correct / len(rows)

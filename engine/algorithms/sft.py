@@ -1,0 +1,56 @@
+"""Supervised fine-tuning: the mean negative log-likelihood of the completion tokens.
+
+Rows are ``{"prompt", "completion"}``; the prompt's tokens are context only (their labels
+are the ignore index), the completion and its eos are the targets. The unit of the loss
+is the completion token, so gradient accumulation averages over every completion token
+of the optimizer step (TRL's ``completion_only_loss``; torchtune's SFT recipe).
+
+Evaluation: exact-match accuracy of greedy answers on the held-out prompts, before and
+after training (``heldout_accuracy_before`` / ``_after``).
+"""
+
+from __future__ import annotations
+
+from ..config import SFTConfig
+from ..forward import IGNORE_INDEX, encode_responses, response_logprobs
+from ..loop import train_loop
+from ._common import exact_match_accuracy, heldout_rows, micro_batches, prepare_run, training_rows
+
+__all__ = ["run"]
+
+
+def run(config: SFTConfig) -> dict:
+    if config.packing:
+        raise NotImplementedError("sft: packing=true is not implemented yet; run with packing=false")
+    run_dir, model, tokenizer, _ = prepare_run("sft", config)
+    rows = training_rows("sft", config, "completion")
+    eval_rows = heldout_rows("sft", config, "completion")
+
+    def collate(batch_rows):
+        batch = encode_responses(
+            tokenizer, [r["prompt"] for r in batch_rows], [r["completion"] for r in batch_rows], config.max_length
+        )
+        batch["num_units"] = int((batch["labels"] != IGNORE_INDEX).sum())
+        return batch
+
+    def loss_fn(model, batch):
+        logprobs = response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return -logprobs.sum(), {}  # ignored positions hold 0: the sum covers completion tokens only
+
+    def evaluate(model):
+        return {"heldout_accuracy": exact_match_accuracy(model, tokenizer, eval_rows)}
+
+    before = evaluate(model)["heldout_accuracy"]
+    result = train_loop(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        loss_fn=loss_fn,
+        batches=micro_batches(rows, config.batch_size, config.seed, collate),
+        run_dir=run_dir,
+        evaluate=evaluate,
+    )
+    metrics = {"heldout_accuracy_before": before}
+    if not result.interrupted:
+        metrics["heldout_accuracy_after"] = evaluate(model)["heldout_accuracy"]
+    return {"metrics": metrics, "result": result, "run_dir": run_dir}

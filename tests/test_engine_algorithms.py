@@ -1,0 +1,159 @@
+"""Training forward passes, SFT and DPO on builtin:tiny, and the runner's dispatch."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fastpo.engine import ConfigError, train
+from fastpo.engine.forward import IGNORE_INDEX, encode_responses, response_logprobs
+from fastpo.engine.models import load_causal_lm
+from fastpo.engine.task import AdditionTask
+
+QUICK = {"batch_size": 8, "warmup_steps": 2, "log_every": 1, "eval_every": 0}
+
+
+def _losses(summary):
+    with open(summary["metrics_file"]) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def _pairs_file(path, n=16):
+    rows = AdditionTask(seed=5).preference_pairs(n)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_encode_responses_masks_the_prompt_and_padding():
+    _, tokenizer = load_causal_lm("builtin:tiny")
+    batch = encode_responses(tokenizer, ["12+34=", "1+2="], ["46", "3"], max_length=64)
+    ids = lambda text: [tokenizer.convert_tokens_to_ids(c) for c in text]  # noqa: E731
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert batch["input_ids"].tolist() == [[bos, *ids("12+34=46"), eos], [bos, *ids("1+2=3"), eos, pad, pad, pad]]
+    assert batch["attention_mask"].tolist() == [[1] * 10, [1] * 7 + [0] * 3]
+    # labels[t] is the token at t + 1 when it belongs to the response (eos included)
+    ignore = IGNORE_INDEX
+    assert batch["labels"].tolist() == [
+        [ignore] * 6 + [*ids("46"), eos, ignore],
+        [ignore] * 4 + [*ids("3"), eos] + [ignore] * 4,
+    ]
+    cut = encode_responses(tokenizer, ["12+34="], ["46"], max_length=8)  # bos + 6 prompt chars + "4"
+    assert cut["input_ids"].shape == (1, 8) and cut["labels"].tolist() == [[ignore] * 6 + [ids("4")[0], ignore]]
+
+
+def test_response_logprobs_match_the_models_own_logits():
+    model, tokenizer = load_causal_lm("builtin:tiny", seed=1)
+    batch = encode_responses(tokenizer, ["12+34=", "7+8=", "99+1="], ["46", "15", "100"], max_length=64)
+    got = response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    # Independent reference: the full logits of model(...) in float64, log-softmaxed.
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    valid = batch["labels"] != IGNORE_INDEX
+    want = logits.log_softmax(-1).gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0] * valid
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert got[~valid].abs().max() == 0
+    got.sum().backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0 and model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_sft_on_the_builtin_task_reduces_the_loss(tmp_path):
+    summary = train("sft", {**QUICK, "steps": 25, "learning_rate": 3e-3, "output_dir": str(tmp_path)})
+    losses = _losses(summary)
+    assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    for key in ("heldout_accuracy_before", "heldout_accuracy_after"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["algorithm"] == "sft" and summary["run_dir"] == str(tmp_path)
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_sft_packing_is_not_implemented_yet(tmp_path):
+    with pytest.raises(NotImplementedError, match="packing"):
+        train("sft", {"packing": True, "output_dir": str(tmp_path)})
+
+
+def test_dpo_learns_a_small_preference_set(tmp_path):
+    pairs = _pairs_file(tmp_path / "pairs.jsonl")
+    summary = train("dpo", {**QUICK, "data": pairs, "eval_data": pairs, "steps": 12, "learning_rate": 3e-3,
+                            "beta": 0.5, "output_dir": str(tmp_path / "run")})
+    losses = _losses(summary)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0]
+    # The untrained policy equals its reference: every implicit reward ties, scored 1/2.
+    assert summary["preference_accuracy_before"] == 0.5
+    assert summary["preference_accuracy_after"] >= 0.8
+
+
+@pytest.mark.parametrize(
+    "options, first_loss",
+    [
+        # h = 0 at the first step (policy == reference); hand-computed values of each loss there:
+        ({"loss_type": "sigmoid"}, math.log(2)),  # -log sigmoid(0)
+        ({"loss_type": "sigmoid", "label_smoothing": 0.2}, math.log(2)),  # (0.8 + 0.2) * log 2
+        ({"loss_type": "hinge"}, 1.0),  # max(0, 1 - 0)
+        ({"loss_type": "robust", "label_smoothing": 0.2}, math.log(2)),  # (0.8 - 0.2) log 2 / (1 - 0.4)
+        ({"loss_type": "ipo", "beta": 0.25}, 4.0),  # (0 - 1 / (2 * 0.25))**2
+        ({"loss_type": "ipo", "beta": 0.25, "average": True}, 4.0),
+    ],
+)
+def test_dpo_loss_types_on_the_builtin_task(tmp_path, options, first_loss):
+    summary = train("dpo", {**QUICK, "steps": 2, "output_dir": str(tmp_path), **options})
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    assert _losses(summary)[0] == pytest.approx(first_loss, abs=1e-4)
+    assert summary["preference_accuracy_before"] == 0.5 and "preference_accuracy_after" in summary
+
+
+def test_dpo_rejects_label_smoothing_where_the_loss_has_none(tmp_path):
+    with pytest.raises(ConfigError, match="label_smoothing.*hinge"):
+        train("dpo", {"loss_type": "hinge", "label_smoothing": 0.1, "output_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="label_smoothing.*< 0.5"):
+        train("dpo", {"loss_type": "robust", "label_smoothing": 0.5, "output_dir": str(tmp_path)})
+
+
+def test_dpo_starts_from_an_sft_checkpoint(tmp_path):
+    sft = train("sft", {**QUICK, "steps": 4, "output_dir": str(tmp_path / "sft")})
+    dpo = train("dpo", {**QUICK, "steps": 2, "model": sft["checkpoint"] + "/model", "output_dir": str(tmp_path / "dpo")})
+    # The same held-out prompts and the same weights: the same greedy accuracy.
+    assert dpo["heldout_accuracy_before"] == sft["heldout_accuracy_after"]
+    assert dpo["status"] == "completed"
+
+
+def test_sft_on_a_data_file_evaluates_by_exact_match(tmp_path):
+    rows = [{"prompt": f"say {w}:", "completion": w} for w in ("yes", "no", "maybe", "ok")] * 4
+    path = tmp_path / "words.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = train("sft", {**QUICK, "steps": 40, "batch_size": 16, "learning_rate": 1e-2, "data": str(path),
+                            "eval_data": str(path), "output_dir": str(tmp_path / "run")})
+    assert summary["heldout_accuracy_before"] == 0.0
+    assert summary["heldout_accuracy_after"] == 1.0  # four memorized answers
+
+
+def test_cli_trains_and_prints_one_json_summary(tmp_path, capsys):
+    from fastpo.engine import cli
+
+    assert cli.main(["sft", "steps=2", "batch_size=4", f"output_dir={tmp_path}"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    summary = json.loads(lines[-1])
+    assert summary["algorithm"] == "sft" and summary["steps"] == 2 and summary["status"] == "completed"
+
+
+def test_a_local_checkpoint_with_tied_embeddings_trains_and_resumes(tmp_path):
+    """A Qwen2-style model built from a config here (tied LM head, no download): it
+    trains, checkpoints and resumes (save_pretrained writes the tied weight once)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from fastpo.engine.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "qwen")
+    run = {**QUICK, "model": str(tmp_path / "qwen"), "save_every": 2, "output_dir": str(tmp_path / "run")}
+    first = train("dpo", {**run, "steps": 2})
+    resumed = train("dpo", {**run, "steps": 4, "resume": True})
+    assert first["steps"] == 2 and resumed["steps"] == 4
+    records = [json.loads(line) for line in open(resumed["metrics_file"])]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in records)
