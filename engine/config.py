@@ -92,7 +92,7 @@ class BaseConfig:
     )
     device: str = option("auto", "Device: auto (cuda when available, else cpu), cpu, cuda, cuda:N.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "Parameter dtype; auto is float32 with bf16 autocast on GPUs, float32 on the CPU."
+        "auto", "Parameter dtype; auto is float32 (bf16 autocast on GPUs is not implemented yet)."
     )
 
 

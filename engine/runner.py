@@ -1,7 +1,7 @@
 """``train``: the Python entry point of every algorithm.
 
-``sft`` and ``dpo`` train; ``reward``, ``ipo`` and ``kto`` validate their config, then
-raise ``NotImplementedError`` (they never pretend to train).
+Every algorithm of ``config.ALGORITHMS`` trains: ``sft``, ``reward``, ``dpo``, ``ipo`` and
+``kto``, each one module of ``engine/algorithms``.
 
 The final metrics (returned, and printed as one JSON line on stdout):
 
@@ -14,11 +14,14 @@ status                         ``completed``, or ``interrupted`` (SIGINT/SIGTERM
 steps                          optimizer steps done, skipped ones included
 skipped_steps                  steps skipped in this session for a non-finite loss
 loss                           training loss of the last step (per unit: completion
-                               token for sft, pair for dpo)
+                               token for sft, pair for dpo and ipo, example for kto,
+                               pair or ranked row for reward)
 heldout_accuracy_before/after  exact-match accuracy of greedy answers on the held-out
-                               prompts (``_after`` absent when interrupted)
-preference_accuracy_before/    dpo: share of held-out pairs whose implicit reward ranks
-after                          the chosen response first (ties count 1/2)
+                               prompts (``_after`` absent when interrupted); not for
+                               reward (a reward model does not generate)
+preference_accuracy_before/    share of held-out pairs ranked chosen first (ties count
+after                          1/2): by the implicit reward ``beta*(lp - lp_ref)`` for
+                               dpo, ipo and kto, by the score for reward
 train_time_s                   wall clock of the whole call
 run_dir, metrics_file,         the run folder, its ``metrics.jsonl`` and the last
 checkpoint                     checkpoint written (paths as strings)
@@ -36,22 +39,13 @@ from .loop import METRICS_FILE
 
 __all__ = ["IMPLEMENTED", "train"]
 
-IMPLEMENTED = ("sft", "dpo")
+IMPLEMENTED = ("sft", "reward", "dpo", "ipo", "kto")
 
 
 def _algorithm_module(algorithm: str):
-    if algorithm == "sft":
-        from .algorithms import sft
+    from .algorithms import dpo, ipo, kto, reward, sft
 
-        return sft
-    if algorithm == "dpo":
-        from .algorithms import dpo
-
-        return dpo
-    raise NotImplementedError(
-        f"{algorithm}: the configuration is valid, but this algorithm is not implemented yet "
-        f"(implemented: {', '.join(IMPLEMENTED)}); nothing was trained"
-    )
+    return {"sft": sft, "reward": reward, "dpo": dpo, "ipo": ipo, "kto": kto}[algorithm]
 
 
 def train(algorithm: str, config: BaseConfig | dict | None = None) -> dict:
@@ -60,7 +54,7 @@ def train(algorithm: str, config: BaseConfig | dict | None = None) -> dict:
 
     Raises:
         ConfigError: unknown algorithm, or a bad option (see ``config.py``).
-        NotImplementedError: an algorithm (or option) not implemented yet.
+        NotImplementedError: an option not implemented yet (sft's packing).
         fastpo.engine.loop.TrainingDiverged: too many non-finite steps in a row.
     """
     started = time.perf_counter()

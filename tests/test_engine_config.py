@@ -154,10 +154,12 @@ def test_help_lists_every_option_with_type_default_and_doc(algorithm, capsys):
         assert f"  {f.name} (" in text and f"default: {shown})" in text and doc in text, f.name
 
 
-def test_cli_fails_clearly_for_unimplemented_algorithms_and_bad_options(tmp_path, capsys):
+def test_cli_fails_clearly_for_unimplemented_options_and_bad_options(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("steps: 3\n")
-    assert cli.main(["kto", "--config", str(tmp_path / "c.yaml"), "beta=0.2"]) == 1
-    assert "kto: the configuration is valid, but this algorithm is not implemented yet" in capsys.readouterr().err
+    assert cli.main(["kto", "--config", str(tmp_path / "c.yaml"), "batch_size=1"]) == 2
+    assert "option 'batch_size': got 1; kto needs at least 2" in capsys.readouterr().err
+    assert cli.main(["sft", "--config", str(tmp_path / "c.yaml"), "packing=true"]) == 1
+    assert "packing=true is not implemented yet" in capsys.readouterr().err
     assert cli.main(["dpo", "bta=0.2"]) == 2
     assert "did you mean 'beta'" in capsys.readouterr().err
     assert cli.main(["dop"]) == 2
@@ -169,10 +171,8 @@ def test_cli_fails_clearly_for_unimplemented_algorithms_and_bad_options(tmp_path
 
 
 def test_train_validates_then_raises_not_implemented():
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        train("kto", {"beta": 0.5})
-    with pytest.raises(NotImplementedError, match="implemented: sft, dpo"):
-        train("reward", ALGORITHMS["reward"]())
+    with pytest.raises(NotImplementedError, match="packing=true is not implemented yet"):
+        train("sft", {"packing": True})
     bad = DPOConfig()
     bad.steps = "many"
     with pytest.raises(ConfigError, match="'steps'"):
@@ -185,6 +185,7 @@ def test_console_script_and_module_entry_point():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["fastpo"] == "fastpo.engine.cli:main"
     # From the repository root, as a user would run it.
-    done = subprocess.run([sys.executable, "-m", "fastpo.engine", "ipo", "steps=2"], cwd=REPO,
+    # A config error stops the run before it writes anything into the repository.
+    done = subprocess.run([sys.executable, "-m", "fastpo.engine", "kto", "batch_size=1"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and "ipo: the configuration is valid, but this algorithm is not implemented yet" in done.stderr
+    assert done.returncode == 2 and "option 'batch_size': got 1; kto needs at least 2" in done.stderr

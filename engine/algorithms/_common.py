@@ -19,6 +19,7 @@ from ..task import AdditionTask
 __all__ = [
     "BUILTIN_DATA",
     "answer_rows",
+    "builtin_task",
     "HELDOUT_SIZE",
     "MAX_BUILTIN_ROWS",
     "exact_match_accuracy",
@@ -34,10 +35,11 @@ MAX_BUILTIN_ROWS = 20_000  # built-in training rows at most; the stream cycles o
 _DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def prepare_run(algorithm: str, config):
+def prepare_run(algorithm: str, config, load_model: Callable = load_causal_lm):
     """``(run_dir, model, tokenizer, device)``: the run folder (with ``config.yaml``) and
     the initial model on its device (the checkpoint of a resumed run is loaded later, by
-    the loop)."""
+    the loop). ``load_model(name, seed=, dtype=) -> (model, tokenizer)`` builds the model
+    (a causal LM unless the algorithm trains something else, as reward does)."""
     run_dir = Path(config.output_dir.replace("{algorithm}", algorithm))
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(config, run_dir / "config.yaml")
@@ -48,7 +50,7 @@ def prepare_run(algorithm: str, config):
             device = torch.device(config.device)
         except RuntimeError:
             raise ConfigError(f"option 'device': got {config.device!r}; expected auto, cpu, cuda or cuda:N") from None
-    model, tokenizer = load_causal_lm(config.model, seed=config.seed, dtype=_DTYPES[config.dtype])
+    model, tokenizer = load_model(config.model, seed=config.seed, dtype=_DTYPES[config.dtype])
     return run_dir, model.to(device), tokenizer, device
 
 

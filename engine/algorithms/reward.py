@@ -1,0 +1,184 @@
+"""Reward model: a scalar head on a causal LM backbone, trained on preferences.
+
+The model is the backbone with a ``Linear(H, 1)`` head (``score``) read at the last
+valid token (the eos after the response): a Hugging Face
+``AutoModelForSequenceClassification`` with one label, so the checkpoint (head included)
+loads back with ``AutoModelForSequenceClassification.from_pretrained``. From
+``builtin:tiny`` or a causal LM checkpoint the backbone is copied and the new head is
+initialized to zero: every score starts at 0, so the untrained model ranks every pair as
+a tie. A checkpoint that already holds a one-label head keeps it.
+
+Data decides the loss, whose unit is the row:
+
+* ``{"prompt", "chosen", "rejected"}`` pairs (the built-in task's default):
+  ``fastpo.kernels.bradley_terry_loss``, ``-log sigmoid(r_c - r_r - margin)`` plus
+  ``center_coef * (r_c + r_r)**2`` (TRL's ``center_rewards_coefficient``);
+* ``{"prompt", "responses"}`` rows ranked best first, every row with the same number K
+  of responses: ``fastpo.kernels.ranking_loss`` (InstructGPT's K-wise loss), when
+  ``ranking=true``; it has no margin or centering.
+
+Evaluation, before and after training: ``preference_accuracy``, the share of held-out
+pairs (the built-in task's, or ``eval_data``'s, a ranked row giving its K*(K-1)/2
+ordered pairs) whose chosen response scores higher, ties counting one half. A reward
+model does not generate, so there is no ``heldout_accuracy``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from fastpo.kernels import bradley_terry_loss, ranking_loss
+
+from ..config import ConfigError, RewardConfig
+from ..data import load_dataset
+from ..forward import encode_responses
+from ..loop import train_loop
+from ..models import load_causal_lm
+from ._common import heldout_rows, micro_batches, prepare_run, training_rows
+from ._pairs import encode_pairs, ranked_first
+
+__all__ = ["load_reward_model", "reward_scores", "run"]
+
+_EVAL_BATCH = 64  # pairs per forward pass in evaluation
+
+
+def load_reward_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)``: a one-label ``AutoModelForSequenceClassification`` on the
+    backbone of ``name`` (``builtin:tiny``, a causal LM checkpoint, or a reward-model
+    checkpoint), a new head initialized to zero."""
+    from transformers import AutoModelForSequenceClassification
+
+    if name.startswith("builtin:"):
+        causal, tokenizer = load_causal_lm(name, seed=seed, dtype=dtype)
+        config = copy.deepcopy(causal.config)
+        config.num_labels = 1
+        with torch.random.fork_rng(devices=[]):  # leave the global RNG as load_causal_lm does
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_config(config).to(dtype)
+        model.base_model.load_state_dict(causal.base_model.state_dict())
+        new_head = True
+    else:
+        from transformers import AutoTokenizer
+
+        if not Path(name).is_dir():
+            raise ValueError(f"model {name!r} is neither a built-in model nor a local checkpoint folder")
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=1, local_files_only=True, dtype=dtype, output_loading_info=True
+        )
+        new_head = any(key.startswith("score.") for key in info["missing_keys"])
+    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no linear 'score' head; reward needs a causal LM backbone")
+    if new_head:
+        with torch.no_grad():
+            model.score.weight.zero_()
+            if model.score.bias is not None:
+                model.score.bias.zero_()
+    return model, tokenizer
+
+
+def reward_scores(model, batch) -> torch.Tensor:
+    """Scores ``(B,)`` float32: the head applied to the hidden state of each row's last
+    valid token (rows are right-padded)."""
+    device = next(model.parameters()).device
+    attention_mask = batch["attention_mask"].to(device)
+    hidden = model.base_model(
+        input_ids=batch["input_ids"].to(device), attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+    last = attention_mask.sum(dim=1) - 1
+    return model.score(hidden[torch.arange(hidden.shape[0], device=device), last]).squeeze(-1).float()
+
+
+def _ranked_pairs(rows: list[dict]) -> list[dict]:
+    """Every ordered pair (better, worse) of ranked rows, as pairwise rows."""
+    return [
+        {"prompt": row["prompt"], "chosen": better, "rejected": worse}
+        for row in rows
+        for i, better in enumerate(row["responses"])
+        for worse in row["responses"][i + 1 :]
+    ]
+
+
+def _training_data(config: RewardConfig) -> tuple[str, list[dict]]:
+    if config.data.startswith("builtin:"):
+        return "pairwise", training_rows("reward", config, "pairwise")
+    schema, rows = load_dataset(config.data, "reward")
+    if schema == "ranked":
+        if not config.ranking:
+            raise ConfigError(f"option 'ranking': is false, but {config.data} holds ranked rows (prompt, responses)")
+        if config.margin or config.center_coef:
+            raise ConfigError("options 'margin' and 'center_coef' apply to pairs only; set them to 0 for ranked rows")
+        k = len(rows[0]["responses"])
+        for number, row in enumerate(rows, start=1):
+            if len(row["responses"]) != k:
+                raise ValueError(
+                    f"{config.data}: row {number}: field 'responses' holds {len(row['responses'])} responses; "
+                    f"every row must hold as many as the first ({k})"
+                )
+    return schema, rows
+
+
+def run(config: RewardConfig) -> dict:
+    schema, rows = _training_data(config)
+    if config.eval_data is None:
+        eval_pairs = heldout_rows("reward", config, "pairwise")
+    else:
+        eval_schema, eval_rows = load_dataset(config.eval_data, "reward")
+        eval_pairs = _ranked_pairs(eval_rows) if eval_schema == "ranked" else eval_rows
+    run_dir, model, tokenizer, _ = prepare_run("reward", config, load_model=load_reward_model)
+
+    def collate(batch_rows):
+        if schema == "pairwise":
+            batch = encode_pairs(tokenizer, batch_rows, config.max_length)
+        else:  # row i's K responses are rows i*K .. i*K + K-1
+            prompts = [r["prompt"] for r in batch_rows for _ in r["responses"]]
+            responses = [response for r in batch_rows for response in r["responses"]]
+            batch = encode_responses(tokenizer, prompts, responses, config.max_length)
+        batch["num_units"] = len(batch_rows)
+        return batch
+
+    def loss_fn(model, batch):
+        scores = reward_scores(model, batch)
+        if schema == "pairwise":
+            chosen, rejected = scores.chunk(2)
+            losses = bradley_terry_loss(chosen, rejected, margin=config.margin, center_coef=config.center_coef)
+            return losses.sum(), {
+                "reward_accuracy": ranked_first(chosen, rejected).sum(),
+                "reward_margin": (chosen - rejected).sum(),
+            }
+        ranked = scores.view(batch["num_units"], -1)
+        better, worse = torch.triu_indices(ranked.shape[1], ranked.shape[1], offset=1, device=ranked.device)
+        # reward_accuracy: per row, the share of its ordered pairs that the scores order.
+        return ranking_loss(ranked).sum(), {
+            "reward_accuracy": ranked_first(ranked[:, better], ranked[:, worse]).mean(dim=1).sum(),
+        }
+
+    @torch.no_grad()
+    def evaluate(model):
+        was_training = model.training
+        model.eval()
+        correct = 0.0
+        for start in range(0, len(eval_pairs), _EVAL_BATCH):
+            batch = encode_pairs(tokenizer, eval_pairs[start : start + _EVAL_BATCH], config.max_length)
+            chosen, rejected = reward_scores(model, batch).chunk(2)
+            correct += float(ranked_first(chosen, rejected).sum())
+        model.train(was_training)
+        return {"preference_accuracy": correct / len(eval_pairs)}
+
+    before = evaluate(model)
+    result = train_loop(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        loss_fn=loss_fn,
+        batches=micro_batches(rows, config.batch_size, config.seed, collate),
+        run_dir=run_dir,
+        evaluate=evaluate,
+    )
+    metrics = {"preference_accuracy_before": before["preference_accuracy"]}
+    if not result.interrupted:
+        metrics["preference_accuracy_after"] = evaluate(model)["preference_accuracy"]
+    return {"metrics": metrics, "result": result, "run_dir": run_dir}

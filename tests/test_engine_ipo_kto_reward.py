@@ -1,0 +1,231 @@
+"""IPO, KTO and the reward model on builtin:tiny: exact first-step losses of the untrained
+state, learning on small memorizable sets, checkpoints and clear config errors."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fastpo.engine import ConfigError, train
+from fastpo.engine.task import AdditionTask
+
+QUICK = {"batch_size": 8, "warmup_steps": 2, "log_every": 1, "eval_every": 0}
+
+
+def _losses(summary):
+    with open(summary["metrics_file"]) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture
+def files(tmp_path):
+    task = AdditionTask(seed=5)
+    return {
+        "pairs": _write(tmp_path / "pairs.jsonl", task.preference_pairs(16)),
+        "unary": _write(tmp_path / "unary.jsonl", task.unary_examples(16)),  # 8 desirable, 8 undesirable
+        "ranked": _write(tmp_path / "ranked.jsonl", task.rankings(16, k=3)),
+    }
+
+
+# ---------------------------------------------------------------- IPO
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_ipo_first_loss_is_the_squared_target_margin(tmp_path, average):
+    summary = train("ipo", {**QUICK, "steps": 2, "beta": 0.25, "average": average, "output_dir": str(tmp_path)})
+    # The policy equals its reference at step 1: h = 0, loss (0 - 1/(2*0.25))**2 = 4,
+    # whether the log-probs are averaged or summed.
+    assert _losses(summary)[0] == pytest.approx(4.0, abs=1e-4)
+    assert summary["algorithm"] == "ipo" and summary["status"] == "completed"
+    assert summary["preference_accuracy_before"] == 0.5  # every implicit reward ties
+    assert 0.0 <= summary["heldout_accuracy_after"] <= 1.0
+
+
+def test_ipo_learns_a_small_preference_set(tmp_path, files):
+    summary = train("ipo", {**QUICK, "data": files["pairs"], "eval_data": files["pairs"], "steps": 12,
+                            "learning_rate": 3e-3, "beta": 0.5, "output_dir": str(tmp_path / "run")})
+    losses = _losses(summary)
+    assert losses[0] == pytest.approx(1.0, abs=1e-4)  # (1 / (2 * 0.5))**2
+    assert sum(losses[-3:]) / 3 < 0.3 * losses[0]
+    assert summary["preference_accuracy_after"] >= 0.8
+
+
+def test_ipo_and_dpo_ipo_agree_on_the_first_step(tmp_path):
+    """ipo is dpo's loss_type=ipo with averaged log-probs by default (TRL)."""
+    run = {**QUICK, "steps": 1, "beta": 0.4}
+    ipo = train("ipo", {**run, "output_dir": str(tmp_path / "ipo")})
+    dpo = train("dpo", {**run, "loss_type": "ipo", "average": True, "output_dir": str(tmp_path / "dpo")})
+    assert _losses(ipo) == _losses(dpo)
+
+
+# ---------------------------------------------------------------- KTO
+
+
+def test_kto_first_loss_on_the_builtin_task(tmp_path):
+    summary = train("kto", {**QUICK, "steps": 2, "output_dir": str(tmp_path)})
+    # Step 1: policy == reference, so rw = 0 and z0 = max(0, 0) = 0; every example costs
+    # its weight * (1 - sigmoid(0)) = 1/2 with both weights 1.
+    assert _losses(summary)[0] == pytest.approx(0.5, abs=1e-6)
+    assert summary["preference_accuracy_before"] == 0.5 and "preference_accuracy_after" in summary
+
+
+def test_kto_weights_enter_the_first_loss(tmp_path, files):
+    summary = train("kto", {**QUICK, "data": files["unary"], "eval_data": files["pairs"], "batch_size": 16,
+                            "steps": 1, "desirable_weight": 2.0, "undesirable_weight": 0.5,
+                            "output_dir": str(tmp_path / "run")})
+    # One batch of the 16 rows, 8 desirable and 8 undesirable, each at 1 - sigmoid(0) = 1/2:
+    # (8 * 2.0 * 0.5 + 8 * 0.5 * 0.5) / 16 = 0.625.
+    assert _losses(summary)[0] == pytest.approx(0.625, abs=1e-6)
+
+
+def test_kto_learns_a_small_unary_set(tmp_path, files):
+    summary = train("kto", {**QUICK, "data": files["unary"], "eval_data": files["pairs"], "steps": 12,
+                            "learning_rate": 3e-3, "beta": 0.5, "output_dir": str(tmp_path / "run")})
+    losses = _losses(summary)
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0]
+    records = [json.loads(line) for line in open(summary["metrics_file"])]
+    assert records[0]["z0"] == 0.0 and all(r["z0"] >= 0 for r in records)
+    assert records[-1]["signed_reward"] > 0  # desirable rewards up, undesirable ones down
+    # The pairs' prompts are not the unary rows' prompts: the preference ranks generalize.
+    assert summary["preference_accuracy_after"] > summary["preference_accuracy_before"] == 0.5
+
+
+def test_kto_rejects_bad_options(tmp_path, files):
+    with pytest.raises(ConfigError, match="'batch_size'.*at least 2"):
+        train("kto", {"batch_size": 1, "output_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="both 0"):
+        train("kto", {"desirable_weight": 0, "undesirable_weight": 0, "output_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="'desirable_weight'.*>= 0"):
+        train("kto", {"desirable_weight": -1, "output_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="line 1: field 'chosen' is missing"):
+        train("kto", {**QUICK, "steps": 1, "eval_data": files["unary"], "output_dir": str(tmp_path)})
+
+
+# ---------------------------------------------------------------- reward model
+
+
+def test_reward_first_loss_is_log_2_and_the_head_is_saved(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from fastpo.engine.algorithms._pairs import encode_pairs
+    from fastpo.engine.algorithms.reward import reward_scores
+    from fastpo.engine.tokenizer import build_char_tokenizer
+
+    summary = train("reward", {**QUICK, "steps": 3, "output_dir": str(tmp_path)})
+    # The new head is zero: every score is 0, -log sigmoid(0 - 0) = log 2, every pair ties.
+    assert _losses(summary)[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert summary["preference_accuracy_before"] == 0.5 and "heldout_accuracy_before" not in summary
+    model = AutoModelForSequenceClassification.from_pretrained(summary["checkpoint"] + "/model")
+    assert model.config.num_labels == 1 and model.score.weight.abs().sum() > 0  # the trained head came back
+    pairs = AdditionTask(seed=0).preference_pairs(3, "heldout")
+    batch = encode_pairs(build_char_tokenizer(), pairs, 64)
+    # Independent check of the scoring: the model's own forward reads the last non-pad token.
+    own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    torch.testing.assert_close(reward_scores(model, batch), own, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options, first_loss",
+    [
+        # scores are 0 at step 1:
+        ({"margin": 1.0}, math.log(1 + math.e)),  # -log sigmoid(0 - 0 - 1)
+        ({"center_coef": 0.5}, math.log(2)),  # + 0.5 * (0 + 0)**2
+    ],
+)
+def test_reward_margin_and_centering(tmp_path, options, first_loss):
+    summary = train("reward", {**QUICK, "steps": 1, "output_dir": str(tmp_path), **options})
+    assert _losses(summary)[0] == pytest.approx(first_loss, abs=1e-6)
+
+
+def test_reward_learns_a_small_preference_set(tmp_path, files):
+    summary = train("reward", {**QUICK, "data": files["pairs"], "eval_data": files["pairs"], "steps": 20,
+                               "learning_rate": 3e-3, "output_dir": str(tmp_path / "run")})
+    losses = _losses(summary)
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0]
+    assert summary["preference_accuracy_after"] >= 0.75
+
+
+def test_reward_ranking_loss_on_ranked_rows(tmp_path, files):
+    summary = train("reward", {**QUICK, "data": files["ranked"], "eval_data": files["ranked"], "steps": 20,
+                               "learning_rate": 3e-3, "output_dir": str(tmp_path / "run")})
+    losses = _losses(summary)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # mean over the 3 pairs of -log sigmoid(0)
+    assert sum(losses[-3:]) / 3 < 0.9 * losses[0]
+    assert summary["preference_accuracy_after"] > summary["preference_accuracy_before"] == 0.5
+
+
+def test_ranked_eval_rows_give_every_ordered_pair():
+    from fastpo.engine.algorithms.reward import _ranked_pairs
+
+    pairs = _ranked_pairs([{"prompt": "p", "responses": ["a", "b", "c"]}])
+    assert [(r["chosen"], r["rejected"]) for r in pairs] == [("a", "b"), ("a", "c"), ("b", "c")]
+
+
+def test_reward_rejects_bad_options_and_rows(tmp_path, files):
+    run = {**QUICK, "steps": 1, "data": files["ranked"], "output_dir": str(tmp_path / "run")}
+    with pytest.raises(ConfigError, match="'ranking'.*ranked rows"):
+        train("reward", {**run, "ranking": False})
+    with pytest.raises(ConfigError, match="'margin' and 'center_coef'"):
+        train("reward", {**run, "margin": 0.5})
+    with pytest.raises(ConfigError, match="'center_coef'.*>= 0"):
+        train("reward", {"center_coef": -1.0})
+    ragged = _write(tmp_path / "ragged.jsonl", [{"prompt": "1+1=", "responses": ["2", "3"]},
+                                                {"prompt": "1+2=", "responses": ["3", "4", "5"]}])
+    with pytest.raises(ValueError, match="row 2: field 'responses' holds 3"):
+        train("reward", {**run, "data": ragged})
+
+
+def test_reward_resumes_from_its_checkpoint(tmp_path):
+    """The head travels with the checkpoint: resuming from step 2 of a 4-step run (its
+    step-4 checkpoint removed) reproduces the run's losses exactly."""
+    import shutil
+
+    run = {**QUICK, "steps": 4, "save_every": 2, "output_dir": str(tmp_path)}
+    whole = train("reward", run)
+    shutil.rmtree(whole["checkpoint"])
+    resumed = train("reward", {**run, "resume": True})
+    assert resumed["checkpoint"] == whole["checkpoint"]
+    assert _losses(resumed) == _losses(whole) and len(_losses(whole)) == 4
+
+
+@pytest.fixture
+def qwen_checkpoint(tmp_path):
+    """A Qwen2-style causal LM built from a config here (tied LM head, no download)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from fastpo.engine.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "qwen")
+    return str(tmp_path / "qwen")
+
+
+@pytest.mark.parametrize(
+    "algorithm, first_loss",
+    [("ipo", 25.0), ("kto", 0.5), ("reward", math.log(2))],  # (1/(2*0.1))**2; 1 - sigmoid(0); -log sigmoid(0)
+)
+def test_a_local_causal_checkpoint_trains(tmp_path, qwen_checkpoint, algorithm, first_loss):
+    summary = train(algorithm, {**QUICK, "steps": 2, "model": qwen_checkpoint, "output_dir": str(tmp_path / "run")})
+    assert summary["status"] == "completed" and _losses(summary)[0] == pytest.approx(first_loss, abs=1e-4)
+    assert summary["preference_accuracy_before"] == 0.5
+
+
+def test_reward_keeps_the_head_of_a_reward_checkpoint(tmp_path):
+    """Training a reward model from a reward checkpoint starts from its trained head."""
+    first = train("reward", {**QUICK, "steps": 3, "output_dir": str(tmp_path / "first")})
+    again = train("reward", {**QUICK, "steps": 1, "model": first["checkpoint"] + "/model",
+                             "output_dir": str(tmp_path / "again")})
+    assert again["preference_accuracy_before"] == first["preference_accuracy_after"]
+    assert _losses(again)[0] != pytest.approx(math.log(2), abs=1e-6)  # the scores are no longer all 0
