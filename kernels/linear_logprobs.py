@@ -61,12 +61,12 @@ from .policy import policy_loss
 from .sequence import sequence_logprobs
 
 # Rows per chunk are chosen so that the chunk's (rows, V) logits hold about this many
-# elements. On the CPU a 32 MiB fp32 chunk keeps the matmuls efficient (the weight is
+# elements. On the CPU a 64 MiB fp32 chunk keeps the matmuls efficient (the weight is
 # streamed once per chunk) while the workspace stays far below the logits of a real
 # batch. On the GPU the weight-gradient accumulator (V x H) is read and written once
 # per chunk, so chunks must be long for that traffic to be small next to the matmuls:
 # 2^28 elements is ~1700 rows at V = 151936 (512 MiB in bf16). Not tuned on a GPU yet.
-CPU_WORKSPACE_ELEMENTS = 1 << 23
+CPU_WORKSPACE_ELEMENTS = 1 << 24
 CUDA_WORKSPACE_ELEMENTS = 1 << 28
 
 
