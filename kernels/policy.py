@@ -751,6 +751,25 @@ def _check_count(name: str, value, *, allow_zero: bool):
     return value
 
 
+def _check_aggregation_counts(agg: str, num_items, max_len, device: torch.device, max_len_hint: str = ""):
+    """``(num_items, max_len)`` checked against the aggregation mode that uses each:
+    ``num_items`` (a global token count) for token-mean only, ``max_len`` required by
+    seq-mean-token-sum-norm and refused elsewhere."""
+    if num_items is not None:
+        if agg != "token-mean":
+            raise ValueError(f"num_items applies to agg='token-mean' only, not {agg!r}")
+        num_items = _check_count("num_items", num_items, allow_zero=True)
+        if isinstance(num_items, torch.Tensor) and num_items.device != device:
+            num_items = num_items.to(device)
+    if agg == "seq-mean-token-sum-norm":
+        if max_len is None:
+            raise ValueError(f"agg='seq-mean-token-sum-norm'{max_len_hint} needs max_len")
+        max_len = _check_count("max_len", max_len, allow_zero=False)
+    elif max_len is not None:
+        raise ValueError(f"max_len applies to agg='seq-mean-token-sum-norm' only, not {agg!r}")
+    return num_items, max_len
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -927,18 +946,9 @@ def policy_loss(
             raise ValueError(f"rollout_is_cap={rollout_is_cap!r} needs rollout_logprobs")
     tau_pos = positive_scalar("sapo_tau_pos", sapo_tau_pos)
     tau_neg = positive_scalar("sapo_tau_neg", sapo_tau_neg)
-    if num_items is not None:
-        if agg != "token-mean":
-            raise ValueError(f"num_items applies to agg='token-mean' only, not {agg!r}")
-        num_items = _check_count("num_items", num_items, allow_zero=True)
-        if isinstance(num_items, torch.Tensor) and num_items.device != logprobs.device:
-            num_items = num_items.to(logprobs.device)
-    if agg == "seq-mean-token-sum-norm":
-        if max_len is None:
-            raise ValueError("agg='seq-mean-token-sum-norm' (loss_type='dr_grpo') needs max_len")
-        max_len = _check_count("max_len", max_len, allow_zero=False)
-    elif max_len is not None:
-        raise ValueError(f"max_len applies to agg='seq-mean-token-sum-norm' only, not {agg!r}")
+    num_items, max_len = _check_aggregation_counts(
+        agg, num_items, max_len, logprobs.device, " (loss_type='dr_grpo')"
+    )
     backend = resolve_backend(backend, logprobs.device, "policy_loss")
 
     opts = {
@@ -1045,18 +1055,7 @@ def value_loss(
     _check_choice("agg", agg, AGG_MODES)
     if clip_eps is not None:
         clip_eps = positive_scalar("clip_eps", clip_eps)
-    if num_items is not None:
-        if agg != "token-mean":
-            raise ValueError(f"num_items applies to agg='token-mean' only, not {agg!r}")
-        num_items = _check_count("num_items", num_items, allow_zero=True)
-        if isinstance(num_items, torch.Tensor) and num_items.device != values.device:
-            num_items = num_items.to(values.device)
-    if agg == "seq-mean-token-sum-norm":
-        if max_len is None:
-            raise ValueError("agg='seq-mean-token-sum-norm' needs max_len")
-        max_len = _check_count("max_len", max_len, allow_zero=False)
-    elif max_len is not None:
-        raise ValueError(f"max_len applies to agg='seq-mean-token-sum-norm' only, not {agg!r}")
+    num_items, max_len = _check_aggregation_counts(agg, num_items, max_len, values.device)
     backend = resolve_backend(backend, values.device, "value_loss")
 
     acc = _acc_dtype(values.dtype)

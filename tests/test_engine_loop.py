@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastpo.engine import train
-from fastpo.engine.algorithms import sft
+from fastpo.engine.algorithms import _common
 from fastpo.engine.loop import (
     STATE_FILE,
     TrainingDiverged,
@@ -38,8 +38,9 @@ def _records(path):
 
 
 def _wrap_loss(monkeypatch, wrapper):
-    """Run sft with ``wrapper(call_number, model, loss, metrics) -> (loss, metrics)``
-    applied to every loss_fn call (numbered from 1)."""
+    """Run an algorithm with ``wrapper(call_number, model, loss, metrics) -> (loss, metrics)``
+    applied to every loss_fn call (numbered from 1): the shared loop is wrapped where the
+    algorithms call it."""
     calls = {"n": 0}
 
     def patched_loop(**kwargs):
@@ -51,7 +52,7 @@ def _wrap_loss(monkeypatch, wrapper):
 
         return train_loop(**{**kwargs, "loss_fn": loss_fn})
 
-    monkeypatch.setattr(sft, "train_loop", patched_loop)
+    monkeypatch.setattr(_common, "train_loop", patched_loop)
 
 
 def test_learning_rate_schedule():

@@ -13,6 +13,7 @@ import torch
 from ..config import ConfigError, save_yaml
 from ..data import load_dataset
 from ..forward import greedy_completions
+from ..loop import train_loop
 from ..models import load_causal_lm
 from ..task import AdditionTask
 
@@ -26,6 +27,7 @@ __all__ = [
     "heldout_rows",
     "micro_batches",
     "prepare_run",
+    "train_and_evaluate",
     "training_rows",
 ]
 
@@ -127,3 +129,17 @@ def exact_match_accuracy(model, tokenizer, rows: list[dict]) -> float:
         except ValueError:  # not an addition prompt: compare with the reference answer
             correct += completion.split("\n", 1)[0].strip() == row["completion"].strip()
     return correct / len(rows)
+
+
+def train_and_evaluate(model, tokenizer, config, loss_fn: Callable, batches, run_dir, evaluate: Callable) -> dict:
+    """Evaluate, train with the shared loop (which also evaluates periodically), and
+    evaluate again unless the run was interrupted: the algorithm module's ``run`` result
+    (``metrics`` with ``<name>_before`` / ``<name>_after`` for each of ``evaluate``'s
+    metrics, ``result``, ``run_dir``)."""
+    before = evaluate(model)
+    result = train_loop(model=model, tokenizer=tokenizer, config=config, loss_fn=loss_fn,
+                        batches=batches, run_dir=run_dir, evaluate=evaluate)
+    metrics = {f"{name}_before": value for name, value in before.items()}
+    if not result.interrupted:
+        metrics.update({f"{name}_after": value for name, value in evaluate(model).items()})
+    return {"metrics": metrics, "result": result, "run_dir": run_dir}

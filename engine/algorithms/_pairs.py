@@ -30,10 +30,24 @@ import torch
 from fastpo.kernels import sequence_logprobs
 
 from ..forward import IGNORE_INDEX, encode_responses, response_logprobs
-from ..loop import train_loop
-from ._common import answer_rows, exact_match_accuracy, heldout_rows, micro_batches, prepare_run, training_rows
+from ._common import (
+    answer_rows,
+    exact_match_accuracy,
+    heldout_rows,
+    micro_batches,
+    prepare_run,
+    train_and_evaluate,
+    training_rows,
+)
 
-__all__ = ["encode_pairs", "pair_logprobs", "ranked_first", "sequence_logprobs_of", "train_on_pairs"]
+__all__ = [
+    "encode_pairs",
+    "implicit_reward_accuracy",
+    "pair_logprobs",
+    "ranked_first",
+    "sequence_logprobs_of",
+    "train_on_pairs",
+]
 
 _REFERENCE_BATCH = 64  # rows per forward pass when computing reference log-probs
 
@@ -72,6 +86,14 @@ def ranked_first(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -
     return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
 
 
+def implicit_reward_accuracy(model, tokenizer, rows, ref_logprobs, config, average) -> float:
+    """Share of pairs whose implicit reward ``beta * (lp - lp_ref)`` ranks the chosen
+    response first (ties count one half); ``ref_logprobs`` = (chosen, rejected)."""
+    chosen, rejected = pair_logprobs(model, tokenizer, rows, config.max_length, average)
+    ref_chosen, ref_rejected = ref_logprobs
+    return float(ranked_first(config.beta * (chosen - ref_chosen), config.beta * (rejected - ref_rejected)).mean())
+
+
 def train_on_pairs(algorithm: str, config, pair_loss: Callable) -> dict:
     """Train ``config.model`` on pairs with ``pair_loss``; the algorithm module's ``run``
     result (``metrics``, ``result``, ``run_dir``). ``config`` needs ``beta`` and
@@ -105,29 +127,13 @@ def train_on_pairs(algorithm: str, config, pair_loss: Callable) -> dict:
             "rejected_reward": rejected_rewards.sum(),
         }
 
-    def preference_accuracy(model):
-        chosen, rejected = pair_logprobs(model, tokenizer, eval_rows, config.max_length, config.average)
-        chosen_rewards = config.beta * (chosen - eval_ref_chosen)
-        rejected_rewards = config.beta * (rejected - eval_ref_rejected)
-        return float(ranked_first(chosen_rewards, rejected_rewards).mean())
-
     def evaluate(model):
         return {
-            "preference_accuracy": preference_accuracy(model),
+            "preference_accuracy": implicit_reward_accuracy(
+                model, tokenizer, eval_rows, (eval_ref_chosen, eval_ref_rejected), config, config.average
+            ),
             "heldout_accuracy": exact_match_accuracy(model, tokenizer, exact_match_rows),
         }
 
-    before = evaluate(model)
-    result = train_loop(
-        model=model,
-        tokenizer=tokenizer,
-        config=config,
-        loss_fn=loss_fn,
-        batches=micro_batches(indexed, config.batch_size, config.seed, collate),
-        run_dir=run_dir,
-        evaluate=evaluate,
-    )
-    metrics = {f"{name}_before": value for name, value in before.items()}
-    if not result.interrupted:
-        metrics.update({f"{name}_after": value for name, value in evaluate(model).items()})
-    return {"metrics": metrics, "result": result, "run_dir": run_dir}
+    batches = micro_batches(indexed, config.batch_size, config.seed, collate)
+    return train_and_evaluate(model, tokenizer, config, loss_fn, batches, run_dir, evaluate)

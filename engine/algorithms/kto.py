@@ -35,7 +35,6 @@ from fastpo.kernels import kto_loss, kto_mismatched_pairs
 from ..config import ConfigError, KTOConfig
 from ..data import load_rows
 from ..forward import encode_responses
-from ..loop import train_loop
 from ._common import (
     HELDOUT_SIZE,
     answer_rows,
@@ -43,9 +42,10 @@ from ._common import (
     exact_match_accuracy,
     micro_batches,
     prepare_run,
+    train_and_evaluate,
     training_rows,
 )
-from ._pairs import pair_logprobs, ranked_first, sequence_logprobs_of
+from ._pairs import implicit_reward_accuracy, pair_logprobs, sequence_logprobs_of
 
 __all__ = ["run"]
 
@@ -102,29 +102,13 @@ def run(config: KTOConfig) -> dict:
             "signed_reward": torch.where(desirable, rewards, -rewards).sum(),
         }
 
-    def preference_accuracy(model):
-        chosen, rejected = pair_logprobs(model, tokenizer, eval_rows, config.max_length, False)
-        chosen_rewards = config.beta * (chosen - eval_ref_chosen)
-        rejected_rewards = config.beta * (rejected - eval_ref_rejected)
-        return float(ranked_first(chosen_rewards, rejected_rewards).mean())
-
     def evaluate(model):
         return {
-            "preference_accuracy": preference_accuracy(model),
+            "preference_accuracy": implicit_reward_accuracy(
+                model, tokenizer, eval_rows, (eval_ref_chosen, eval_ref_rejected), config, False
+            ),
             "heldout_accuracy": exact_match_accuracy(model, tokenizer, exact_match_rows),
         }
 
-    before = evaluate(model)
-    result = train_loop(
-        model=model,
-        tokenizer=tokenizer,
-        config=config,
-        loss_fn=loss_fn,
-        batches=micro_batches(rows, config.batch_size, config.seed, collate),
-        run_dir=run_dir,
-        evaluate=evaluate,
-    )
-    metrics = {f"{name}_before": value for name, value in before.items()}
-    if not result.interrupted:
-        metrics.update({f"{name}_after": value for name, value in evaluate(model).items()})
-    return {"metrics": metrics, "result": result, "run_dir": run_dir}
+    batches = micro_batches(rows, config.batch_size, config.seed, collate)
+    return train_and_evaluate(model, tokenizer, config, loss_fn, batches, run_dir, evaluate)

@@ -35,9 +35,8 @@ from fastpo.kernels import bradley_terry_loss, ranking_loss
 from ..config import ConfigError, RewardConfig
 from ..data import load_dataset
 from ..forward import encode_responses
-from ..loop import train_loop
 from ..models import load_causal_lm
-from ._common import heldout_rows, micro_batches, prepare_run, training_rows
+from ._common import heldout_rows, micro_batches, prepare_run, train_and_evaluate, training_rows
 from ._pairs import encode_pairs, ranked_first
 
 __all__ = ["load_reward_model", "reward_scores", "run"]
@@ -168,17 +167,5 @@ def run(config: RewardConfig) -> dict:
         model.train(was_training)
         return {"preference_accuracy": correct / len(eval_pairs)}
 
-    before = evaluate(model)
-    result = train_loop(
-        model=model,
-        tokenizer=tokenizer,
-        config=config,
-        loss_fn=loss_fn,
-        batches=micro_batches(rows, config.batch_size, config.seed, collate),
-        run_dir=run_dir,
-        evaluate=evaluate,
-    )
-    metrics = {"preference_accuracy_before": before["preference_accuracy"]}
-    if not result.interrupted:
-        metrics["preference_accuracy_after"] = evaluate(model)["preference_accuracy"]
-    return {"metrics": metrics, "result": result, "run_dir": run_dir}
+    batches = micro_batches(rows, config.batch_size, config.seed, collate)
+    return train_and_evaluate(model, tokenizer, config, loss_fn, batches, run_dir, evaluate)

@@ -13,8 +13,14 @@ from __future__ import annotations
 
 from ..config import SFTConfig
 from ..forward import IGNORE_INDEX, encode_responses, response_logprobs
-from ..loop import train_loop
-from ._common import exact_match_accuracy, heldout_rows, micro_batches, prepare_run, training_rows
+from ._common import (
+    exact_match_accuracy,
+    heldout_rows,
+    micro_batches,
+    prepare_run,
+    train_and_evaluate,
+    training_rows,
+)
 
 __all__ = ["run"]
 
@@ -40,17 +46,5 @@ def run(config: SFTConfig) -> dict:
     def evaluate(model):
         return {"heldout_accuracy": exact_match_accuracy(model, tokenizer, eval_rows)}
 
-    before = evaluate(model)["heldout_accuracy"]
-    result = train_loop(
-        model=model,
-        tokenizer=tokenizer,
-        config=config,
-        loss_fn=loss_fn,
-        batches=micro_batches(rows, config.batch_size, config.seed, collate),
-        run_dir=run_dir,
-        evaluate=evaluate,
-    )
-    metrics = {"heldout_accuracy_before": before}
-    if not result.interrupted:
-        metrics["heldout_accuracy_after"] = evaluate(model)["heldout_accuracy"]
-    return {"metrics": metrics, "result": result, "run_dir": run_dir}
+    batches = micro_batches(rows, config.batch_size, config.seed, collate)
+    return train_and_evaluate(model, tokenizer, config, loss_fn, batches, run_dir, evaluate)
