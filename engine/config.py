@@ -91,6 +91,12 @@ class BaseConfig:
         positive=True,
     )
     device: str = option("auto", "Device: auto (cuda when available, else cpu), cpu, cuda, cuda:N.")
+    warm_start_steps: int | None = option(
+        None,
+        "SFT steps on the built-in task before training, cached in output_dir/warm_start; "
+        "none: 600 for builtin:tiny on builtin:addition (every algorithm but sft), else 0.",
+        minimum=0,
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "Parameter dtype; auto is float32 (bf16 autocast on GPUs is not implemented yet)."
     )

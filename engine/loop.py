@@ -13,7 +13,14 @@ accumulation, clipping, evaluation, logging, checkpoints, resume, signals, NaN g
     The stream of micro-batches starting at micro-batch number ``position`` (0 is the
     first micro-batch of the run). It must be a pure function of ``position`` (the data
     order depends on the seed, never on global RNG state), so that resume continues
-    exactly where the interrupted run stopped.
+    exactly where the interrupted run stopped. A stream that also holds state of its
+    own (the online algorithms' rollout buffer, which depends on the model that
+    generated it) exposes ``state_dict()`` and ``load_state_dict(state)``: checkpoints
+    store that state and resume restores it before asking for the stream.
+
+A metric may also be a pair ``(sum, count)``: it is logged as the step's sum over the
+step's count (a per-sequence mean, such as the rollout reward, in a loss whose unit is
+the token).
 
 Gradient accumulation and token normalization. One optimizer step takes
 ``grad_accum_steps`` micro-batches ``b_1..b_G`` with ``n_i = b_i["num_units"]`` units and
@@ -138,7 +145,7 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, position: int) -> Path:
+def _save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, position: int, batches) -> Path:
     final = run_dir / CHECKPOINT_DIR / _checkpoint_name(step)
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -152,6 +159,7 @@ def _save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sche
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": _rng_states(),
+            "stream": batches.state_dict() if hasattr(batches, "state_dict") else None,
         },
         partial / STATE_FILE,
     )
@@ -266,8 +274,9 @@ def accumulate_gradients(model, loss_fn: Callable, group: list[dict]) -> tuple[f
 
     Micro-batch ``i`` contributes ``loss_i / N`` where ``N`` is the step's total
     ``num_units`` (see the module doc), so the accumulated gradient is that of the mean
-    loss over all the step's units. Returns ``(loss_sum, metric_sums, N)`` as floats
-    (the loop divides them by ``N`` for the log).
+    loss over all the step's units. Returns ``(loss_sum, metric_means, N)``: the loss
+    sum as a float, each metric's step sum over ``N`` (or over its own summed count,
+    for a ``(sum, count)`` metric), and ``N``.
     """
     total_units = sum(int(batch["num_units"]) for batch in group)
     if total_units <= 0:
@@ -278,8 +287,14 @@ def accumulate_gradients(model, loss_fn: Callable, group: list[dict]) -> tuple[f
         (loss / total_units).backward()
         loss_sum += _as_float(loss)
         for name, value in metrics.items():
-            metric_sums[name] = metric_sums.get(name, 0.0) + _as_float(value)
-    return loss_sum, metric_sums, total_units
+            value, count = value if isinstance(value, tuple) else (value, None)
+            total, counted = metric_sums.get(name, (0.0, 0.0))
+            metric_sums[name] = (total + _as_float(value), None if count is None else counted + _as_float(count))
+    means = {
+        name: total / (total_units if count is None else max(count, 1.0))
+        for name, (total, count) in metric_sums.items()
+    }
+    return loss_sum, means, total_units
 
 
 def train_loop(
@@ -338,6 +353,8 @@ def train_loop(
             state = _load_checkpoint(checkpoint, model, optimizer, scheduler)
             step, position = state["step"], state["data_position"]
             _set_rng_states(state["rng"])
+            if state.get("stream") is not None:
+                batches.load_state_dict(state["stream"])
             print(f"fastpo: resumed from {checkpoint} (step {step})", file=sys.stderr)
     last_record = {}
     if step == 0:
@@ -358,7 +375,7 @@ def train_loop(
                 group = [next(stream) for _ in range(config.grad_accum_steps)]
                 position += len(group)
                 optimizer.zero_grad(set_to_none=True)
-                loss_sum, metric_sums, total_units = accumulate_gradients(model, loss_fn, group)
+                loss_sum, metric_means, total_units = accumulate_gradients(model, loss_fn, group)
                 max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
                 lr = scheduler.get_last_lr()[0]
@@ -368,7 +385,7 @@ def train_loop(
                     optimizer.step()
                     bad_in_row = 0
                     record.update(loss=loss_sum / total_units, grad_norm=grad_norm, units=total_units)
-                    record.update({name: value / total_units for name, value in metric_sums.items()})
+                    record.update(metric_means)
                 else:
                     # The step's gradient is thrown away; the schedule still advances so
                     # that the learning rate stays a function of the step number.
@@ -401,7 +418,9 @@ def train_loop(
                 saving = (config.save_every and step % config.save_every == 0) or step == config.steps
                 if stop.signal is not None or saving:
                     if bad_in_row == 0:  # never replace a good checkpoint by a skipped step's state
-                        checkpoint = _save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, position)
+                        checkpoint = _save_checkpoint(
+                            run_dir, step, model, tokenizer, optimizer, scheduler, position, batches
+                        )
                     if stop.signal is not None:
                         interrupted = True
                         print(f"fastpo: stopped at step {step}; checkpoint {checkpoint}", file=sys.stderr)

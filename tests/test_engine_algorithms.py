@@ -11,7 +11,7 @@ from fastpo.engine.forward import IGNORE_INDEX, encode_responses, response_logpr
 from fastpo.engine.models import load_causal_lm
 from fastpo.engine.task import AdditionTask
 
-QUICK = {"batch_size": 8, "warmup_steps": 2, "log_every": 1, "eval_every": 0}
+QUICK = {"batch_size": 8, "warmup_steps": 2, "log_every": 1, "eval_every": 0, "warm_start_steps": 0}
 
 
 def _losses(summary):

@@ -10,7 +10,7 @@ import torch
 from fastpo.engine import ConfigError, train
 from fastpo.engine.task import AdditionTask
 
-QUICK = {"batch_size": 8, "warmup_steps": 2, "log_every": 1, "eval_every": 0}
+QUICK = {"batch_size": 8, "warmup_steps": 2, "log_every": 1, "eval_every": 0, "warm_start_steps": 0}
 
 
 def _losses(summary):

@@ -80,7 +80,8 @@ def test_accumulation_gives_the_gradient_of_one_large_batch():
 
     def loss_fn(model, batch):
         sq = (model(batch["x"]) - batch["y"]) ** 2
-        return sq.sum(), {"sq": sq.sum().detach()}
+        # "first": a per-row mean given as (sum, count), so its count is rows, not units.
+        return sq.sum(), {"sq": sq.sum().detach(), "first": (batch["x"][:, 0].sum(), len(batch["x"]) / 2)}
 
     loss_sum, metrics, units = accumulate_gradients(model, loss_fn, group)
     accumulated = [p.grad.clone() for p in model.parameters()]
@@ -89,7 +90,8 @@ def test_accumulation_gives_the_gradient_of_one_large_batch():
     full = ((model(torch.cat(xs)) - torch.cat(ys)) ** 2).mean()
     full.backward()
     assert units == 11 and loss_sum / units == pytest.approx(full.item(), rel=1e-6)
-    assert metrics["sq"] == pytest.approx(loss_sum, rel=1e-6)
+    assert metrics["sq"] == pytest.approx(loss_sum / units, rel=1e-6)
+    assert metrics["first"] == pytest.approx(torch.cat(xs)[:, 0].sum().item() / (units / 2), rel=1e-6)
     for got, want in zip(accumulated, (p.grad for p in model.parameters())):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 

@@ -5,6 +5,7 @@ exact-match accuracy."""
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -13,8 +14,8 @@ import torch
 from ..config import ConfigError, save_yaml
 from ..data import load_dataset
 from ..forward import greedy_completions
-from ..loop import train_loop
-from ..models import load_causal_lm
+from ..loop import latest_checkpoint, train_loop
+from ..models import BUILTIN_MODELS, load_causal_lm
 from ..task import AdditionTask
 
 __all__ = [
@@ -29,19 +30,23 @@ __all__ = [
     "prepare_run",
     "train_and_evaluate",
     "training_rows",
+    "warm_start_steps",
 ]
 
 BUILTIN_DATA = "builtin:addition"
 HELDOUT_SIZE = 200  # held-out problems evaluated before and after training
+DEFAULT_WARM_START_STEPS = 600  # builtin:tiny reaches 15-30% held-out exact match
+WARM_START_DIR = "warm_start"
 MAX_BUILTIN_ROWS = 20_000  # built-in training rows at most; the stream cycles over them
 _DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def prepare_run(algorithm: str, config, load_model: Callable = load_causal_lm):
     """``(run_dir, model, tokenizer, device)``: the run folder (with ``config.yaml``) and
-    the initial model on its device (the checkpoint of a resumed run is loaded later, by
-    the loop). ``load_model(name, seed=, dtype=) -> (model, tokenizer)`` builds the model
-    (a causal LM unless the algorithm trains something else, as reward does)."""
+    the initial model on its device, warm-started when ``warm_start_steps`` says so (the
+    checkpoint of a resumed run is loaded later, by the loop). ``load_model(name, seed=,
+    dtype=) -> (model, tokenizer)`` builds the model (a causal LM unless the algorithm
+    trains something else, as reward does)."""
     run_dir = Path(config.output_dir.replace("{algorithm}", algorithm))
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(config, run_dir / "config.yaml")
@@ -53,7 +58,72 @@ def prepare_run(algorithm: str, config, load_model: Callable = load_causal_lm):
         except RuntimeError:
             raise ConfigError(f"option 'device': got {config.device!r}; expected auto, cpu, cuda or cuda:N") from None
     model, tokenizer = load_model(config.model, seed=config.seed, dtype=_DTYPES[config.dtype])
-    return run_dir, model.to(device), tokenizer, device
+    model = model.to(device)
+    steps = warm_start_steps(algorithm, config)
+    if steps:
+        _load_shared_weights(model, _warm_start_checkpoint(config, run_dir, steps) / "model")
+    return run_dir, model, tokenizer, device
+
+
+def warm_start_steps(algorithm: str, config) -> int:
+    """The SFT steps that precede ``algorithm``'s run: ``config.warm_start_steps``, or
+    when it is none ``DEFAULT_WARM_START_STEPS`` for the built-in model on the built-in
+    task (a random model has nothing for preference or RL training to sharpen) and 0
+    otherwise. Always 0 for sft itself."""
+    if algorithm == "sft":
+        if config.warm_start_steps:
+            raise ConfigError("option 'warm_start_steps': sft is the warm start; leave it none or 0")
+        return 0
+    if config.warm_start_steps is not None:
+        return config.warm_start_steps
+    builtin = config.model in BUILTIN_MODELS and config.data == BUILTIN_DATA
+    return DEFAULT_WARM_START_STEPS if builtin else 0
+
+
+def _warm_start_checkpoint(config, run_dir: Path, steps: int) -> Path:
+    """The SFT checkpoint of the warm start, trained on the built-in task unless
+    ``run_dir/warm_start`` already holds one made with the same settings."""
+    from ..config import SFTConfig, load_config
+    from . import sft
+
+    if config.data != BUILTIN_DATA:
+        raise ConfigError(
+            f"option 'warm_start_steps': got {steps}, but the warm start trains on {BUILTIN_DATA} "
+            f"and data is {config.data!r}; warm-start with `fastpo sft` on your data and pass model=PATH"
+        )
+    folder = run_dir / WARM_START_DIR
+    sft_config = SFTConfig(
+        model=config.model, seed=config.seed, device=config.device, dtype=config.dtype,
+        max_length=config.max_length, steps=steps, batch_size=64, learning_rate=2e-3, warmup_steps=20,
+        eval_every=0, output_dir=str(folder),
+    )
+    checkpoint = latest_checkpoint(folder)
+    cached = (
+        checkpoint is not None
+        and checkpoint.name == f"step-{steps:08d}"
+        and load_config("sft", folder / "config.yaml") == sft_config
+    )
+    if cached:
+        print(f"fastpo: warm start: reusing {checkpoint}", file=sys.stderr)
+    else:
+        print(f"fastpo: warm start: {steps} SFT steps on the built-in task, saved in {folder}", file=sys.stderr)
+        checkpoint = sft.run(sft_config)["result"].checkpoint
+    return checkpoint
+
+
+def _load_shared_weights(model, model_dir: Path) -> None:
+    """Load the tensors of ``model_dir``'s safetensors that ``model`` also has (a reward
+    model takes the warm start's backbone and keeps its own score head); an error when
+    they share none."""
+    from safetensors.torch import load_file
+
+    own = model.state_dict()
+    loaded = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        loaded.update({k: v for k, v in load_file(file).items() if k in own and own[k].shape == v.shape})
+    if not loaded:
+        raise ValueError(f"the warm start {model_dir} shares no weights with {type(model).__name__}")
+    model.load_state_dict(loaded, strict=False)
 
 
 def builtin_task(config) -> AdditionTask:
