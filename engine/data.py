@@ -12,6 +12,8 @@ ranked         prompt: str, responses: list[str] (>= 2),       dpo (Plackett-Luc
                best first                                      reward (K-wise ranking)
 unary          prompt: str, completion: str, label: bool       kto
                (true: desirable)
+prompt         prompt: str (other fields go to the reward      grpo, ppo, trpo, rlaif
+               functions)
 =============  ==============================================  ==========================
 
 A malformed row is a ValueError naming the file, the line (JSONL) or row (Parquet),
@@ -30,6 +32,7 @@ SCHEMAS: dict[str, tuple[str, ...]] = {
     "pairwise": ("prompt", "chosen", "rejected"),
     "ranked": ("prompt", "responses"),
     "unary": ("prompt", "completion", "label"),
+    "prompt": ("prompt",),
 }
 
 # The schemas each algorithm trains on, in the order a file's first row is matched.
@@ -39,6 +42,10 @@ ALGORITHM_SCHEMAS: dict[str, tuple[str, ...]] = {
     "dpo": ("pairwise", "ranked"),
     "ipo": ("pairwise",),
     "kto": ("unary",),
+    "grpo": ("prompt",),
+    "ppo": ("prompt",),
+    "trpo": ("prompt",),
+    "rlaif": ("prompt",),
 }
 
 

@@ -56,9 +56,19 @@ def _lm_head(model):
     return head
 
 
-def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token log-probs ``(B, T)`` float32 of ``labels`` under ``model``; 0 where a label
-    is ``IGNORE_INDEX``. Differentiable; run it under ``torch.no_grad()`` for a reference.
+def response_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
+    """Per-token log-probs ``(B, T)`` float32 of ``labels`` under ``model`` with its logits
+    divided by ``temperature``; 0 where a label is ``IGNORE_INDEX``. With
+    ``return_entropy`` the pair ``(logprobs, entropy)``. Differentiable; run it under
+    ``torch.no_grad()`` for a reference.
 
     The hidden states come from ``model.model`` (the decoder of Hugging Face causal LMs),
     the head from ``get_output_embeddings()``; a head bias and Gemma 2's
@@ -75,8 +85,10 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         head.weight,
         labels.to(device),
         bias=getattr(head, "bias", None),
+        temperature=temperature,
         softcap=getattr(model.config, "final_logit_softcapping", None),
         ignore_index=IGNORE_INDEX,
+        return_entropy=return_entropy,
     )
 
 

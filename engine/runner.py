@@ -39,13 +39,13 @@ from .loop import METRICS_FILE
 
 __all__ = ["IMPLEMENTED", "train"]
 
-IMPLEMENTED = ("sft", "reward", "dpo", "ipo", "kto")
+IMPLEMENTED = ("sft", "reward", "dpo", "ipo", "kto", "grpo")
 
 
 def _algorithm_module(algorithm: str):
-    from .algorithms import dpo, ipo, kto, reward, sft
+    from .algorithms import dpo, grpo, ipo, kto, reward, sft
 
-    return {"sft": sft, "reward": reward, "dpo": dpo, "ipo": ipo, "kto": kto}[algorithm]
+    return {"sft": sft, "reward": reward, "dpo": dpo, "ipo": ipo, "kto": kto, "grpo": grpo}[algorithm]
 
 
 def train(algorithm: str, config: BaseConfig | dict | None = None) -> dict:

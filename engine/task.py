@@ -11,7 +11,8 @@ training. Every generator draws from ``random.Random`` seeded by the task's seed
 split and the kind of data, so each stream is reproducible on its own.
 
 Rows follow the schemas of ``data.py``: ``"completion"`` (SFT), ``"pairwise"``,
-``"ranked"`` and ``"unary"`` (KTO).
+``"ranked"``, ``"unary"`` (KTO) and ``"prompt"`` (the online algorithms; the rows
+also carry the correct answer as ``"completion"``).
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ class AdditionTask:
             "pairwise": self.preference_pairs,
             "ranked": lambda n, split: self.rankings(n, split=split),
             "unary": self.unary_examples,
+            # Online algorithms read the prompt; the answer rides along for reward functions.
+            "prompt": self.sft_examples,
         }
         if schema not in generators:
             raise ValueError(f"schema {schema!r} is not one of {', '.join(generators)}")

@@ -1,0 +1,128 @@
+"""What the online algorithms (grpo, ppo, trpo, rlaif's policy stage) share: the prompt
+stream, rollouts with rewards, the rollout buffer the shared loop reads micro-batches
+from, and held-out evaluation by greedy decoding.
+
+The loop's unit of work is the optimizer step; an online algorithm's is the rollout:
+``prompts_per_rollout`` prompts, ``num_generations`` samples each, trained for
+``num_iterations`` passes. ``RolloutStream`` bridges the two: it hands the loop
+micro-batches from a buffer and makes the next rollout, with the model as the loop
+has left it, when the buffer runs dry. The buffer depends on the model that sampled it,
+so it is part of every checkpoint (``state_dict``); the sampling RNG is the global torch
+RNG, which the loop's checkpoints hold too: a resumed run draws the same samples.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from ..config import ConfigError
+from ..forward import greedy_completions
+from ..rollout import Rollout, reward_function, sample_completions
+from ._common import BUILTIN_DATA, exact_match_accuracy, heldout_rows, micro_batches, training_rows
+
+__all__ = ["RolloutStream", "OnlineRun", "check_rollout_shape", "split_micro_batches"]
+
+
+class RolloutStream:
+    """The loop's ``batches``: micro-batches from a buffer refilled by
+    ``make_rollout(index) -> list of micro-batches`` (every micro-batch of the rollout's
+    optimizer steps, all passes included), ``index`` counting rollouts from 0."""
+
+    def __init__(self, make_rollout: Callable[[int], list[dict]]):
+        self.make_rollout = make_rollout
+        self.pending: list[dict] = []
+        self.rollouts = 0
+
+    def __call__(self, position: int) -> Iterator[dict]:
+        while True:
+            if not self.pending:
+                self.pending = self.make_rollout(self.rollouts)
+                self.rollouts += 1
+            yield self.pending.pop(0)
+
+    def state_dict(self) -> dict:
+        return {"pending": list(self.pending), "rollouts": self.rollouts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pending, self.rollouts = list(state["pending"]), state["rollouts"]
+
+
+def check_rollout_shape(config) -> int:
+    """The optimizer steps per pass over a rollout; a ConfigError unless the rollout's
+    completions split into whole optimizer steps."""
+    completions = config.prompts_per_rollout * config.num_generations
+    per_step = config.batch_size * config.grad_accum_steps
+    if completions % per_step:
+        raise ConfigError(
+            f"option 'prompts_per_rollout': {config.prompts_per_rollout} prompts x num_generations="
+            f"{config.num_generations} = {completions} completions per rollout, not a multiple of "
+            f"batch_size x grad_accum_steps = {per_step}"
+        )
+    return completions // per_step
+
+
+def split_micro_batches(tensors: dict[str, torch.Tensor], batch_size: int, passes: int) -> list[dict]:
+    """``tensors`` (each with the completions on dim 0) cut into micro-batches of
+    ``batch_size`` rows, the whole sequence repeated ``passes`` times."""
+    total = next(iter(tensors.values())).shape[0]
+    chunks = [
+        {name: value[start : start + batch_size] for name, value in tensors.items()}
+        for start in range(0, total, batch_size)
+    ]
+    return [dict(chunk) for _ in range(passes) for chunk in chunks]
+
+
+class OnlineRun:
+    """The prompts, rewards and evaluation of one online run.
+
+    Attributes:
+        rows: training rows (each with a ``"prompt"``).
+        rewards: ``rewards(prompts, completions, rows) -> (B,)`` from ``config.rewards``.
+    """
+
+    def __init__(self, algorithm: str, config, tokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.rows = training_rows(algorithm, config, "prompt")
+        self.eval_rows = heldout_rows(algorithm, config, "prompt")
+        self.rewards = reward_function(config.rewards, config.reward_weights)
+        self._prompt_batches = micro_batches(self.rows, config.prompts_per_rollout, config.seed, list)
+
+    def prompt_rows(self, index: int) -> list[dict]:
+        """The rows of rollout ``index``, each repeated ``num_generations`` times in a row
+        (the group layout of ``fastpo.kernels.group_advantages``)."""
+        rows = next(self._prompt_batches(index))
+        return [row for row in rows for _ in range(self.config.num_generations)]
+
+    def sample(self, model, rows: list[dict]) -> tuple[Rollout, torch.Tensor]:
+        """Sampled completions of ``rows``' prompts and their rewards ``(B,)``."""
+        c = self.config
+        rollout = sample_completions(
+            model, self.tokenizer, [row["prompt"] for row in rows], temperature=c.temperature, top_p=c.top_p,
+            top_k=c.top_k, max_new_tokens=c.max_new_tokens, stop_strings=c.stop_strings, max_length=c.max_length,
+        )
+        return rollout, self.rewards(rollout.prompts, rollout.completions, rows)
+
+    def rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-completion values the loss functions log as per-completion means."""
+        return {
+            "reward": rewards,
+            "completion_length": rollout.mask.sum(-1).float(),
+            "truncated": rollout.truncated.float(),
+        }
+
+    def evaluate(self, model) -> dict:
+        """Greedy completions of the held-out prompts: ``heldout_accuracy`` (exact match)
+        on the built-in task, else ``heldout_reward`` (the mean reward)."""
+        if self.config.data == BUILTIN_DATA and self.config.eval_data is None:
+            return {"heldout_accuracy": exact_match_accuracy(model, self.tokenizer, self.eval_rows)}
+        prompts = [row["prompt"] for row in self.eval_rows]
+        completions = greedy_completions(model, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens)
+        return {"heldout_reward": float(self.rewards(prompts, completions, self.eval_rows).mean())}
+
+
+def per_completion_metrics(values: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """``{name: (sum, count)}`` over a micro-batch's completions, for the loop's log."""
+    return {name: (value.sum(), value.numel()) for name, value in values.items()}

@@ -1,0 +1,249 @@
+"""Rollouts for the online algorithms: sampled completions with their log-probs, and rewards.
+
+``sample_completions`` runs Hugging Face ``generate`` (KV cache, batched, left-padded
+prompts) with temperature, top-p, top-k, a token budget and stop strings, and returns
+the samples laid out exactly as ``forward.encode_responses`` lays out training rows
+(``[bos] prompt completion``, right-padded, ``labels`` shifted), so the training forward
+reads the sampled tokens themselves, never a re-tokenization of their text.
+
+The rollout log-prob of a sampled token is ``log_softmax(logits / temperature)`` at that
+token, from the raw logits ``generate`` saw: the temperature is applied as in the
+training forward (``linear_token_logprobs(..., temperature=)``), and top-p/top-k are
+not (their truncation changes which tokens can be drawn, not the policy whose ratio the
+loss takes; vLLM's and verl's default logprobs are the same quantity). The two can then
+be compared token by token: the mismatch is a metric and can feed the rollout
+correction of ``policy_loss``.
+
+A completion ends at its first eos (kept: the policy learns to stop), at the end of its
+first stop string (the tokens up to the one that completes it), or after
+``max_new_tokens`` tokens (truncated).
+
+Rewards: ``reward_function(specs, weights)`` combines reward sources, each called as
+``fn(prompts, completions, **row_fields) -> list of floats``: ``builtin:addition`` (the
+task's verifier), ``module:function`` (a Python callable), or the path of a reward
+model checkpoint (a one-label ``AutoModelForSequenceClassification``, as ``fastpo
+reward`` saves).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .forward import IGNORE_INDEX
+from .task import AdditionTask
+
+__all__ = ["Rollout", "reward_function", "sample_completions"]
+
+
+@dataclass
+class Rollout:
+    """Sampled completions, one row per sample.
+
+    Attributes:
+        prompts, completions: the texts (completions decoded without special tokens,
+            cut at the stop string).
+        input_ids, attention_mask, labels: (B, T) int64 training layout of
+            ``encode_responses``; ``labels[t]`` is the sampled token predicted at ``t``
+            or ``IGNORE_INDEX``.
+        rollout_logprobs: (B, T) float32 log-probs of ``labels`` at sampling time, 0
+            where ``labels`` is ignored.
+        truncated: (B,) bool, the completion hit ``max_new_tokens`` without ending.
+    """
+
+    prompts: list[str]
+    completions: list[str]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    rollout_logprobs: torch.Tensor
+    truncated: torch.Tensor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.labels != IGNORE_INDEX
+
+
+def _completion_length(tokens: list[int], tokenizer, eos: int | None, stop_strings: list[str]) -> tuple[int, bool]:
+    """``(length, ended)``: how many of ``tokens`` the completion keeps, and whether it
+    ended (eos or stop string) rather than ran out of tokens."""
+    ended = eos is not None and eos in tokens
+    end = tokens.index(eos) + 1 if ended else len(tokens)
+    if stop_strings:
+        # The shortest prefix whose text holds a stop string ends the completion.
+        for length in range(1, end + 1):
+            text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
+            if any(stop in text for stop in stop_strings):
+                return length, True
+    return end, ended
+
+
+def _cut_at_stop(text: str, stop_strings: list[str]) -> str:
+    cuts = [text.index(stop) for stop in stop_strings if stop in text]
+    return text[: min(cuts)] if cuts else text
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int = 16,
+    stop_strings: list[str] = (),
+    max_length: int | None = None,
+) -> Rollout:
+    """One sampled completion per prompt (repeat a prompt G times for G samples); the
+    global torch RNG draws the samples, so a seeded run (and a resumed one, whose
+    checkpoint holds the RNG state) draws the same ones.
+
+    Args:
+        temperature: > 0; 1 samples the model's distribution.
+        top_p: nucleus mass in (0, 1]; 1 disables.
+        top_k: keep the k most likely tokens; 0 disables.
+        max_new_tokens: completion budget in tokens.
+        stop_strings: a completion ends after the token that completes one of them.
+        max_length: prompts longer than this minus ``max_new_tokens`` are an error
+            (the training rows would be cut).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    encoded = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    width = max(len(ids) for ids in encoded)
+    if max_length is not None and width + max_new_tokens > max_length:
+        raise ValueError(
+            f"a prompt of {width} tokens plus max_new_tokens={max_new_tokens} exceeds max_length={max_length}"
+        )
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k if top_k > 0 else None,
+        max_new_tokens=max_new_tokens,
+        stop_strings=list(stop_strings) or None,
+        tokenizer=tokenizer if stop_strings else None,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    model.train(was_training)
+    sampled = out.sequences[:, width:].cpu()
+    # (B, steps) log-probs of the sampled tokens under the tempered raw logits.
+    logits = torch.stack(out.logits, dim=1).float().cpu() / temperature
+    token_logprobs = logits.log_softmax(-1).gather(-1, sampled[:, : logits.shape[1], None]).squeeze(-1)
+
+    rows, row_logprobs, texts, truncated = [], [], [], []
+    for i, ids in enumerate(encoded):
+        tokens = sampled[i].tolist()
+        length, ended = _completion_length(tokens, tokenizer, eos, list(stop_strings))
+        rows.append((ids, tokens[:length]))
+        row_logprobs.append(token_logprobs[i, :length])
+        text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
+        texts.append(_cut_at_stop(text, list(stop_strings)))
+        truncated.append(not ended)
+
+    seq_width = max(len(head) + len(tail) for head, tail in rows)
+    batch_ids = torch.full((len(rows), seq_width), pad, dtype=torch.long)
+    batch_mask = torch.zeros((len(rows), seq_width), dtype=torch.long)
+    labels = torch.full((len(rows), seq_width), IGNORE_INDEX, dtype=torch.long)
+    rollout_logprobs = torch.zeros((len(rows), seq_width), dtype=torch.float32)
+    for i, ((head, tail), lps) in enumerate(zip(rows, row_logprobs)):
+        n, m = len(head), len(tail)
+        batch_ids[i, : n + m] = torch.tensor(head + tail, dtype=torch.long)
+        batch_mask[i, : n + m] = 1
+        # Position t predicts token t + 1: the completion's tokens are predicted from
+        # positions n - 1 .. n + m - 2.
+        labels[i, n - 1 : n + m - 1] = torch.tensor(tail, dtype=torch.long)
+        rollout_logprobs[i, n - 1 : n + m - 1] = lps
+    return Rollout(list(prompts), texts, batch_ids, batch_mask, labels, rollout_logprobs, torch.tensor(truncated))
+
+
+# ---------------------------------------------------------------- rewards
+
+
+def _callable_reward(spec: str) -> Callable:
+    module_name, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r} ({error})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r}: module {module_name!r} has no callable {name!r}")
+    return fn
+
+
+def _reward_model(path: str) -> Callable:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).eval()
+    if model.config.num_labels != 1:
+        raise ValueError(f"reward model {path!r} has {model.config.num_labels} labels; a reward model has 1")
+
+    @torch.no_grad()
+    def score(prompts, completions, **_):
+        from .forward import encode_responses
+
+        batch = encode_responses(tokenizer, prompts, completions, tokenizer.model_max_length)
+        device = next(model.parameters()).device
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        return out.logits[:, 0].float().cpu().tolist()
+
+    return score
+
+
+def _reward_source(spec: str) -> Callable:
+    if spec == "builtin:addition":
+        return AdditionTask().reward
+    if Path(spec).is_dir():
+        return _reward_model(spec)
+    if ":" in spec and not spec.startswith("builtin:"):
+        return _callable_reward(spec)
+    raise ValueError(
+        f"reward {spec!r} is not builtin:addition, a module:function callable or a reward model folder"
+    )
+
+
+def reward_function(specs: list[str], weights: list[float] | None = None) -> Callable:
+    """``rewards(prompts, completions, rows) -> (B,) float32``: the weighted sum of the
+    sources ``specs`` (weights default to 1 each); ``rows`` are the dataset rows, whose
+    fields other than ``prompt`` reach each source as keyword lists."""
+    if not specs:
+        raise ValueError("at least one reward source is needed")
+    weights = [1.0] * len(specs) if weights is None else list(weights)
+    if len(weights) != len(specs):
+        raise ValueError(f"got {len(weights)} reward weights for {len(specs)} reward sources")
+    sources = [_reward_source(spec) for spec in specs]
+
+    def rewards(prompts: list[str], completions: list[str], rows: list[dict]) -> torch.Tensor:
+        fields = {key: [row.get(key) for row in rows] for key in (rows[0] if rows else {}) if key != "prompt"}
+        total = torch.zeros(len(prompts), dtype=torch.float32)
+        for spec, weight, source in zip(specs, weights, sources):
+            values = torch.as_tensor(source(prompts, completions, **fields), dtype=torch.float32)
+            if values.shape != total.shape:
+                raise ValueError(f"reward {spec!r} returned {tuple(values.shape)} values for {len(prompts)} completions")
+            if not torch.isfinite(values).all():
+                raise ValueError(f"reward {spec!r} returned a non-finite value")
+            total += weight * values
+        return total
+
+    return rewards
