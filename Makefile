@@ -1,6 +1,7 @@
 # The two quickstart commands, each setting up its own virtual environment in .venv:
-#   make demo   the main job (until the engine lands: fused vs eager log-probs on a real vocabulary)
+#   make train  the main job: `fastpo grpo` on the built-in task (SFT warm start, then GRPO)
 #   make test   the test suite
+# and `make demo`: fused vs eager log-probs on a real vocabulary, with peak memory.
 #
 # On a machine without an NVIDIA GPU the CPU build of torch is installed, never the
 # multi-GB CUDA build: TORCH_CPU names it (pip finds it on a local wheel directory or on
@@ -12,7 +13,7 @@ TORCH_GPU ?= torch>=2.4
 
 STAMP := $(VENV)/.fastpo-installed
 
-.PHONY: demo test bench
+.PHONY: train demo test bench
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ $(STAMP): pyproject.toml setup.py
 	fi
 	$(VENV)/bin/pip install -e ".[test]"
 	touch $@
+
+train: $(STAMP)
+	$(VENV)/bin/fastpo grpo
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m fastpo.bench.demo

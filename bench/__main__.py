@@ -15,13 +15,15 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small CPU shapes, fp32 only (CI: about 2 minutes)")
     parser.add_argument("--only", default=None,
-                        help=f"comma-separated suites, of: {', '.join(suite.SUITES)}")
+                        help=f"comma-separated suites, of: {', '.join(suite.NAMES)}")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="directory for the CSV, the Markdown table and the plots")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="measure torch.compile of the eager code too (default: yes, except with --quick: "
                              "compiling takes 10 to 30 seconds per case on a small CPU)")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per pass (default 5 on CPU, 20 on GPU)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed repetitions per pass (default 5 on CPU, 20 on GPU); for e2e, timed training steps "
+                             "after the warm-up step (default 5)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per case (torch.set_num_threads); 1 keeps timings steady on a shared machine")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -30,9 +32,9 @@ def main(argv=None) -> None:
         print(json.dumps(suite.child(json.loads(args.child))))
         return
     only = args.only.split(",") if args.only else None
-    unknown = sorted(set(only or ()) - set(suite.SUITES))
+    unknown = sorted(set(only or ()) - set(suite.NAMES))
     if unknown:
-        parser.error(f"--only: unknown suite(s) {', '.join(unknown)}; choose from {', '.join(suite.SUITES)}")
+        parser.error(f"--only: unknown suite(s) {', '.join(unknown)}; choose from {', '.join(suite.NAMES)}")
     compile_rows = not args.quick if args.compile is None else args.compile
     suite.run(args.device, args.quick, only, args.out, compile=compile_rows, reps=args.reps, threads=args.threads)
 

@@ -3,6 +3,10 @@ the same eager code, and the peer libraries that are installed.
 
     python -m fastpo.bench [--quick] [--only NAME[,NAME]] [--device cpu|cuda] [--out DIR] [--[no-]compile]
 
+Besides the op suites below, ``e2e`` (fastpo.bench.e2e) times whole GRPO and DPO
+training steps of fastpo's engine against TRL's trainers; it runs in a full run and with
+``--only e2e``, not in a plain ``--quick`` run.
+
 Each case (suite, implementation, shape, dtype) runs in a fresh process, which first
 checks the implementation's outputs against a float64 reference on the benchmarked
 inputs (the first rows for the big row-wise ops) and reports a mismatch or a failure
@@ -30,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fastpo.bench import harness, losses, models
+from fastpo.bench import e2e, harness, losses, models
 from fastpo.bench.peers import discover_peers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -464,6 +468,8 @@ SUITES = {suite.name: suite for suite in (
           _preference_inputs, _eager_dpo, _preference_impls,
           lambda s, _: ("bytes", models.preference_bytes(s["pairs"], s["seq"]))),
 )}
+# every name --only accepts: the op suites, then the end-to-end training steps
+NAMES = (*SUITES, e2e.NAME)
 
 
 # ------------------------------------------------------------------ one case, in a child
@@ -660,7 +666,8 @@ def write_plots(rows: list[dict], out_dir: str, stem: str) -> tuple[list[str], s
         import matplotlib.pyplot as plt
     except ImportError:
         return [], "plots skipped: matplotlib is not installed (pip install matplotlib, or .[bench])"
-    measured = [r for r in rows if "median_ms" in r and "extra_mem_MiB" in r]  # the main pass of each case
+    # the main pass of each case; not the e2e rows (one point per implementation)
+    measured = [r for r in rows if "median_ms" in r and "extra_mem_MiB" in r and r.get("plot", True)]
     groups: dict[tuple, list[dict]] = {}
     for row in measured:
         groups.setdefault((row["suite"], row["dtype"], row.get("series", "")), []).append(row)
@@ -715,11 +722,16 @@ def run(device: str, quick: bool, only: list[str] | None, out_dir: str | None, c
                     for row in new_rows:
                         print(json.dumps(row), file=sys.stderr)
                     rows += new_rows
+    e2e_notes = []
+    if e2e.selected(only, quick):
+        e2e_rows, e2e_notes = e2e.run(device, peers, reps=reps, threads=threads)
+        rows += e2e_rows
     add_speedups(rows)
     env = environment(device, limits, peers)
     if threads:
         env["threads"] = threads  # the children's, not this process's
     notes = [f"peer {name} skipped: {status['note']}" for name, status in peers.items() if not status["available"]]
+    notes += e2e_notes
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         stem = f"fastpo-bench-{device}-{time.strftime('%Y%m%d-%H%M%S')}"

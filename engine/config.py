@@ -28,10 +28,15 @@ __all__ = [
     "BaseConfig",
     "ConfigError",
     "DPOConfig",
+    "GRPOConfig",
     "IPOConfig",
     "KTOConfig",
+    "OnlineConfig",
+    "PPOConfig",
+    "RLAIFConfig",
     "RewardConfig",
     "SFTConfig",
+    "TRPOConfig",
     "config_class",
     "config_to_dict",
     "format_help",
@@ -72,7 +77,12 @@ class BaseConfig:
     seed: int = option(0, "Seed of the model init, data order and sampling.", minimum=0)
     steps: int = option(200, "Optimizer steps to run.", positive=True)
     batch_size: int = option(16, "Examples per micro-batch (pairs or groups for preference data).", positive=True)
-    grad_accum_steps: int = option(1, "Micro-batches accumulated into one optimizer step.", positive=True)
+    grad_accum_steps: int = option(
+        1,
+        "Micro-batches accumulated into one optimizer step, over all processes (under torchrun each of "
+        "N processes takes every N-th, so a multiple of N).",
+        positive=True,
+    )
     max_length: int = option(64, "Longest prompt+response in tokens; longer rows are truncated.", positive=True)
     learning_rate: float = option(1e-3, "Peak learning rate of AdamW.", positive=True)
     weight_decay: float = option(0.0, "AdamW decoupled weight decay.", minimum=0)
@@ -93,12 +103,26 @@ class BaseConfig:
     device: str = option("auto", "Device: auto (cuda when available, else cpu), cpu, cuda, cuda:N.")
     warm_start_steps: int | None = option(
         None,
-        "SFT steps on the built-in task before training, cached in output_dir/warm_start; "
-        "none: 600 for builtin:tiny on builtin:addition (every algorithm but sft), else 0.",
+        "Most SFT steps on the built-in task before training, cached in output_dir/warm_start; "
+        "none: 1500 for builtin:tiny on builtin:addition (every algorithm but sft), else 0.",
+        minimum=0,
+    )
+    warm_start_accuracy: float = option(
+        0.3,
+        "The warm start ends at the first check (every 50 steps) where greedy exact match on "
+        "200 training prompts reaches this.",
         minimum=0,
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "Parameter dtype; auto is float32 (bf16 autocast on GPUs is not implemented yet)."
+        "auto", "Parameter dtype; auto is float32 (with bf16 autocast on CUDA: see autocast)."
+    )
+    autocast: Literal["auto", "bfloat16", "float16", "none"] = option(
+        "auto",
+        "Autocast of the forward and loss over float32 parameters; auto: bfloat16 on CUDA, none on the CPU "
+        "or with bfloat16/float16 parameters. float16 is refused (it needs loss scaling).",
+    )
+    gradient_checkpointing: bool = option(
+        False, "Recompute each layer's activations in the backward (Hugging Face gradient_checkpointing_enable)."
     )
 
 
@@ -107,6 +131,9 @@ class SFTConfig(BaseConfig):
     """Supervised fine-tuning on prompt/completion rows; the loss covers completion tokens only."""
 
     packing: bool = option(False, "Pack several rows into each max_length sequence.")
+    target_accuracy: float | None = option(
+        None, "End the run at the first periodic evaluation whose held-out exact match reaches this."
+    )
 
 
 @dataclass
@@ -152,12 +179,156 @@ class KTOConfig(BaseConfig):
     undesirable_weight: float = option(1.0, "Loss weight lambda_U of undesirable completions.", minimum=0)
 
 
+@dataclass
+class OnlineConfig(BaseConfig):
+    """Options shared by the online algorithms: rollouts and rewards."""
+
+    batch_size: int = option(64, "Completions per micro-batch.", positive=True)
+    prompts_per_rollout: int = option(16, "Prompts sampled per rollout.", positive=True)
+    num_generations: int = option(8, "Completions sampled per prompt (the group size G).", positive=True)
+    num_iterations: int = option(1, "Passes of optimizer steps over each rollout (mu).", positive=True)
+    temperature: float = option(1.0, "Sampling temperature, applied identically in the training forward.", positive=True)
+    top_p: float = option(1.0, "Nucleus sampling mass in (0, 1]; 1 disables.", positive=True)
+    top_k: int = option(0, "Sample among the k most likely tokens; 0 disables.", minimum=0)
+    max_new_tokens: int = option(8, "Completion budget in tokens.", positive=True)
+    stop_strings: list[str] = option([], "Strings that end a completion (comma-separated).")
+    rewards: list[str] = option(
+        ["builtin:addition"],
+        "Reward sources: builtin:addition, module:function callables, reward model folders (comma-separated).",
+    )
+    reward_weights: list[float] | None = option(None, "Weight of each reward source; none: 1 each.")
+
+
+@dataclass
+class GRPOConfig(OnlineConfig):
+    """Group Relative Policy Optimization: G samples per prompt, group-normalized rewards."""
+
+    learning_rate: float = option(2e-4, "Peak learning rate of AdamW.", positive=True)
+    steps: int = option(500, "Optimizer steps to run.", positive=True)
+    grad_accum_steps: int = option(2, "Micro-batches accumulated into one optimizer step.", positive=True)
+    eval_every: int = option(50, "Evaluate on held-out data every N steps (0: only at the end).", minimum=0)
+    advantage: Literal["group", "rloo"] = option("group", "Advantage: group z-score (GRPO) or leave-one-out (RLOO).")
+    scale_rewards: Literal["group", "batch", "none"] = option(
+        "group", "Std that divides the group-centered rewards: group, batch, none (Dr.GRPO)."
+    )
+    advantage_eps: float = option(1e-4, "Added to the std of the advantage (TRL 1e-4).", minimum=0)
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "gspo"] = option(
+        "grpo", "Policy loss form and its default aggregation (fastpo.kernels.policy_loss)."
+    )
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] | None = option(
+        None, "Loss aggregation; none: the loss type's preset."
+    )
+    clip_eps_low: float = option(0.2, "Lower clip range: ratio >= 1 - clip_eps_low.", positive=True)
+    clip_eps_high: float | None = option(None, "Upper clip range (cispo: the absolute cap); none: clip_eps_low.")
+    delta: float | None = option(None, "Two-sided clipping: the unclipped ratio is capped at delta.")
+    dual_clip: float | None = option(None, "Dual-clip constant c > 1 for negative advantages.")
+    importance_level: Literal["token", "sequence"] = option("token", "Importance ratio per token or per sequence.")
+    beta: float = option(0.0, "KL coefficient to the frozen reference; 0 loads no reference.", minimum=0)
+    kl_kind: Literal["k1", "k2", "k3", "abs", "low_var_kl"] = option("k3", "KL estimator of the beta term.")
+    entropy_coef: float = option(0.0, "Entropy bonus coefficient.", minimum=0)
+    entropy_quantile: float | None = option(
+        None, "Only tokens at or above this entropy quantile of the batch train the policy term."
+    )
+    rollout_is: Literal["token", "sequence"] = option("token", "Level of the rollout-mismatch correction.")
+    rollout_is_cap: float | None = option(
+        None, "Cap C of the truncated importance weight exp(lp_old - lp_rollout); none: no correction."
+    )
+
+
+@dataclass
+class PPOConfig(OnlineConfig):
+    """Proximal Policy Optimization with a value function and the RLHF reward shaping of
+    InstructGPT (per-token -beta*KL, the score on the last token), optionally PPO-ptx."""
+
+    learning_rate: float = option(3e-4, "Peak learning rate of AdamW.", positive=True)
+    steps: int = option(150, "Optimizer steps to run.", positive=True)
+    eval_every: int = option(25, "Evaluate on held-out data every N steps (0: only at the end).", minimum=0)
+    batch_size: int = option(64, "Completions per micro-batch.", positive=True)
+    prompts_per_rollout: int = option(128, "Prompts sampled per rollout.", positive=True)
+    num_generations: int = option(1, "Completions sampled per prompt.", positive=True)
+    num_iterations: int = option(2, "PPO epochs: passes of optimizer steps over each rollout.", positive=True)
+    beta: float = option(
+        0.05, "KL coefficient of the shaped reward -beta*k1 per token (the initial one with kl_target).", minimum=0
+    )
+    kl_target: float | None = option(
+        None, "Adaptive KL controller (Ziegler et al.): target per-completion KL; none keeps beta fixed.", positive=True
+    )
+    kl_horizon: int = option(10000, "Adaptive KL controller horizon, in completions.", positive=True)
+    gamma: float = option(1.0, "GAE discount, in [0, 1].", minimum=0)
+    lam: float = option(0.95, "GAE lambda, in [0, 1].", minimum=0)
+    whiten_advantages: bool = option(True, "Whiten the advantages over the rollout's completion tokens.")
+    clip_eps: float = option(0.2, "Policy clip range: the ratio is clipped to [1 - clip_eps, 1 + clip_eps].", positive=True)
+    vf_coef: float = option(0.1, "Weight of the value loss.", minimum=0)
+    value_clip: float | None = option(
+        0.2, "Value clip range around the rollout's values; none: the unclipped squared error.", positive=True
+    )
+    entropy_coef: float = option(0.0, "Entropy bonus coefficient.", minimum=0)
+    critic: str | None = option(
+        None, "Separate critic: a one-label sequence-classification checkpoint folder; none: a value head on the policy."
+    )
+    ptx_data: str | None = option(
+        None, "PPO-ptx pretraining text: builtin:addition (the task's SFT demonstrations) or a .jsonl/.parquet "
+        "file of text rows; none: no ptx term.",
+    )
+    ptx_coef: float = option(
+        0.0, "PPO-ptx coefficient: loss = ppo_loss - ptx_coef * mean log p(pretraining tokens).", minimum=0
+    )
+
+
+@dataclass
+class TRPOConfig(OnlineConfig):
+    """Trust Region Policy Optimization: per rollout, the natural-gradient step on the surrogate
+    mean(r*A) that keeps the mean KL(old || new) <= max_kl (no AdamW step: learning_rate,
+    weight_decay, warmup_steps, lr_schedule and max_grad_norm do not apply)."""
+
+    steps: int = option(60, "Rollouts to run, one TRPO update each.", positive=True)
+    eval_every: int = option(10, "Evaluate on held-out data every N steps (0: only at the end).", minimum=0)
+    batch_size: int = option(64, "Completions per forward pass of the update (the whole rollout is one step).", positive=True)
+    scale_rewards: Literal["group", "batch", "none"] = option(
+        "group", "Std that divides the group-centered rewards (the advantage): group, batch, none."
+    )
+    advantage_eps: float = option(1e-4, "Added to the std of the advantage.", minimum=0)
+    max_kl: float = option(0.01, "Trust region delta: mean KL(old || new) over completion tokens <= max_kl.", positive=True)
+    cg_iters: int = option(10, "Conjugate-gradient iterations for the direction H^-1 g.", positive=True)
+    cg_damping: float = option(0.1, "Damping added to the KL Hessian: (H + cg_damping I) d = g.", minimum=0)
+    backtrack_factor: float = option(0.5, "Line search: each try shrinks the step by this factor, in (0, 1).", positive=True)
+    line_search_tries: int = option(10, "Line search: steps tried at most (the full step first); none kept: no step.", positive=True)
+
+
+@dataclass
+class RLAIFConfig(BaseConfig):
+    """RL from AI feedback: a judge model labels pairs of the policy's own samples (both
+    presentation orders averaged), and the labelled pairs train the policy (then=dpo) or a
+    reward model and then ppo (then=reward+ppo). steps, batch_size, learning_rate and the other
+    loop options are the training stage's."""
+
+    learning_rate: float = option(1e-4, "Peak learning rate of AdamW.", positive=True)
+    judge: str | None = option(
+        None, "Judge: a local causal LM checkpoint folder; none: a builtin:tiny judge trained by sft on the "
+        "built-in task's judgement rows (cached in output_dir/judge).",
+    )
+    judge_steps: int = option(1500, "SFT steps of the built-in judge.", positive=True)
+    judge_template: str = option(
+        "Q: {prompt}? A: {a} B: {b}. Better:", "Judge prompt; the judge's next token, A or B, names the better response."
+    )
+    num_prompts: int = option(512, "Prompts whose two sampled responses the judge labels.", positive=True)
+    temperature: float = option(1.0, "Sampling temperature of the two responses.", positive=True)
+    max_new_tokens: int = option(8, "Response budget in tokens.", positive=True)
+    then: Literal["dpo", "reward+ppo"] = option("dpo", "What the labelled pairs train: dpo, or a reward model then ppo.")
+    beta: float = option(0.1, "dpo's beta (then=dpo), or ppo's KL coefficient (then=reward+ppo).", positive=True)
+    reward_steps: int = option(200, "Steps of the reward model on the labelled pairs (then=reward+ppo).", positive=True)
+
+
 ALGORITHMS: dict[str, type[BaseConfig]] = {
     "sft": SFTConfig,
     "reward": RewardConfig,
     "dpo": DPOConfig,
     "ipo": IPOConfig,
     "kto": KTOConfig,
+    "grpo": GRPOConfig,
+    "ppo": PPOConfig,
+    "trpo": TRPOConfig,
+    "rlaif": RLAIFConfig,
 }
 
 
@@ -189,6 +360,8 @@ def _type_name(tp) -> str:
         return " or ".join("none" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     if dataclasses.is_dataclass(tp):
         return "section"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])} (comma-separated)"
     return tp.__name__
 
 
@@ -209,6 +382,8 @@ def _coerce(key: str, value, tp):
             try:
                 return _coerce(key, value, member)
             except ConfigError:
+                if typing.get_origin(member) is list and isinstance(value, (str, list, tuple)):
+                    raise  # a list with a bad element: that element's error is the precise one
                 continue
         raise _type_error(key, value, tp)
     if origin is Literal:
@@ -216,6 +391,13 @@ def _coerce(key: str, value, tp):
         if value in choices:
             return value
         raise _type_error(key, value, tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):  # key=value overrides: a comma-separated list
+            value = [part.strip() for part in value.split(",")] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, value, tp)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -376,7 +558,14 @@ def _help_rows(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
             rows += _help_rows(tp, prefix + f.name + ".")
             continue
         default = getattr(defaults, f.name)
-        shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        if default is None:
+            shown = "none"
+        elif isinstance(default, bool):
+            shown = str(default).lower()
+        elif isinstance(default, list):
+            shown = ",".join(str(v) for v in default)
+        else:
+            shown = str(default)
         rows.append((prefix + f.name, _type_name(tp), shown, f.metadata.get("doc", "")))
     return rows
 

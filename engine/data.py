@@ -14,6 +14,7 @@ unary          prompt: str, completion: str, label: bool       kto
                (true: desirable)
 prompt         prompt: str (other fields go to the reward      grpo, ppo, trpo, rlaif
                functions)
+text           text: str                                       ppo's ptx_data (PPO-ptx)
 =============  ==============================================  ==========================
 
 A malformed row is a ValueError naming the file, the line (JSONL) or row (Parquet),
@@ -33,6 +34,7 @@ SCHEMAS: dict[str, tuple[str, ...]] = {
     "ranked": ("prompt", "responses"),
     "unary": ("prompt", "completion", "label"),
     "prompt": ("prompt",),
+    "text": ("text",),
 }
 
 # The schemas each algorithm trains on, in the order a file's first row is matched.

@@ -37,11 +37,31 @@ resume would pick up). Each holds ``model/`` (``save_pretrained``, with the toke
 ``trainer_state.pt`` (optimizer, scheduler, RNG states of torch, Python and NumPy, data
 position, step). ``resume=true`` loads the latest, truncates ``metrics.jsonl`` to the
 checkpoint's step, and continues: on the CPU the resumed run's metrics equal the
-uninterrupted run's exactly.
+uninterrupted run's exactly. It refuses (``ConfigError``) when the folder's
+``config.yaml`` differs from the new config in an option that changes the training's
+math (every option but those of ``RESUMABLE_CHANGES``).
+
+Precision. Parameters keep the ``dtype`` they were loaded in (float32 for ``auto``);
+``autocast`` runs each ``loss_fn`` call (forward and loss, not the backward or the
+optimizer) under ``torch.autocast``: bfloat16 by default on CUDA, on request on the CPU.
+float16 autocast would need loss scaling (a GradScaler, whose overflow steps the NaN
+guard would count as bad steps) and is refused. ``gradient_checkpointing`` switches on
+Hugging Face's activation recomputation (non-reentrant).
+
+Outputs besides ``metrics.jsonl``: TensorBoard event files in ``run_dir/tensorboard``
+when the ``tensorboard`` package is installed (a resumed run purges the events after its
+checkpoint), and at the end of every run that completes ``run_dir/metrics.png``, one
+panel per curve (``loss``, ``lr``, ``grad_norm``, each ``eval/`` metric) against the step.
+
+Several processes. Under ``torchrun`` (``WORLD_SIZE`` > 1) the same loop shards the model
+with FSDP2, gives each rank every N-th micro-batch of the step, normalizes by the step's
+units over all ranks and writes files on rank 0 only; ``engine/distributed.py`` says how.
+One config trains the same model on any number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -56,20 +76,44 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from . import distributed
+from .config import ConfigError, config_to_dict, from_dict, save_yaml
+from .distributed import World
+
 __all__ = [
     "CHECKPOINT_DIR",
+    "CONFIG_FILE",
+    "METRICS_PLOT",
     "LoopResult",
+    "RESUMABLE_CHANGES",
     "TrainingDiverged",
     "accumulate_gradients",
+    "autocast_dtype",
+    "check_resume_config",
     "latest_checkpoint",
     "learning_rate_factor",
     "load_model_weights",
+    "metrics_figure",
     "train_loop",
+    "validate_loop_options",
+    "write_metrics_plot",
+    "write_run_config",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
+METRICS_PLOT = "metrics.png"
+CONFIG_FILE = "config.yaml"
+TENSORBOARD_DIR = "tensorboard"
+
+# Options a resumed run may change: they leave the math of the remaining steps alone,
+# except ``steps``, which may change so that a finished run can be extended (a note then
+# says that the schedule, and for the built-in data the rows drawn, follow the new total).
+RESUMABLE_CHANGES = frozenset({
+    "steps", "resume", "eval_every", "save_every", "log_every", "output_dir", "device",
+    "max_bad_steps", "eval_data", "gradient_checkpointing",
+})
 
 
 class TrainingDiverged(RuntimeError):
@@ -114,6 +158,105 @@ def learning_rate_factor(step: int, *, total_steps: int, warmup_steps: int, sche
     raise ValueError(f"lr_schedule must be cosine, linear or constant, got {schedule!r}")
 
 
+# ---------------------------------------------------------------- options
+
+
+def validate_loop_options(config) -> None:
+    """ConfigError for a combination of the loop's options that cannot train."""
+    if config.autocast == "float16":
+        raise ConfigError(
+            "option 'autocast': got 'float16', which needs loss scaling (a GradScaler) that fastpo does not "
+            "implement; use autocast=bfloat16 or none"
+        )
+    if config.autocast == "bfloat16" and config.dtype not in ("auto", "float32"):
+        raise ConfigError(
+            f"option 'autocast': got 'bfloat16' with dtype={config.dtype}; autocast runs float32 parameters "
+            "in bfloat16, so use dtype=auto or float32 (or autocast=none)"
+        )
+
+
+def autocast_dtype(config, device: torch.device) -> torch.dtype | None:
+    """The dtype ``loss_fn`` runs under ``torch.autocast`` on ``device``, or None for none:
+    ``autocast=auto`` is bfloat16 on CUDA with float32 parameters and none otherwise."""
+    validate_loop_options(config)
+    if config.autocast == "bfloat16":
+        return torch.bfloat16
+    if config.autocast == "auto" and device.type == "cuda" and config.dtype in ("auto", "float32"):
+        return torch.bfloat16
+    return None
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def check_resume_config(config, run_dir: str | Path) -> None:
+    """Refuse to resume the run of ``run_dir`` under a config whose math differs.
+
+    Compares ``config`` with the folder's ``config.yaml`` (the config of the run being
+    resumed) option by option, options of ``RESUMABLE_CHANGES`` excepted; an option the
+    older file lacks counts with its default.
+
+    Raises:
+        ConfigError: naming every differing option with the folder's and the new value.
+    """
+    import yaml
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return
+    try:
+        previous = from_dict(type(config), yaml.safe_load(path.read_text()) or {})
+    except ConfigError as error:
+        raise ConfigError(
+            f"resume=true: {path} does not hold a {type(config).__name__} ({error}); "
+            "resume it with the algorithm that wrote it, or use another output_dir"
+        ) from None
+    old, new = _flatten(config_to_dict(previous)), _flatten(config_to_dict(config))
+    differing = [key for key in new if key.split(".")[0] not in RESUMABLE_CHANGES and old[key] != new[key]]
+    if differing:
+        changes = "; ".join(f"option {key!r}: {old[key]!r} in {path}, {new[key]!r} now" for key in differing)
+        raise ConfigError(
+            f"resume=true: the run in {run_dir} was trained with another config ({changes}); "
+            "resume with the same values, or start a new run (another output_dir, or resume=false)"
+        )
+    if old["steps"] != new["steps"]:
+        print(
+            f"fastpo: resuming with steps={new['steps']} (the run had {old['steps']}); the learning-rate "
+            "schedule of the remaining steps (and, for built-in data, the rows drawn) follow the new total",
+            file=sys.stderr,
+        )
+
+
+def _check_share(config, world: World) -> None:
+    if config.grad_accum_steps % world.size:
+        raise ConfigError(
+            f"option 'grad_accum_steps': got {config.grad_accum_steps}, which {world.size} processes cannot "
+            f"share; use a multiple of {world.size} (it counts the micro-batches of a step over all processes)"
+        )
+
+
+def write_run_config(config, run_dir: str | Path, device: torch.device) -> None:
+    """Write ``run_dir/config.yaml`` for a run about to start, after checking the loop's
+    options and, when it resumes a checkpoint, the folder's previous config
+    (``check_resume_config``). Under torchrun every rank checks and rank 0 writes."""
+    validate_loop_options(config)
+    run_dir = Path(run_dir)
+    current = distributed.world(device)
+    _check_share(config, current)
+    if config.resume and latest_checkpoint(run_dir) is not None:
+        check_resume_config(config, run_dir)
+    current.barrier()  # every rank has read the old config.yaml before rank 0 replaces it
+    if current.is_main:
+        save_yaml(config, run_dir / CONFIG_FILE)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -145,57 +288,75 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, position: int, batches) -> Path:
+def _save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, position: int, batches,
+                     world: World) -> Path:
+    """Write the checkpoint of ``step`` (rank 0 writes; every rank must call it)."""
     final = run_dir / CHECKPOINT_DIR / _checkpoint_name(step)
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial / "model")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(partial / "model")
-    torch.save(
-        {
-            "step": step,
-            "data_position": position,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_states(),
-            "stream": batches.state_dict() if hasattr(batches, "state_dict") else None,
-        },
-        partial / STATE_FILE,
-    )
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    # Gathering the shards is a collective: every rank takes part, rank 0 gets the result.
+    weights = distributed.model_state(model, world.size)
+    optimizer_state = distributed.optimizer_state(model, optimizer, world.size)
+    rng = world.gather(_rng_states())
+    if world.is_main:
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial / "model", state_dict=weights)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial / "model")
+        torch.save(
+            {
+                "step": step,
+                "data_position": position,
+                "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(),
+                "rng": rng,  # one entry per rank
+                "stream": batches.state_dict() if hasattr(batches, "state_dict") else None,
+            },
+            partial / STATE_FILE,
+        )
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    world.barrier()  # no rank goes on (or reads the checkpoint) before it is complete
     return final
 
 
 def load_model_weights(model, model_dir: str | Path) -> None:
-    """Load the ``*.safetensors`` files that ``save_pretrained`` wrote into ``model``.
+    """Load the ``*.safetensors`` files that ``save_pretrained`` wrote into ``model`` (a
+    plain model, or one sharded by the loop under torchrun).
 
-    A parameter may be absent from the files only when it shares storage with one that
-    is present (tied embeddings, which ``save_pretrained`` writes once).
+    A parameter may be absent from the files only when it is tied to one that is present
+    (tied embeddings, which ``save_pretrained`` writes once).
     """
     from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    own = model.state_dict(keep_vars=True)  # the Parameter objects: tied ones are one object
+    sharded = any(isinstance(value, DTensor) for value in own.values())
+    # A sharded model takes its shards from full tensors on the CPU: no rank holds the
+    # whole model on its device.
+    device = "cpu" if sharded else str(next(model.parameters()).device)
     state = {}
     for file in files:
-        state.update(load_file(file, device=str(next(model.parameters()).device)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    own = model.state_dict()
-    loaded_storage = {own[k].data_ptr() for k in state if k in own}
-    untied = [k for k in missing if own[k].data_ptr() not in loaded_storage]
+        state.update(load_file(file, device=device))
+    loaded = {id(own[k]) for k in state if k in own}
+    untied = [k for k in own if k not in state and id(own[k]) not in loaded]
+    unexpected = [k for k in state if k not in own]
     if untied or unexpected:
         raise ValueError(f"checkpoint {model_dir} does not match the model: missing {untied}, unexpected {unexpected}")
+    if sharded:
+        distributed.load_full_model_state(model, state)
+    else:
+        model.load_state_dict(state, strict=False)
 
 
-def _load_checkpoint(checkpoint: Path, model, optimizer, scheduler) -> dict:
+def _load_checkpoint(checkpoint: Path, model, optimizer, scheduler, world: World) -> dict:
     load_model_weights(model, checkpoint / "model")
     # weights_only=False: the state holds Python's and NumPy's RNG tuples; the file is
     # one this loop wrote into the user's own run directory.
     state = torch.load(checkpoint / STATE_FILE, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    distributed.load_optimizer_state(model, optimizer, state["optimizer"], world.size)
     scheduler.load_state_dict(state["scheduler"])
     return state
 
@@ -206,6 +367,82 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+# ---------------------------------------------------------------- TensorBoard and the plot
+
+
+_tensorboard_note_shown = False
+
+
+class _TensorBoard:
+    """Each logged record as TensorBoard scalars in ``run_dir/tensorboard`` when the
+    ``tensorboard`` package is installed; else nothing, and one note per process."""
+
+    def __init__(self, run_dir: Path, step: int):
+        global _tensorboard_note_shown
+        self.writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            if not _tensorboard_note_shown:
+                _tensorboard_note_shown = True
+                print("fastpo: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
+            return
+        folder = run_dir / TENSORBOARD_DIR
+        if step == 0:
+            shutil.rmtree(folder, ignore_errors=True)  # a fresh run does not add to an older run's curves
+        # purge_step: the events an interrupted run wrote after its checkpoint are dropped.
+        self.writer = SummaryWriter(str(folder), purge_step=step + 1 if step else None)
+
+    def write(self, record: dict) -> None:
+        if self.writer is None:
+            return
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(name, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _plotted_names(records: list[dict]) -> list[str]:
+    names = [name for name in ("loss", "lr", "grad_norm") if any(r.get(name) is not None for r in records)]
+    evals = sorted({name for r in records for name in r if name.startswith("eval/") and r[name] is not None})
+    return names + evals
+
+
+def metrics_figure(records: list[dict]):
+    """A matplotlib ``Figure`` of the curves of ``records`` (metrics.jsonl's): one panel
+    per name of ``loss``, ``lr``, ``grad_norm`` and each ``eval/`` metric, titled by the
+    name, the value against ``step`` (skipped steps' nulls left out)."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    names = _plotted_names(records)
+    columns = min(3, max(1, len(names)))
+    rows = max(1, math.ceil(len(names) / columns))
+    figure = Figure(figsize=(4.5 * columns, 3.2 * rows), layout="constrained")
+    for index, name in enumerate(names):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        points = [(r["step"], r[name]) for r in records if r.get(name) is not None]
+        steps, values = zip(*points)
+        # Markers: evaluations are few points, and a lone point has no line to show it.
+        axes.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3)
+        axes.set_title(name)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+    return figure
+
+
+def write_metrics_plot(metrics_path: Path, png_path: Path) -> None:
+    """Write ``metrics_figure`` of the records of ``metrics_path`` as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    figure = metrics_figure(records)
+    FigureCanvasAgg(figure)
+    figure.savefig(png_path, dpi=100)
 
 
 # ---------------------------------------------------------------- the loop
@@ -239,19 +476,25 @@ class _StopRequest:
 
 
 class _Progress:
-    """tqdm when installed, else one printed line every ``log_every`` steps."""
+    """tqdm when installed, else one printed line every ``log_every`` steps; nothing on
+    ranks other than 0 (``shown=False``)."""
 
-    def __init__(self, total: int, initial: int, log_every: int):
+    def __init__(self, total: int, initial: int, log_every: int, shown: bool = True):
         self.log_every = log_every
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            self.bar = None
-        else:
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self.shown = shown
+        self.bar = None
+        if shown:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
         self.total = total
 
     def update(self, step: int, record: dict) -> None:
+        if not self.shown:
+            return
         shown = {k: record[k] for k in ("loss", "lr", "grad_norm") if record.get(k) is not None}
         if self.bar is not None:
             self.bar.update(1)
@@ -269,7 +512,8 @@ def _as_float(value) -> float:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def accumulate_gradients(model, loss_fn: Callable, group: list[dict]) -> tuple[float, dict, int]:
+def accumulate_gradients(model, loss_fn: Callable, group: list[dict], *, world: World = World(),
+                         autocast: torch.dtype | None = None) -> tuple[float, dict, int]:
     """Back-propagate the micro-batches of one optimizer step into the ``.grad`` fields.
 
     Micro-batch ``i`` contributes ``loss_i / N`` where ``N`` is the step's total
@@ -277,24 +521,65 @@ def accumulate_gradients(model, loss_fn: Callable, group: list[dict]) -> tuple[f
     loss over all the step's units. Returns ``(loss_sum, metric_means, N)``: the loss
     sum as a float, each metric's step sum over ``N`` (or over its own summed count,
     for a ``(sum, count)`` metric), and ``N``.
+
+    With ``world.size`` > 1, ``group`` is this rank's share of the step: ``N``, the
+    loss sum and the metric sums are summed over the ranks (so every rank returns the
+    same values; ``loss_fn`` must return the same metric names on every rank), and each
+    loss is weighted ``world.size / N`` because the sharded model averages the ranks'
+    gradients. ``autocast``: the dtype of ``torch.autocast`` around each ``loss_fn`` call
+    (on ``world.device``'s type), or None.
     """
-    total_units = sum(int(batch["num_units"]) for batch in group)
+    total_units = int(world.sum([sum(int(batch["num_units"]) for batch in group)])[0])
     if total_units <= 0:
         raise ValueError("the micro-batches of this step hold no units (tokens or pairs) to train on")
     loss_sum, metric_sums = 0.0, {}
     for batch in group:
-        loss, metrics = loss_fn(model, batch)
-        (loss / total_units).backward()
+        with torch.autocast(world.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+            loss, metrics = loss_fn(model, batch)
+        (loss * world.size / total_units).backward()
         loss_sum += _as_float(loss)
         for name, value in metrics.items():
             value, count = value if isinstance(value, tuple) else (value, None)
             total, counted = metric_sums.get(name, (0.0, 0.0))
             metric_sums[name] = (total + _as_float(value), None if count is None else counted + _as_float(count))
+    if world.size > 1:
+        names = sorted(metric_sums)
+        flat = [loss_sum] + [x for name in names for x in (metric_sums[name][0], metric_sums[name][1] or 0.0)]
+        summed = world.sum(flat)
+        loss_sum = summed[0]
+        metric_sums = {
+            name: (summed[1 + 2 * i], None if metric_sums[name][1] is None else summed[2 + 2 * i])
+            for i, name in enumerate(names)
+        }
     means = {
         name: total / (total_units if count is None else max(count, 1.0))
         for name, (total, count) in metric_sums.items()
     }
     return loss_sum, means, total_units
+
+
+def _call_root(root, batch: dict):
+    return root(batch)
+
+
+def _enable_gradient_checkpointing(model) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"option 'gradient_checkpointing': got true, but {type(model).__name__} does not support "
+            "gradient checkpointing (Hugging Face's supports_gradient_checkpointing); set it to false"
+        )
+    # Non-reentrant: correct with inputs that need no gradient and under FSDP (PyTorch's advice).
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _grad_norm(params: list, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # Sharded parameters give a DTensor norm; its full value is the global norm.
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def train_loop(
@@ -306,12 +591,14 @@ def train_loop(
     batches: Callable[[int], Iterator[dict]],
     run_dir: str | Path,
     evaluate: Callable[[object], dict] | None = None,
+    done: Callable[[dict], bool] | None = None,
 ) -> LoopResult:
     """Train ``model`` with ``loss_fn`` on ``batches`` under ``config`` (a ``BaseConfig``).
 
     Uses from ``config``: ``steps``, ``grad_accum_steps``, ``learning_rate``,
     ``weight_decay``, ``warmup_steps``, ``lr_schedule``, ``max_grad_norm``, ``eval_every``,
-    ``save_every``, ``log_every``, ``resume``, ``max_bad_steps``, ``seed``.
+    ``save_every``, ``log_every``, ``resume``, ``max_bad_steps``, ``seed``, ``dtype``,
+    ``autocast``, ``gradient_checkpointing``.
 
     Each logged record (one JSON line of ``run_dir/metrics.jsonl``) holds ``step``,
     ``loss``, ``lr``, ``grad_norm`` (before clipping), ``units`` (of the step), the
@@ -321,21 +608,43 @@ def train_loop(
     ``skipped`` (the reason) and null ``loss`` and ``grad_norm``. ``evaluate(model)``
     runs every ``eval_every`` steps before the last (the algorithm evaluates before and
     after training on its own) and its results are logged with an ``eval/`` prefix.
-    Returns a ``LoopResult``.
+    ``done(results)``, when given, sees each periodic evaluation's results; True ends
+    the run at that step (a checkpoint is written and the run counts as completed).
+    A run that completes writes ``run_dir/metrics.png``. Returns a ``LoopResult``.
+
+    Under torchrun every rank calls it; the model is sharded in place during the run
+    and handed back with its full parameters on every rank, for evaluation and saving
+    (it stays FSDP-managed: it cannot be handed to the loop a second time).
 
     Raises:
         TrainingDiverged: ``max_bad_steps`` steps in a row with a non-finite loss or
             gradient norm; the model is left as after the last good step and the last
             checkpoint on disk is untouched.
+        ConfigError: ``autocast=float16``, bfloat16 autocast over low-precision
+            parameters, ``gradient_checkpointing`` on a model without it, or a
+            ``grad_accum_steps`` that is not a multiple of the number of processes.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    autocast = autocast_dtype(config, device)
+    world = distributed.world(device)
+    _check_share(config, world)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / METRICS_FILE
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    if config.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    root = None
+    if world.size > 1:
+        root = distributed.shard_model(model, loss_fn, device, world.size)
+        trained, compute_loss = root, _call_root
+    else:
+        trained, compute_loss = model, loss_fn
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the shards
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -344,40 +653,55 @@ def train_loop(
         ),
     )
 
+    say = (lambda text: print(text, file=sys.stderr)) if world.is_main else (lambda text: None)
     step, position, checkpoint = 0, 0, None
     if config.resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
-            print(f"fastpo: resume=true but {run_dir} holds no checkpoint; starting from step 0", file=sys.stderr)
+            say(f"fastpo: resume=true but {run_dir} holds no checkpoint; starting from step 0")
         else:
-            state = _load_checkpoint(checkpoint, model, optimizer, scheduler)
+            state = _load_checkpoint(checkpoint, model, optimizer, scheduler, world)
             step, position = state["step"], state["data_position"]
-            _set_rng_states(state["rng"])
+            # A checkpoint of fewer processes restores rank 0's states on the ranks it lacks.
+            rng = state["rng"]
+            _set_rng_states(rng[world.rank] if world.rank < len(rng) else rng[0])
             if state.get("stream") is not None:
                 batches.load_state_dict(state["stream"])
-            print(f"fastpo: resumed from {checkpoint} (step {step})", file=sys.stderr)
-    last_record = {}
-    if step == 0:
-        metrics_path.write_text("")  # a fresh run does not append to an older run's log
-    else:
-        _truncate_metrics(metrics_path, step)
-        logged = metrics_path.read_text().splitlines()
-        last_record = json.loads(logged[-1]) if logged else {}
+            say(f"fastpo: resumed from {checkpoint} (step {step})")
+    if world.is_main:
+        if step == 0:
+            metrics_path.write_text("")  # a fresh run does not append to an older run's log
+        else:
+            _truncate_metrics(metrics_path, step)
+    world.barrier()  # the log is settled before any rank reads it
+    logged = metrics_path.read_text().splitlines() if step else []
+    last_record = json.loads(logged[-1]) if logged else {}
 
     model.train()
     stream = batches(position)
-    progress = _Progress(config.steps, step, config.log_every)
+    progress = _Progress(config.steps, step, config.log_every, shown=world.is_main)
+    tensorboard = _TensorBoard(run_dir, step) if world.is_main else None
     bad_in_row, skipped, interrupted = 0, 0, False
     try:
-        with _StopRequest() as stop, metrics_path.open("a") as log:
+        with _StopRequest() as stop, contextlib.ExitStack() as files:
+            log = files.enter_context(metrics_path.open("a")) if world.is_main else None
+
+            def write(record: dict) -> None:
+                if log is not None:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    tensorboard.write(record)
+
             while step < config.steps:
                 started = time.perf_counter()
                 group = [next(stream) for _ in range(config.grad_accum_steps)]
                 position += len(group)
                 optimizer.zero_grad(set_to_none=True)
-                loss_sum, metric_means, total_units = accumulate_gradients(model, loss_fn, group)
+                loss_sum, metric_means, total_units = accumulate_gradients(
+                    trained, compute_loss, group[world.rank :: world.size], world=world, autocast=autocast
+                )
                 max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                grad_norm = _grad_norm(params, max_norm)
                 lr = scheduler.get_last_lr()[0]
                 step += 1
                 record = {"step": step, "lr": lr}
@@ -395,36 +719,50 @@ def train_loop(
                     what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
                     # null rather than NaN: metrics.jsonl stays standard JSON.
                     record.update(skipped=f"non-finite {what}", loss=None, grad_norm=None)
-                    print(f"fastpo: step {step}: non-finite {what}; step skipped", file=sys.stderr)
+                    say(f"fastpo: step {step}: non-finite {what}; step skipped")
                 scheduler.step()
                 record["step_time_s"] = time.perf_counter() - started
                 if bad_in_row >= config.max_bad_steps:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    write(record)
                     kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written"
                     raise TrainingDiverged(
                         f"{bad_in_row} steps in a row (up to step {step}) had a non-finite loss or gradient; "
                         f"stopping ({kept}). Lower learning_rate or check the data."
                     )
                 evaluating = evaluate is not None and config.eval_every and step % config.eval_every == 0
+                finished_early = False
                 if evaluating and step < config.steps:
-                    record.update({f"eval/{k}": v for k, v in evaluate(model).items()})
+                    # Every rank evaluates the full model (the same numbers); rank 0 logs them.
+                    with distributed.full_parameters(root) if root is not None else contextlib.nullcontext():
+                        results = evaluate(model)
+                    record.update({f"eval/{k}": v for k, v in results.items()})
+                    finished_early = done is not None and done(results)
                     model.train()
                 if step % config.log_every == 0 or step == config.steps or evaluating or "skipped" in record:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    write(record)
                 last_record = record
                 progress.update(step, record)
+                # The ranks may get a signal at different steps; they stop at the same one.
+                stopping = world.any(stop.signal is not None)
                 saving = (config.save_every and step % config.save_every == 0) or step == config.steps
-                if stop.signal is not None or saving:
+                if stopping or saving or finished_early:
                     if bad_in_row == 0:  # never replace a good checkpoint by a skipped step's state
                         checkpoint = _save_checkpoint(
-                            run_dir, step, model, tokenizer, optimizer, scheduler, position, batches
+                            run_dir, step, model, tokenizer, optimizer, scheduler, position, batches, world
                         )
-                    if stop.signal is not None:
+                    if stopping:
                         interrupted = True
-                        print(f"fastpo: stopped at step {step}; checkpoint {checkpoint}", file=sys.stderr)
+                        say(f"fastpo: stopped at step {step}; checkpoint {checkpoint}")
+                        break
+                    if finished_early:
+                        say(f"fastpo: the run's target is reached at step {step}; checkpoint {checkpoint}")
                         break
     finally:
         progress.close()
+        if tensorboard is not None:
+            tensorboard.close()
+    if root is not None:
+        distributed.unshard_all(root)
+    if world.is_main and not interrupted:
+        write_metrics_plot(metrics_path, run_dir / METRICS_PLOT)
     return LoopResult(step, interrupted, last_record, checkpoint, skipped)

@@ -39,13 +39,16 @@ from .loop import METRICS_FILE
 
 __all__ = ["IMPLEMENTED", "train"]
 
-IMPLEMENTED = ("sft", "reward", "dpo", "ipo", "kto", "grpo")
+IMPLEMENTED = ("sft", "reward", "dpo", "ipo", "kto", "grpo", "ppo", "trpo", "rlaif")
 
 
 def _algorithm_module(algorithm: str):
-    from .algorithms import dpo, grpo, ipo, kto, reward, sft
+    from .algorithms import dpo, grpo, ipo, kto, ppo, reward, rlaif, sft, trpo
 
-    return {"sft": sft, "reward": reward, "dpo": dpo, "ipo": ipo, "kto": kto, "grpo": grpo}[algorithm]
+    return {
+        "sft": sft, "reward": reward, "dpo": dpo, "ipo": ipo, "kto": kto, "grpo": grpo, "ppo": ppo, "trpo": trpo,
+        "rlaif": rlaif,
+    }[algorithm]
 
 
 def train(algorithm: str, config: BaseConfig | dict | None = None) -> dict:
@@ -54,7 +57,7 @@ def train(algorithm: str, config: BaseConfig | dict | None = None) -> dict:
 
     Raises:
         ConfigError: unknown algorithm, or a bad option (see ``config.py``).
-        NotImplementedError: an option not implemented yet (sft's packing).
+        NotImplementedError: an option this model or setup does not support.
         fastpo.engine.loop.TrainingDiverged: too many non-finite steps in a row.
     """
     started = time.perf_counter()

@@ -66,9 +66,58 @@ def test_sft_on_the_builtin_task_reduces_the_loss(tmp_path):
     assert (tmp_path / "config.yaml").is_file()
 
 
-def test_sft_packing_is_not_implemented_yet(tmp_path):
-    with pytest.raises(NotImplementedError, match="packing"):
-        train("sft", {"packing": True, "output_dir": str(tmp_path)})
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_logprobs_equal_the_unpacked_rows(attention):
+    from fastpo.engine.algorithms.sft import pack_rows, packed_logprobs
+
+    model, tokenizer = load_causal_lm("builtin:tiny", seed=3)
+    model.set_attn_implementation(attention)
+    prompts, completions = ["12+34=", "7+8=", "99+1=", "5+5=", "10+90=", "3+4="], ["46", "15", "100", "10", "100", "7"]
+    rows = encode_responses(tokenizer, prompts, completions, max_length=64)
+    lengths = rows["attention_mask"].sum(dim=1).tolist()
+    assert lengths == [10, 8, 10, 8, 11, 7]  # bos, prompt, completion, eos
+    packed = pack_rows(rows, max_length=28, pad_token_id=tokenizer.pad_token_id)
+    # First fit in order: rows 0, 1, 2 fill the first sequence (28 tokens), rows 3, 4, 5
+    # the second (26 tokens and 2 of padding, segment -1).
+    assert packed["input_ids"].shape == (2, 28)
+    assert packed["segments"].tolist() == [[0] * 10 + [1] * 8 + [2] * 10, [0] * 8 + [1] * 11 + [2] * 7 + [-1] * 2]
+    assert packed["position_ids"][1].tolist() == [*range(8), *range(11), *range(7), 0, 0]
+    assert packed["input_ids"][1, -2:].tolist() == [tokenizer.pad_token_id] * 2
+    unpacked = response_logprobs(model, rows["input_ids"], rows["attention_mask"], rows["labels"])
+    got = packed_logprobs(model, packed)
+    starts = {0: (0, 0), 1: (0, 10), 2: (0, 18), 3: (1, 0), 4: (1, 8), 5: (1, 19)}  # row: (sequence, offset)
+    for row, (sequence, offset) in starts.items():
+        n = lengths[row]
+        assert packed["labels"][sequence, offset : offset + n].tolist() == rows["labels"][row, :n].tolist()
+        torch.testing.assert_close(got[sequence, offset : offset + n], unpacked[row, :n], rtol=1e-5, atol=1e-5)
+    assert int((packed["labels"] != IGNORE_INDEX).sum()) == int((rows["labels"] != IGNORE_INDEX).sum())
+
+
+def test_a_packed_row_ignores_the_rows_before_it():
+    """Changing the first row of a packed sequence leaves the second row's log-probs as
+    they are (the block-diagonal mask), and the second row starts at position 0."""
+    from fastpo.engine.algorithms.sft import pack_rows, packed_logprobs
+
+    model, tokenizer = load_causal_lm("builtin:tiny", seed=3)
+    first = pack_rows(encode_responses(tokenizer, ["1+1=", "12+34="], ["2", "46"], 64), 64, tokenizer.pad_token_id)
+    other = pack_rows(encode_responses(tokenizer, ["9+9=", "12+34="], ["18", "46"], 64), 64, tokenizer.pad_token_id)
+    assert first["input_ids"].shape[0] == other["input_ids"].shape[0] == 1
+    tail_first, tail_other = packed_logprobs(model, first)[0, -10:], packed_logprobs(model, other)[0, -10:]
+    assert tail_first.abs().sum() > 0
+    torch.testing.assert_close(tail_first, tail_other, rtol=1e-5, atol=1e-5)
+
+
+def test_sft_with_packing_learns_a_data_file(tmp_path):
+    rows = [{"prompt": f"say {w}:", "completion": w} for w in ("yes", "no", "maybe", "ok")] * 4
+    path = tmp_path / "words.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = train("sft", {**QUICK, "packing": True, "steps": 40, "batch_size": 16, "learning_rate": 1e-2,
+                            "data": str(path), "eval_data": str(path), "output_dir": str(tmp_path / "run")})
+    records = [json.loads(line) for line in open(summary["metrics_file"])]
+    # The unit is still the completion token: 4 rows of each word, its letters and eos.
+    assert records[0]["units"] == 4 * (4 + 3 + 6 + 3)
+    assert summary["heldout_accuracy_before"] == 0.0
+    assert summary["heldout_accuracy_after"] == 1.0  # four memorized answers
 
 
 def test_dpo_learns_a_small_preference_set(tmp_path):
@@ -107,6 +156,69 @@ def test_dpo_rejects_label_smoothing_where_the_loss_has_none(tmp_path):
         train("dpo", {"loss_type": "hinge", "label_smoothing": 0.1, "output_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="label_smoothing.*< 0.5"):
         train("dpo", {"loss_type": "robust", "label_smoothing": 0.5, "output_dir": str(tmp_path)})
+
+
+def _ranked_file(path, n, k=3):
+    rows = AdditionTask(seed=5).rankings(n, k=k)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path), rows
+
+
+def _hand_sequence_logprob(model, tokenizer, prompt, response):
+    """log p(response + eos | bos + prompt) in float64 from the model's full logits."""
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt + response, add_special_tokens=False)]
+    ids.append(tokenizer.eos_token_id)
+    start = 1 + len(tokenizer.encode(prompt, add_special_tokens=False))  # first response token
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    return sum(float(logp[t - 1, ids[t]]) for t in range(start, len(ids)))
+
+
+def test_dpo_plackett_luce_losses_by_hand(tmp_path):
+    """Ranked rows train with the Plackett-Luce loss: step 1's loss is log K! (policy ==
+    reference), step 2's is recomputed here in float64 from the step-1 checkpoint and
+    the initial model (the frozen reference)."""
+    from transformers import AutoModelForCausalLM
+
+    data, rows = _ranked_file(tmp_path / "ranked.jsonl", n=4)  # one batch holds every row
+    beta = 0.5
+    summary = train("dpo", {**QUICK, "data": data, "eval_data": data, "batch_size": 4, "steps": 2, "beta": beta,
+                            "learning_rate": 3e-3, "save_every": 1, "output_dir": str(tmp_path / "run")})
+    losses = _losses(summary)
+    assert losses[0] == pytest.approx(math.log(6), abs=1e-5)  # -log(1/3) - log(1/2), K = 3
+    reference, tokenizer = load_causal_lm("builtin:tiny", seed=0)
+    policy = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run/checkpoints/step-00000001/model")).double()
+    reference = reference.double()
+    want = 0.0
+    for row in rows:
+        h = [beta * (_hand_sequence_logprob(policy, tokenizer, row["prompt"], r)
+                     - _hand_sequence_logprob(reference, tokenizer, row["prompt"], r)) for r in row["responses"]]
+        # -sum_k log(exp(h_k) / sum_{j >= k} exp(h_j)), over every position but the last
+        want += sum(math.log(sum(math.exp(x) for x in h[k:])) - h[k] for k in range(len(h) - 1))
+    assert losses[1] != pytest.approx(losses[0], abs=1e-3)  # the policy moved
+    assert losses[1] == pytest.approx(want / len(rows), rel=1e-4)
+    # The held-out pairs of ranked eval rows: 3 ordered pairs per row, all tied before training.
+    assert summary["preference_accuracy_before"] == 0.5
+
+
+def test_dpo_learns_a_small_ranked_set(tmp_path):
+    data, _ = _ranked_file(tmp_path / "ranked.jsonl", n=16)
+    summary = train("dpo", {**QUICK, "data": data, "eval_data": data, "steps": 20, "learning_rate": 3e-3,
+                            "beta": 0.5, "output_dir": str(tmp_path / "run")})
+    records = [json.loads(line) for line in open(summary["metrics_file"])]
+    assert records[-1]["reward_accuracy"] > 0.8 and records[-1]["reward_margin"] > 0
+    assert summary["preference_accuracy_after"] >= 0.8  # of the 48 ordered pairs
+
+
+def test_dpo_ranked_rows_take_only_the_plackett_luce_loss(tmp_path):
+    data, _ = _ranked_file(tmp_path / "ranked.jsonl", n=4)
+    with pytest.raises(ConfigError, match="'loss_type'.*hinge.*Plackett-Luce"):
+        train("dpo", {**QUICK, "data": data, "loss_type": "hinge", "output_dir": str(tmp_path / "run")})
+    ragged = tmp_path / "ragged.jsonl"
+    ragged.write_text(json.dumps({"prompt": "1+1=", "responses": ["2", "3"]}) + "\n"
+                      + json.dumps({"prompt": "1+2=", "responses": ["3", "4", "5"]}) + "\n")
+    with pytest.raises(ValueError, match="row 2: field 'responses' holds 3"):
+        train("dpo", {**QUICK, "data": str(ragged), "output_dir": str(tmp_path / "run")})
 
 
 def test_dpo_starts_from_an_sft_checkpoint(tmp_path):

@@ -31,9 +31,17 @@ def _non_default(value, tp):
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
         return next(choice for choice in typing.get_args(tp) if choice != value)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return [*value, _non_default(item(1), item)]
     if origin is not None:  # X | None: a value of X
         member = next(a for a in typing.get_args(tp) if a is not type(None))
-        return _non_default(value if value is not None else member(1), member)
+        if value is None:
+            kind = typing.get_origin(member)
+            if kind is typing.Literal:
+                return typing.get_args(member)[0]
+            value = [] if kind is list else member(1)
+        return _non_default(value, member)
     if tp is bool:
         return not value
     if tp is str:
@@ -51,6 +59,19 @@ def test_yaml_round_trip_of_every_option(algorithm, tmp_path):
         assert getattr(config, name) == value, name
     save_yaml(config, tmp_path / "run.yaml")
     assert load_config(algorithm, tmp_path / "run.yaml") == config
+
+
+def test_list_options_take_comma_separated_overrides_and_yaml_lists(tmp_path):
+    config = load_config("grpo", None, ["stop_strings=\\n, ;", "reward_weights=1,0.5", "rewards=builtin:addition,m:f"])
+    assert config.stop_strings == ["\\n", ";"] and config.reward_weights == [1.0, 0.5]
+    assert config.rewards == ["builtin:addition", "m:f"]
+    assert load_config("grpo", None, ["stop_strings="]).stop_strings == []
+    (tmp_path / "c.yaml").write_text("reward_weights: [2, 3.5]\n")
+    assert load_config("grpo", tmp_path / "c.yaml").reward_weights == [2.0, 3.5]
+    with pytest.raises(ConfigError, match=r"'reward_weights\[1\]': got 'x'.*expected float"):
+        load_config("grpo", None, ["reward_weights=1,x"])
+    with pytest.raises(ConfigError, match="'stop_strings': got 3"):
+        from_dict(ALGORITHMS["grpo"], {"stop_strings": 3})
 
 
 def test_sources_apply_in_order_and_strings_are_coerced(tmp_path):
@@ -150,16 +171,17 @@ def test_help_lists_every_option_with_type_default_and_doc(algorithm, capsys):
         doc = f.metadata["doc"]
         assert doc and "\n" not in doc, f.name
         default = getattr(defaults, f.name)
-        shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        if isinstance(default, list):
+            shown = ",".join(str(v) for v in default)
+        else:
+            shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
         assert f"  {f.name} (" in text and f"default: {shown})" in text and doc in text, f.name
 
 
-def test_cli_fails_clearly_for_unimplemented_options_and_bad_options(tmp_path, capsys):
+def test_cli_fails_clearly_for_bad_options(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("steps: 3\n")
     assert cli.main(["kto", "--config", str(tmp_path / "c.yaml"), "batch_size=1"]) == 2
     assert "option 'batch_size': got 1; kto needs at least 2" in capsys.readouterr().err
-    assert cli.main(["sft", "--config", str(tmp_path / "c.yaml"), "packing=true"]) == 1
-    assert "packing=true is not implemented yet" in capsys.readouterr().err
     assert cli.main(["dpo", "bta=0.2"]) == 2
     assert "did you mean 'beta'" in capsys.readouterr().err
     assert cli.main(["dop"]) == 2
@@ -170,9 +192,7 @@ def test_cli_fails_clearly_for_unimplemented_options_and_bad_options(tmp_path, c
     assert "algorithms: sft, reward, dpo, ipo, kto" in capsys.readouterr().out
 
 
-def test_train_validates_then_raises_not_implemented():
-    with pytest.raises(NotImplementedError, match="packing=true is not implemented yet"):
-        train("sft", {"packing": True})
+def test_train_validates_its_config():
     bad = DPOConfig()
     bad.steps = "many"
     with pytest.raises(ConfigError, match="'steps'"):

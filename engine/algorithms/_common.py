@@ -4,6 +4,7 @@ exact-match accuracy."""
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -11,10 +12,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..config import ConfigError, save_yaml
+from ..config import ConfigError
 from ..data import load_dataset
 from ..forward import greedy_completions
-from ..loop import latest_checkpoint, train_loop
+from ..distributed import resolve_device
+from ..loop import train_loop, write_run_config
 from ..models import BUILTIN_MODELS, load_causal_lm
 from ..task import AdditionTask
 
@@ -35,8 +37,11 @@ __all__ = [
 
 BUILTIN_DATA = "builtin:addition"
 HELDOUT_SIZE = 200  # held-out problems evaluated before and after training
-DEFAULT_WARM_START_STEPS = 600  # builtin:tiny reaches 15-30% held-out exact match
+DEFAULT_WARM_START_STEPS = 1500  # the cap; the accuracy target usually ends it at 300-800
 WARM_START_DIR = "warm_start"
+WARM_START_DONE = "done.json"  # written when the warm start finished: the cache's marker
+WARM_START_PROMPTS = 200
+WARM_START_CHECK_EVERY = 50
 MAX_BUILTIN_ROWS = 20_000  # built-in training rows at most; the stream cycles over them
 _DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,14 +54,8 @@ def prepare_run(algorithm: str, config, load_model: Callable = load_causal_lm):
     trains something else, as reward does)."""
     run_dir = Path(config.output_dir.replace("{algorithm}", algorithm))
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, run_dir / "config.yaml")
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(config.device)
-        except RuntimeError:
-            raise ConfigError(f"option 'device': got {config.device!r}; expected auto, cpu, cuda or cuda:N") from None
+    device = resolve_device(config.device)  # under torchrun: this rank's device, process group started
+    write_run_config(config, run_dir, device)  # checks a resumed run's config against the old one first
     model, tokenizer = load_model(config.model, seed=config.seed, dtype=_DTYPES[config.dtype])
     model = model.to(device)
     steps = warm_start_steps(algorithm, config)
@@ -66,10 +65,10 @@ def prepare_run(algorithm: str, config, load_model: Callable = load_causal_lm):
 
 
 def warm_start_steps(algorithm: str, config) -> int:
-    """The SFT steps that precede ``algorithm``'s run: ``config.warm_start_steps``, or
-    when it is none ``DEFAULT_WARM_START_STEPS`` for the built-in model on the built-in
-    task (a random model has nothing for preference or RL training to sharpen) and 0
-    otherwise. Always 0 for sft itself."""
+    """The most SFT steps that precede ``algorithm``'s run: ``config.warm_start_steps``,
+    or when it is none ``DEFAULT_WARM_START_STEPS`` for the built-in model on the
+    built-in task (a random model has nothing for preference or RL training to sharpen)
+    and 0 otherwise. Always 0 for sft itself."""
     if algorithm == "sft":
         if config.warm_start_steps:
             raise ConfigError("option 'warm_start_steps': sft is the warm start; leave it none or 0")
@@ -82,7 +81,16 @@ def warm_start_steps(algorithm: str, config) -> int:
 
 def _warm_start_checkpoint(config, run_dir: Path, steps: int) -> Path:
     """The SFT checkpoint of the warm start, trained on the built-in task unless
-    ``run_dir/warm_start`` already holds one made with the same settings."""
+    ``run_dir/warm_start`` already holds a finished one made with the same settings.
+
+    The warm start runs until greedy exact match on ``WARM_START_PROMPTS`` training
+    prompts reaches ``config.warm_start_accuracy`` (checked every
+    ``WARM_START_CHECK_EVERY`` steps) or ``steps`` steps pass, at a constant learning
+    rate. A target rather than a step count: how many steps SFT needs to reach a given
+    accuracy varies several-fold with the seed, and what follows (preference or RL
+    training) needs a policy that is right sometimes, not always. Training prompts, so
+    the held-out split stays unseen by every decision of the run.
+    """
     from ..config import SFTConfig, load_config
     from . import sft
 
@@ -92,22 +100,32 @@ def _warm_start_checkpoint(config, run_dir: Path, steps: int) -> Path:
             f"and data is {config.data!r}; warm-start with `fastpo sft` on your data and pass model=PATH"
         )
     folder = run_dir / WARM_START_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    check_rows = folder / "check_prompts.jsonl"
     sft_config = SFTConfig(
         model=config.model, seed=config.seed, device=config.device, dtype=config.dtype,
         max_length=config.max_length, steps=steps, batch_size=64, learning_rate=2e-3, warmup_steps=20,
-        eval_every=0, output_dir=str(folder),
+        lr_schedule="constant", eval_every=WARM_START_CHECK_EVERY, eval_data=str(check_rows),
+        target_accuracy=config.warm_start_accuracy, output_dir=str(folder),
     )
-    checkpoint = latest_checkpoint(folder)
-    cached = (
-        checkpoint is not None
-        and checkpoint.name == f"step-{steps:08d}"
-        and load_config("sft", folder / "config.yaml") == sft_config
-    )
-    if cached:
+    finished = folder / WARM_START_DONE
+    if finished.is_file() and load_config("sft", folder / "config.yaml") == sft_config:
+        checkpoint = Path(json.loads(finished.read_text())["checkpoint"])
         print(f"fastpo: warm start: reusing {checkpoint}", file=sys.stderr)
-    else:
-        print(f"fastpo: warm start: {steps} SFT steps on the built-in task, saved in {folder}", file=sys.stderr)
-        checkpoint = sft.run(sft_config)["result"].checkpoint
+        return checkpoint
+    finished.unlink(missing_ok=True)
+    rows = builtin_task(config).sft_examples(WARM_START_PROMPTS, "train")
+    check_rows.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    print(
+        f"fastpo: warm start: SFT on the built-in task until {config.warm_start_accuracy:.0%} exact match "
+        f"on {WARM_START_PROMPTS} training prompts (at most {steps} steps), saved in {folder}",
+        file=sys.stderr,
+    )
+    outcome = sft.run(sft_config)
+    if outcome["result"].interrupted:
+        raise KeyboardInterrupt("the warm start was interrupted; run again to redo it")
+    checkpoint = outcome["result"].checkpoint
+    finished.write_text(json.dumps({"checkpoint": str(checkpoint), **outcome["metrics"]}) + "\n")
     return checkpoint
 
 
@@ -135,7 +153,9 @@ def training_rows(algorithm: str, config, schema: str) -> list[dict]:
     built-in task's train split, one row per example the run consumes (at most
     ``MAX_BUILTIN_ROWS``)."""
     if config.data == BUILTIN_DATA:
-        needed = config.steps * config.grad_accum_steps * config.batch_size
+        # Online runs draw prompts_per_rollout prompts per rollout, at most one rollout a step.
+        per_step = getattr(config, "prompts_per_rollout", config.grad_accum_steps * config.batch_size)
+        needed = config.steps * per_step
         return builtin_task(config).rows(schema, min(needed, MAX_BUILTIN_ROWS), "train")
     if config.data.startswith("builtin:"):
         raise ConfigError(f"option 'data': got {config.data!r}; expected {BUILTIN_DATA} or a .jsonl/.parquet file")
@@ -201,14 +221,16 @@ def exact_match_accuracy(model, tokenizer, rows: list[dict]) -> float:
     return correct / len(rows)
 
 
-def train_and_evaluate(model, tokenizer, config, loss_fn: Callable, batches, run_dir, evaluate: Callable) -> dict:
+def train_and_evaluate(
+    model, tokenizer, config, loss_fn: Callable, batches, run_dir, evaluate: Callable, done: Callable | None = None
+) -> dict:
     """Evaluate, train with the shared loop (which also evaluates periodically), and
     evaluate again unless the run was interrupted: the algorithm module's ``run`` result
     (``metrics`` with ``<name>_before`` / ``<name>_after`` for each of ``evaluate``'s
     metrics, ``result``, ``run_dir``)."""
     before = evaluate(model)
     result = train_loop(model=model, tokenizer=tokenizer, config=config, loss_fn=loss_fn,
-                        batches=batches, run_dir=run_dir, evaluate=evaluate)
+                        batches=batches, run_dir=run_dir, evaluate=evaluate, done=done)
     metrics = {f"{name}_before": value for name, value in before.items()}
     if not result.interrupted:
         metrics.update({f"{name}_after": value for name, value in evaluate(model).items()})

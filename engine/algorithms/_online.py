@@ -13,16 +13,25 @@ RNG, which the loop's checkpoints hold too: a resumed run draws the same samples
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterator
 
 import torch
 
 from ..config import ConfigError
 from ..forward import greedy_completions
+from ..loop import autocast_dtype
 from ..rollout import Rollout, reward_function, sample_completions
 from ._common import BUILTIN_DATA, exact_match_accuracy, heldout_rows, micro_batches, training_rows
 
-__all__ = ["RolloutStream", "OnlineRun", "check_rollout_shape", "split_micro_batches"]
+__all__ = [
+    "OnlineRun",
+    "RolloutStream",
+    "check_rollout_shape",
+    "per_completion_metrics",
+    "split_micro_batches",
+    "training_precision",
+]
 
 
 class RolloutStream:
@@ -121,6 +130,14 @@ class OnlineRun:
         prompts = [row["prompt"] for row in self.eval_rows]
         completions = greedy_completions(model, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens)
         return {"heldout_reward": float(self.rewards(prompts, completions, self.eval_rows).mean())}
+
+
+def training_precision(config, device: torch.device):
+    """The ``torch.autocast`` context the loop runs ``loss_fn`` under (a null context
+    without autocast): stored old and reference log-probs must be computed in the same
+    precision as the training forward, or the first pass's ratio is not 1."""
+    dtype = autocast_dtype(config, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def per_completion_metrics(values: dict[str, torch.Tensor]) -> dict[str, tuple]:

@@ -37,7 +37,14 @@ from fastpo.kernels.policy import PRESET_AGG
 from ..config import GRPOConfig
 from ..forward import response_logprobs
 from ._common import prepare_run, train_and_evaluate
-from ._online import OnlineRun, RolloutStream, check_rollout_shape, per_completion_metrics, split_micro_batches
+from ._online import (
+    OnlineRun,
+    RolloutStream,
+    check_rollout_shape,
+    per_completion_metrics,
+    split_micro_batches,
+    training_precision,
+)
 
 __all__ = ["run"]
 
@@ -80,7 +87,7 @@ def run(config: GRPOConfig) -> dict:
             "rollout_logprobs": rollout.rollout_logprobs,
             **{f"metric/{k}": v for k, v in online.rollout_metrics(rollout, rewards).items()},
         }
-        with torch.no_grad():
+        with torch.no_grad(), training_precision(config, device):
             if store_old:
                 tensors["old_logprobs"] = logprobs_of(model, tensors).cpu()
                 tensors["mismatch"] = (tensors["old_logprobs"] - rollout.rollout_logprobs).abs() * rollout.mask

@@ -19,7 +19,7 @@ from __future__ import annotations
 from fastpo.kernels import ipo_loss
 
 from ..config import IPOConfig
-from ._pairs import train_on_pairs
+from ._pairs import preference_data, train_on_pairs
 
 __all__ = ["run"]
 
@@ -28,4 +28,4 @@ def run(config: IPOConfig) -> dict:
     def pair_loss(chosen, rejected, ref_chosen, ref_rejected):
         return ipo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=config.beta)
 
-    return train_on_pairs("ipo", config, pair_loss)
+    return train_on_pairs("ipo", config, preference_data("ipo", config), pair_loss)

@@ -33,11 +33,9 @@ import torch
 from fastpo.kernels import bradley_terry_loss, ranking_loss
 
 from ..config import ConfigError, RewardConfig
-from ..data import load_dataset
-from ..forward import encode_responses
 from ..models import load_causal_lm
-from ._common import heldout_rows, micro_batches, prepare_run, train_and_evaluate, training_rows
-from ._pairs import encode_pairs, ranked_first
+from ._common import micro_batches, prepare_run, train_and_evaluate
+from ._pairs import encode_pairs, encode_rankings, ordered_share, preference_data, preference_eval_data, ranked_first
 
 __all__ = ["load_reward_model", "reward_scores", "run"]
 
@@ -91,51 +89,23 @@ def reward_scores(model, batch) -> torch.Tensor:
     return model.score(hidden[torch.arange(hidden.shape[0], device=device), last]).squeeze(-1).float()
 
 
-def _ranked_pairs(rows: list[dict]) -> list[dict]:
-    """Every ordered pair (better, worse) of ranked rows, as pairwise rows."""
-    return [
-        {"prompt": row["prompt"], "chosen": better, "rejected": worse}
-        for row in rows
-        for i, better in enumerate(row["responses"])
-        for worse in row["responses"][i + 1 :]
-    ]
-
-
-def _training_data(config: RewardConfig) -> tuple[str, list[dict]]:
-    if config.data.startswith("builtin:"):
-        return "pairwise", training_rows("reward", config, "pairwise")
-    schema, rows = load_dataset(config.data, "reward")
+def run(config: RewardConfig) -> dict:
+    schema, rows = preference_data("reward", config)
     if schema == "ranked":
         if not config.ranking:
             raise ConfigError(f"option 'ranking': is false, but {config.data} holds ranked rows (prompt, responses)")
         if config.margin or config.center_coef:
             raise ConfigError("options 'margin' and 'center_coef' apply to pairs only; set them to 0 for ranked rows")
-        k = len(rows[0]["responses"])
-        for number, row in enumerate(rows, start=1):
-            if len(row["responses"]) != k:
-                raise ValueError(
-                    f"{config.data}: row {number}: field 'responses' holds {len(row['responses'])} responses; "
-                    f"every row must hold as many as the first ({k})"
-                )
-    return schema, rows
-
-
-def run(config: RewardConfig) -> dict:
-    schema, rows = _training_data(config)
-    if config.eval_data is None:
-        eval_pairs = heldout_rows("reward", config, "pairwise")
-    else:
-        eval_schema, eval_rows = load_dataset(config.eval_data, "reward")
-        eval_pairs = _ranked_pairs(eval_rows) if eval_schema == "ranked" else eval_rows
+    eval_pairs, _ = preference_eval_data("reward", config)
     run_dir, model, tokenizer, _ = prepare_run("reward", config, load_model=load_reward_model)
 
     def collate(batch_rows):
         if schema == "pairwise":
             batch = encode_pairs(tokenizer, batch_rows, config.max_length)
-        else:  # row i's K responses are rows i*K .. i*K + K-1
-            prompts = [r["prompt"] for r in batch_rows for _ in r["responses"]]
-            responses = [response for r in batch_rows for response in r["responses"]]
-            batch = encode_responses(tokenizer, prompts, responses, config.max_length)
+        else:
+            batch = encode_rankings(
+                tokenizer, [r["prompt"] for r in batch_rows], [r["responses"] for r in batch_rows], config.max_length
+            )
         batch["num_units"] = len(batch_rows)
         return batch
 
@@ -149,11 +119,8 @@ def run(config: RewardConfig) -> dict:
                 "reward_margin": (chosen - rejected).sum(),
             }
         ranked = scores.view(batch["num_units"], -1)
-        better, worse = torch.triu_indices(ranked.shape[1], ranked.shape[1], offset=1, device=ranked.device)
         # reward_accuracy: per row, the share of its ordered pairs that the scores order.
-        return ranking_loss(ranked).sum(), {
-            "reward_accuracy": ranked_first(ranked[:, better], ranked[:, worse]).mean(dim=1).sum(),
-        }
+        return ranking_loss(ranked).sum(), {"reward_accuracy": ordered_share(ranked.detach()).sum()}
 
     @torch.no_grad()
     def evaluate(model):

@@ -1,0 +1,247 @@
+"""RL from AI feedback: a judge model labels pairs of the policy's own samples, and the
+labelled pairs train the policy.
+
+1. Policy: ``model``, warm-started as every algorithm is (``warm_start_steps``).
+2. Judge: ``judge``, a local causal LM checkpoint folder; or, when none, on
+   ``builtin:addition`` a ``builtin:tiny`` judge trained by fastpo's ``sft`` on the task's
+   own judgement rows: every preference pair of the task's train split shown in both
+   orders, ``judge_template`` filled with the problem and the two answers (``"Q:
+   12+34=? A: 46 B: 47. Better:"``), the completion the label of the correct answer
+   (``"A"`` or ``"B"``). It is cached in ``output_dir/judge`` and reused while its
+   config and rows are unchanged; its ``heldout_accuracy`` is the share of the task's
+   held-out judgement rows it answers right (greedy, one order per row).
+3. Labels: two responses sampled from the policy (``temperature``, ``max_new_tokens``)
+   for each of ``num_prompts`` prompts. The judge's preference for a shown order is its
+   next-token distribution after the judge prompt restricted to the two labels
+   (``softmax`` of their two logits). Response ``x`` beats ``y`` with probability
+   ``p = 0.5 * (P("A" | x shown as A) + P("B" | x shown as B))``: averaging both
+   presentation orders cancels the judge's position bias, and ``p(x, y) = 1 - p(y, x)``
+   exactly, so the label does not depend on which response was sampled first. A pair is
+   labelled ``chosen = x`` when ``p > 0.5`` and ``y`` when ``p < 0.5``; pairs of two
+   identical responses, and exact ties, are dropped. The labelled pairs are written to
+   ``output_dir/pairs.jsonl`` (``prompt``, ``chosen``, ``rejected``, and
+   ``judge_probability``, the ``p`` of the chosen response).
+4. Training, from the sampling policy (saved as ``output_dir/policy``), with this
+   config's loop options (``steps``, ``batch_size``, ``learning_rate``, ...):
+   ``then=dpo``: ``fastpo dpo`` on the pairs (``beta`` its beta), in ``output_dir/dpo``;
+   ``then=reward+ppo``: ``fastpo reward`` on the pairs (``reward_steps`` steps, its own
+   defaults otherwise) in ``output_dir/reward``, then ``fastpo ppo`` on the prompts of
+   ``data`` with that reward model as its reward (``beta`` its KL coefficient) in
+   ``output_dir/ppo``.
+
+The result is the training stage's (its folder is the ``run_dir`` reported, where
+``metrics.jsonl`` and the checkpoints are), plus ``labelled_pairs``, ``identical_pairs``
+and, on the built-in task, ``judge_agreement``: among the labelled pairs with exactly one
+correct response, the share whose chosen response is the correct one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import BaseConfig, ConfigError, DPOConfig, PPOConfig, RewardConfig, RLAIFConfig, SFTConfig, load_config
+from ..loop import latest_checkpoint
+from ..models import BUILTIN_MODELS, load_causal_lm
+from ..rollout import sample_completions
+from ..task import AdditionTask
+from ._common import BUILTIN_DATA, MAX_BUILTIN_ROWS, builtin_task, prepare_run, training_rows
+
+__all__ = ["JUDGE_LABELS", "builtin_judge", "judge_preferences", "judgement_rows", "label_probabilities", "run"]
+
+JUDGE_LABELS = ("A", "B")  # the label of the response shown first, and of the second
+JUDGE_DIR = "judge"
+PAIRS_FILE = "pairs.jsonl"
+_JUDGE_BATCH = 64  # rows per SFT micro-batch of the built-in judge, and per judge forward
+_JUDGE_HELDOUT_PAIRS = 100  # held-out pairs, both orders, of the built-in judge's evaluation
+_SAMPLE_BATCH = 64  # prompts per sampling call
+
+
+def run(config: RLAIFConfig) -> dict:
+    for field in ("{prompt}", "{a}", "{b}"):
+        if field not in config.judge_template:
+            raise ConfigError(f"option 'judge_template': got {config.judge_template!r}, which lacks {field}")
+    if config.judge is None and config.data != BUILTIN_DATA:
+        raise ConfigError(
+            f"option 'judge': none trains the built-in judge on {BUILTIN_DATA}, but data is {config.data!r}; "
+            "give a judge checkpoint folder"
+        )
+    run_dir, policy, tokenizer, device = prepare_run("rlaif", config)
+    judge_dir = Path(config.judge) if config.judge is not None else builtin_judge(config, run_dir)
+    judge, judge_tokenizer = load_causal_lm(str(judge_dir))
+    judge = judge.to(device).eval()
+
+    rows = (
+        builtin_task(config).rows("prompt", config.num_prompts, "train")
+        if config.data == BUILTIN_DATA
+        else training_rows("rlaif", config, "prompt")[: config.num_prompts]
+    )
+    prompts, first, second = _sample_pairs(policy, tokenizer, rows, config)
+    preference, _, _ = judge_preferences(judge, judge_tokenizer, config.judge_template, prompts, first, second)
+    pairs = [
+        {"prompt": p, "chosen": x if q > 0.5 else y, "rejected": y if q > 0.5 else x, "judge_probability": max(q, 1 - q)}
+        for p, x, y, q in zip(prompts, first, second, preference.tolist())
+        if x != y and q != 0.5
+    ]
+    if not pairs:
+        raise ValueError("rlaif: the judge labelled no pair (every pair of responses was identical or a tie)")
+    pairs_path = run_dir / PAIRS_FILE
+    pairs_path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    labelling = {"labelled_pairs": len(pairs), "identical_pairs": sum(x == y for x, y in zip(first, second))}
+    if config.data == BUILTIN_DATA:
+        agreement = _verifier_agreement(pairs)
+        if agreement is not None:
+            labelling["judge_agreement"] = agreement
+    print(f"fastpo: rlaif: {labelling}; pairs in {pairs_path}", file=sys.stderr)
+
+    policy_dir = run_dir / "policy"
+    policy.save_pretrained(policy_dir)
+    tokenizer.save_pretrained(policy_dir)
+    del judge, policy
+    outcome = _train(config, run_dir, policy_dir, pairs_path)
+    outcome["metrics"].update(labelling)
+    return outcome
+
+
+def _train(config: RLAIFConfig, run_dir: Path, policy_dir: Path, pairs_path: Path) -> dict:
+    """The training stage on the labelled pairs: the stage's ``run`` result."""
+    from . import dpo, ppo, reward
+
+    # The loop options of this config are the training stage's; it starts from the saved policy.
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(BaseConfig)}
+    shared.update(model=str(policy_dir), warm_start_steps=0)
+    if config.then == "dpo":
+        return dpo.run(DPOConfig(**{**shared, "data": str(pairs_path), "output_dir": str(run_dir / "dpo")}, beta=config.beta))
+    reward_config = RewardConfig(
+        model=str(policy_dir), data=str(pairs_path), output_dir=str(run_dir / "reward"), warm_start_steps=0,
+        steps=config.reward_steps, batch_size=config.batch_size, eval_every=0, seed=config.seed, device=config.device,
+        dtype=config.dtype, autocast=config.autocast, max_length=config.max_length,
+    )
+    reward_outcome = reward.run(reward_config)
+    reward_dir = reward_outcome["result"].checkpoint / "model"
+    outcome = ppo.run(PPOConfig(
+        **{**shared, "output_dir": str(run_dir / "ppo")}, rewards=[str(reward_dir)], beta=config.beta,
+        temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+    ))
+    outcome["metrics"].update({f"reward_model_{k}": v for k, v in reward_outcome["metrics"].items()})
+    return outcome
+
+
+def _sample_pairs(policy, tokenizer, rows: list[dict], config) -> tuple[list[str], list[str], list[str]]:
+    """``(prompts, first, second)``: two sampled responses per row's prompt."""
+    prompts, first, second = [], [], []
+    for start in range(0, len(rows), _SAMPLE_BATCH):
+        batch = [row["prompt"] for row in rows[start : start + _SAMPLE_BATCH]]
+        rollout = sample_completions(
+            policy, tokenizer, [p for p in batch for _ in range(2)], temperature=config.temperature,
+            max_new_tokens=config.max_new_tokens, max_length=config.max_length,
+        )
+        prompts += batch
+        first += rollout.completions[0::2]
+        second += rollout.completions[1::2]
+    return prompts, first, second
+
+
+def _verifier_agreement(pairs: list[dict]) -> float | None:
+    """Among ``pairs`` with exactly one correct response, the share whose chosen one is
+    correct; None when there is no such pair."""
+    decided = [
+        (AdditionTask.verify(pair["prompt"], pair["chosen"]), AdditionTask.verify(pair["prompt"], pair["rejected"]))
+        for pair in pairs
+    ]
+    decided = [chosen for chosen, rejected in decided if chosen != rejected]
+    return sum(decided) / len(decided) if decided else None
+
+
+@torch.no_grad()
+def label_probabilities(judge, tokenizer, texts: list[str]) -> torch.Tensor:
+    """``(n,)`` float32: for each judge prompt, the judge's probability of ``"A"`` over
+    ``"B"`` as the next token (``softmax`` of the two labels' logits), read at the
+    prompt's last token (``[bos] text``, right-padded, as in training)."""
+    label_ids = [tokenizer.encode(label, add_special_tokens=False) for label in JUDGE_LABELS]
+    if any(len(ids) != 1 for ids in label_ids):
+        raise ValueError(f"the judge's tokenizer must encode each of {JUDGE_LABELS} as one token, got {label_ids}")
+    label_ids = torch.tensor([ids[0] for ids in label_ids])
+    device = next(judge.parameters()).device
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    probabilities = []
+    for start in range(0, len(texts), _JUDGE_BATCH):
+        encoded = [bos + tokenizer.encode(text, add_special_tokens=False) for text in texts[start : start + _JUDGE_BATCH]]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in encoded], device=device)
+        attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in encoded], device=device)
+        logits = judge(input_ids=input_ids, attention_mask=attention_mask).logits
+        last = attention_mask.sum(dim=1) - 1
+        pair = logits[torch.arange(len(encoded), device=device), last][:, label_ids.to(device)].float()
+        probabilities.append(pair.softmax(dim=-1)[:, 0].cpu())
+    return torch.cat(probabilities)
+
+
+def judge_preferences(judge, tokenizer, template: str, prompts: list[str], first: list[str], second: list[str]):
+    """``(p, first_shown_first, first_shown_second)``, each ``(n,)``: ``p`` the debiased
+    probability that ``first`` beats ``second``, the mean of the two raw ones,
+    ``first_shown_first = P("A")`` with ``first`` shown as A and ``first_shown_second =
+    P("B")`` with ``first`` shown as B."""
+    first_shown_first = label_probabilities(
+        judge, tokenizer, [template.format(prompt=p, a=x, b=y) for p, x, y in zip(prompts, first, second)]
+    )
+    first_shown_second = 1 - label_probabilities(
+        judge, tokenizer, [template.format(prompt=p, a=y, b=x) for p, x, y in zip(prompts, first, second)]
+    )
+    return 0.5 * (first_shown_first + first_shown_second), first_shown_first, first_shown_second
+
+
+def judgement_rows(pairs: list[dict], template: str) -> list[dict]:
+    """SFT rows ``{"prompt", "completion"}`` of a judge: each preference pair in both
+    orders, the completion the label of the chosen response."""
+    rows = []
+    for pair in pairs:
+        rows.append({"prompt": template.format(prompt=pair["prompt"], a=pair["chosen"], b=pair["rejected"]),
+                     "completion": JUDGE_LABELS[0]})
+        rows.append({"prompt": template.format(prompt=pair["prompt"], a=pair["rejected"], b=pair["chosen"]),
+                     "completion": JUDGE_LABELS[1]})
+    return rows
+
+
+def builtin_judge(config: RLAIFConfig, run_dir: Path) -> Path:
+    """The model folder of the built-in judge: ``judge_steps`` SFT steps of
+    ``builtin:tiny`` on the task's judgement rows, trained unless ``run_dir/judge``
+    already holds one made with the same settings and rows."""
+    from . import sft
+
+    folder = run_dir / JUDGE_DIR
+    task = builtin_task(config)
+    pairs = min(config.judge_steps * _JUDGE_BATCH // 2, MAX_BUILTIN_ROWS)
+    files = {
+        folder / "judgements.jsonl": judgement_rows(task.preference_pairs(pairs, "train"), config.judge_template),
+        folder / "judgements_heldout.jsonl": judgement_rows(
+            task.preference_pairs(_JUDGE_HELDOUT_PAIRS, "heldout"), config.judge_template
+        ),
+    }
+    texts = {path: "".join(json.dumps(row) + "\n" for row in rows) for path, rows in files.items()}
+    sft_config = SFTConfig(
+        model=BUILTIN_MODELS[0], data=str(folder / "judgements.jsonl"), eval_data=str(folder / "judgements_heldout.jsonl"),
+        seed=config.seed, device=config.device, dtype=config.dtype, max_length=config.max_length,
+        steps=config.judge_steps, batch_size=_JUDGE_BATCH, learning_rate=2e-3, warmup_steps=20, eval_every=0,
+        output_dir=str(folder),
+    )
+    checkpoint = latest_checkpoint(folder)
+    cached = (
+        checkpoint is not None
+        and checkpoint.name == f"step-{config.judge_steps:08d}"
+        and load_config("sft", folder / "config.yaml") == sft_config
+        and all(path.is_file() and path.read_text() == text for path, text in texts.items())
+    )
+    if cached:
+        print(f"fastpo: rlaif: reusing the judge {checkpoint}", file=sys.stderr)
+        return checkpoint / "model"
+    print(f"fastpo: rlaif: training the judge ({config.judge_steps} SFT steps) in {folder}", file=sys.stderr)
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, text in texts.items():
+        path.write_text(text)
+    return sft.run(sft_config)["result"].checkpoint / "model"

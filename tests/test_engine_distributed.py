@@ -1,0 +1,111 @@
+"""The shared loop under ``torchrun --nproc-per-node 2`` on the CPU (gloo, FSDP2): the
+same config trains the same model as one process, checkpoints are plain Hugging Face
+folders, and resume works under two processes and across process counts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastpo.engine import train
+
+# device=cpu: two gloo processes on the CPU, also on a machine with one GPU.
+RUN = {"steps": 4, "batch_size": 4, "grad_accum_steps": 2, "warmup_steps": 1, "learning_rate": 3e-3,
+       "log_every": 1, "eval_every": 2, "save_every": 2, "warm_start_steps": 0, "device": "cpu"}
+
+# Run under torchrun: train, then (as if the run had died before its step-4 checkpoint
+# landed) resume with two processes, then try a grad_accum_steps two ranks cannot share.
+WORKER = """
+import json, shutil, sys
+from pathlib import Path
+import torch.distributed as dist
+from fastpo.engine import ConfigError, train
+
+config = json.loads(sys.argv[1])
+run_dir = Path(config["output_dir"])
+train("sft", config)
+if dist.get_rank() == 0:
+    shutil.copy(run_dir / "metrics.jsonl", run_dir / "first.jsonl")
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000004")
+dist.barrier()
+train("sft", {**config, "resume": True})
+try:
+    train("sft", {**config, "grad_accum_steps": 3, "output_dir": str(run_dir / "odd")})
+except ConfigError as error:  # raised on every rank, before any training
+    if dist.get_rank() == 0:
+        (run_dir / "refused.txt").write_text(str(error))
+"""
+
+
+def _records(path):
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for record in records:
+        record.pop("step_time_s")
+    return records
+
+
+def _assert_same_records(got, want):
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys(), a["step"]
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def _weights(run_dir, step=4):
+    return load_file(run_dir / "checkpoints" / f"step-{step:08d}" / "model" / "model.safetensors")
+
+
+def _assert_same_weights(got, want):
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_resume(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    eval_file = tmp_path / "heldout.jsonl"
+    eval_file.write_text('{"prompt": "12+34=", "completion": "46"}\n{"prompt": "1+2=", "completion": "3"}\n')
+    config = {**RUN, "eval_data": str(eval_file)}
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    two = tmp_path / "two"
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), json.dumps({**config, "output_dir": str(two)})],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-5000:]
+
+    one = tmp_path / "one"
+    train("sft", {**config, "output_dir": str(one)})
+    want = _records(one / "metrics.jsonl")
+    assert [r["step"] for r in want] == [1, 2, 3, 4] and "eval/heldout_accuracy" in want[1]
+
+    # Same per-step loss, gradient norm, units and evaluation; rank 0 alone wrote the log.
+    _assert_same_records(_records(two / "first.jsonl"), want)
+    _assert_same_weights(_weights(two), _weights(one))
+    # The resumed two-process run continued from step 2 to the same end.
+    _assert_same_records(_records(two / "metrics.jsonl"), want)
+    _assert_same_weights(_weights(two), _weights(one))
+    assert (two / "metrics.png").is_file()
+    refused = (two / "refused.txt").read_text()
+    assert refused.startswith("option 'grad_accum_steps': got 3, which 2 processes cannot share")
+
+    # The checkpoint is a normal Hugging Face folder ...
+    model = AutoModelForCausalLM.from_pretrained(two / "checkpoints" / "step-00000004" / "model")
+    torch.testing.assert_close(model.lm_head.weight, _weights(one)["lm_head.weight"], rtol=1e-5, atol=1e-6)
+    # ... and one process resumes a two-process run's step-2 checkpoint.
+    for extra in ("metrics.png", "first.jsonl", "refused.txt"):
+        (two / extra).unlink()
+    (two / "checkpoints" / "step-00000004" / "trainer_state.pt").unlink()
+    resumed = train("sft", {**config, "output_dir": str(two), "resume": True})
+    assert resumed["steps"] == 4 and resumed["checkpoint"].endswith("step-00000004")
+    _assert_same_records(_records(two / "metrics.jsonl"), want)
+    _assert_same_weights(_weights(two), _weights(one))

@@ -1,0 +1,177 @@
+"""fastpo trpo: conjugate gradient, the exact KL-Hessian-vector product, the trust-region
+line search (against references computed independently, in float64) and learning."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fastpo.engine.algorithms import trpo
+from fastpo.engine.config import ConfigError, TRPOConfig
+from fastpo.engine.forward import IGNORE_INDEX, encode_responses
+from fastpo.engine.runner import train
+from fastpo.engine.task import AdditionTask
+from fastpo.engine.tokenizer import build_char_tokenizer
+
+DIGIT_REWARD = "test_engine_trpo:digit_reward"
+QUICK = {"warm_start_steps": 0, "prompts_per_rollout": 4, "num_generations": 4, "batch_size": 8,
+         "max_new_tokens": 4, "log_every": 1, "eval_every": 0}
+
+
+def digit_reward(prompts, completions, **_):
+    """A reward that a random model's completions already vary in."""
+    return [sum(c.isdigit() for c in completion) / 4 for completion in completions]
+
+
+def _small_model(seed=0):
+    """A 1-layer GPT-2 of width 8 on the character tokenizer, in float64 throughout (Llama's
+    RMSNorm computes in float32, too coarse for a float64 reference)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_char_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=8, n_layer=1, n_head=2, n_positions=64,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).double().eval(), tokenizer
+
+
+def _chunk(tokenizer, advantages):
+    """One rollout chunk of four completions of different lengths."""
+    batch = encode_responses(tokenizer, ["1+2=", "12+34=", "5+5=", "9+0="], ["3", "46", "10x", "9"], 32)
+    mask = batch["labels"] != IGNORE_INDEX
+    per_token = torch.tensor(advantages, dtype=torch.float64)[:, None].expand(mask.shape)[mask]
+    return {**batch, "mask": mask, "targets": batch["labels"][mask], "advantages": per_token}
+
+
+def _reference_logits(model, chunk, temperature):
+    """Float64 logits / T at the completion tokens, from the model's own forward."""
+    logits = model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"]).logits
+    return logits[chunk["mask"]] / temperature
+
+
+def _reference_kl(old_logits, new_logits):
+    """Mean over tokens of KL(softmax(old) || softmax(new)), written out."""
+    p = torch.softmax(old_logits, -1)
+    return (p * (torch.log(p) - torch.log_softmax(new_logits, -1))).sum(-1).mean()
+
+
+def test_conjugate_gradient_solves_a_known_spd_system():
+    generator = torch.Generator().manual_seed(0)
+    m = torch.randn(12, 12, dtype=torch.float64, generator=generator)
+    a = m @ m.T + 0.5 * torch.eye(12, dtype=torch.float64)
+    b = torch.randn(12, dtype=torch.float64, generator=generator)
+    x = trpo.conjugate_gradient(lambda v: a @ v, b, 12)
+    torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-8, atol=1e-8)
+    # A diagonal matrix with 3 distinct eigenvalues: exact after 3 iterations.
+    d = torch.tensor([1.0, 1.0, 4.0, 4.0, 9.0], dtype=torch.float64)
+    torch.testing.assert_close(trpo.conjugate_gradient(lambda v: d * v, b[:5], 3), b[:5] / d)
+
+
+def test_kl_hessian_vector_product_matches_the_explicit_hessian():
+    model, tokenizer = _small_model()
+    temperature = 0.7
+    chunk = _chunk(tokenizer, [1.0, -1.0, 0.5, 0.0])
+    with torch.no_grad():
+        old_logits = trpo.completion_logits(model, chunk)
+        reference_old = _reference_logits(model, chunk, temperature)
+        # Away from theta_old the KL's Hessian is not the Fisher matrix: its second-order term counts.
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    names = ["transformer.ln_f.weight", "transformer.h.0.ln_1.weight", "transformer.h.0.attn.c_attn.weight"]
+    named = dict(model.named_parameters())
+    params = [named[name] for name in names]
+    for name, parameter in named.items():
+        parameter.requires_grad_(name in names)
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def kl_of(vector):
+        pieces = dict(zip(names, (piece.view_as(p) for piece, p in zip(vector.split([p.numel() for p in params]), params))))
+        new = functional_call(model, pieces, kwargs={"input_ids": chunk["input_ids"],
+                                                     "attention_mask": chunk["attention_mask"]}).logits
+        return _reference_kl(reference_old, new[chunk["mask"]] / temperature)
+
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention has no second derivative
+        hessian = torch.autograd.functional.hessian(kl_of, flat)
+    product = trpo.kl_hessian_product(model, params, [chunk], [old_logits], temperature)
+    for seed in range(3):
+        vector = torch.randn(flat.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(product(vector), hessian @ vector, rtol=1e-9, atol=1e-12)
+
+
+def test_an_accepted_update_keeps_the_measured_kl_and_improves_the_surrogate():
+    model, tokenizer = _small_model(seed=1)
+    chunk = _chunk(tokenizer, [1.0, -1.0, 0.5, -0.5])
+    config = TRPOConfig(max_kl=0.005, temperature=0.9)
+    old = copy.deepcopy(model)
+    stats, surrogate = trpo.trpo_update(model, [chunk], config)
+    assert stats["accepted"] == 1.0
+    with torch.no_grad():
+        old_logits = _reference_logits(old, chunk, config.temperature)
+        new_logits = _reference_logits(model, chunk, config.temperature)
+        targets = chunk["targets"][:, None]
+        ratio = torch.exp(new_logits.log_softmax(-1).gather(-1, targets) - old_logits.log_softmax(-1).gather(-1, targets))
+        new_surrogate = float((ratio.squeeze(-1) * chunk["advantages"]).mean())
+        old_surrogate = float(chunk["advantages"].mean())
+        kl = float(_reference_kl(old_logits, new_logits))
+    assert 0 < kl <= config.max_kl and stats["kl"] == pytest.approx(kl, rel=1e-5)
+    assert new_surrogate > old_surrogate
+    assert stats["surrogate_improvement"] == pytest.approx(new_surrogate - old_surrogate, rel=1e-5)
+    assert surrogate == pytest.approx(new_surrogate, rel=1e-6)
+
+
+def test_zero_advantages_make_no_step():
+    model, tokenizer = _small_model()
+    before = copy.deepcopy(model.state_dict())
+    stats, _ = trpo.trpo_update(model, [_chunk(tokenizer, [0.0, 0.0, 0.0, 0.0])], TRPOConfig())
+    assert stats == {"surrogate_improvement": 0.0, "kl": 0.0, "accepted": 0.0, "backtracks": 0.0}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_every_logged_accepted_step_keeps_the_trust_region(tmp_path):
+    max_kl = 0.01
+    train("trpo", {**QUICK, "steps": 3, "max_kl": max_kl, "rewards": [DIGIT_REWARD], "output_dir": str(tmp_path)})
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert {"surrogate_improvement", "kl", "accepted", "backtracks", "reward"} <= set(record)
+        assert record["grad_norm"] == 0.0  # the loop's AdamW got no gradient
+        if record["accepted"]:
+            assert 0 < record["kl"] <= max_kl and record["surrogate_improvement"] > 0
+        else:
+            assert record["kl"] == 0 and record["surrogate_improvement"] == 0
+    assert any(record["accepted"] for record in records)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"grad_accum_steps": 2}, "option 'grad_accum_steps': got 2"),
+    ({"num_iterations": 2}, "option 'num_iterations': got 2"),
+    ({"backtrack_factor": 1.0}, "option 'backtrack_factor': got 1.0"),
+    ({"weight_decay": 0.1}, "option 'weight_decay': got 0.1"),
+])
+def test_bad_options_name_the_option_and_value(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        train("trpo", {**QUICK, **override, "output_dir": str(tmp_path)})
+
+
+@pytest.mark.slow
+def test_trpo_raises_the_training_reward_from_a_warm_start(tmp_path):
+    # Sixteen built-in training prompts, the same in every rollout. The warm start (20 SFT
+    # steps on their answers, passed as the model) answers most of them right greedily
+    # but samples few right answers at temperature 1: the reward TRPO raises.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in AdditionTask().sft_examples(16, "train")))
+    sft = train("sft", {"data": str(prompts), "eval_data": str(prompts), "steps": 20, "batch_size": 16,
+                        "learning_rate": 2e-3, "warmup_steps": 5, "eval_every": 0, "output_dir": str(tmp_path / "sft")})
+    result = train("trpo", {
+        "model": sft["checkpoint"] + "/model", "data": str(prompts), "eval_data": str(prompts), "steps": 8,
+        "prompts_per_rollout": 16, "num_generations": 4, "max_new_tokens": 4, "max_kl": 0.02, "log_every": 1,
+        "eval_every": 0, "output_dir": str(tmp_path / "trpo"),
+    })
+    records = [json.loads(line) for line in (tmp_path / "trpo" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [record["reward"] for record in records]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+    assert result["heldout_reward_after"] >= result["heldout_reward_before"]
