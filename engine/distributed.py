@@ -36,6 +36,7 @@ __all__ = [
     "LossModule",
     "World",
     "full_parameters",
+    "launched_world",
     "load_full_model_state",
     "load_optimizer_state",
     "model_state",
@@ -90,7 +91,7 @@ class World:
             torch.distributed.barrier()
 
 
-def _launched_world() -> tuple[int, int, int]:
+def launched_world() -> tuple[int, int, int]:
     """``(rank, world_size, local_rank)`` from torchrun's environment variables."""
     try:
         return tuple(int(os.environ.get(name, default)) for name, default in
@@ -106,7 +107,7 @@ def world(device: torch.device) -> World:
     """This process's ``World`` training on ``device``; under torchrun (``WORLD_SIZE`` >
     1) the process group is started on first use, nccl when ``device`` is CUDA and gloo
     otherwise."""
-    rank, size, _ = _launched_world()
+    rank, size, _ = launched_world()
     if size == 1:
         return World(device=device)
     if not torch.distributed.is_initialized():
@@ -125,7 +126,7 @@ def resolve_device(name: str) -> torch.device:
     """The device of option ``device`` for this process, starting the process group
     under torchrun. ``auto`` is CUDA when available, else the CPU; under torchrun
     ``cuda`` and ``auto`` mean ``cuda:LOCAL_RANK``, one GPU per process."""
-    _, size, local_rank = _launched_world()
+    _, size, local_rank = launched_world()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:

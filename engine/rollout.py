@@ -7,7 +7,8 @@ the samples laid out exactly as ``forward.encode_responses`` lays out training r
 reads the sampled tokens themselves, never a re-tokenization of their text.
 
 The rollout log-prob of a sampled token is ``log_softmax(logits / temperature)`` at that
-token, from the raw logits ``generate`` saw: the temperature is applied as in the
+token, recorded step by step as ``generate`` samples (never the whole ``(B, steps, V)``
+logits), from the logits its temperature starts from: the temperature is applied as in the
 training forward (``linear_token_logprobs(..., temperature=)``), and top-p/top-k are
 not (their truncation changes which tokens can be drawn, not the policy whose ratio the
 loss takes; vLLM's and verl's default logprobs are the same quantity). The two can then
@@ -87,6 +88,34 @@ def _cut_at_stop(text: str, stop_strings: list[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
+class _SampledTokenLogprobs:
+    """A ``generate`` logits processor that records ``log_softmax(logits / T)`` of each
+    sampled token without keeping the ``(B, steps, V)`` logits (``output_logits`` would:
+    hundreds of GB for a real rollout on a 150k vocabulary). Custom processors run
+    before ``generate``'s temperature, top-k and top-p, so it sees the logits those
+    start from; the token sampled at one step is the last input id of the next call."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def _record(self, sampled: torch.Tensor) -> None:
+        self.steps.append(self.previous.gather(-1, sampled[:, None]).squeeze(-1))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self._record(input_ids[:, -1])
+        self.previous = (scores.float() / self.temperature).log_softmax(-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor, generated: int) -> torch.Tensor:
+        """``(B, generated)`` float32 log-probs of the sampled tokens."""
+        if len(self.steps) < generated:
+            self._record(sequences[:, -1])
+        return torch.stack(self.steps, dim=1).cpu()
+
+
 @torch.no_grad()
 def sample_completions(
     model,
@@ -129,9 +158,13 @@ def sample_completions(
         )
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-    out = model.generate(
+    from transformers import LogitsProcessorList
+
+    recorder = _SampledTokenLogprobs(temperature)
+    sequences = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
+        logits_processor=LogitsProcessorList([recorder]),
         do_sample=True,
         temperature=temperature,
         top_p=top_p,
@@ -141,14 +174,10 @@ def sample_completions(
         tokenizer=tokenizer if stop_strings else None,
         pad_token_id=pad,
         eos_token_id=eos,
-        output_logits=True,
-        return_dict_in_generate=True,
     )
     model.train(was_training)
-    sampled = out.sequences[:, width:].cpu()
-    # (B, steps) log-probs of the sampled tokens under the tempered raw logits.
-    logits = torch.stack(out.logits, dim=1).float().cpu() / temperature
-    token_logprobs = logits.log_softmax(-1).gather(-1, sampled[:, : logits.shape[1], None]).squeeze(-1)
+    sampled = sequences[:, width:].cpu()
+    token_logprobs = recorder.finish(sequences, sampled.shape[1])
 
     rows, row_logprobs, texts, truncated = [], [], [], []
     for i, ids in enumerate(encoded):

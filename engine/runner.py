@@ -1,7 +1,8 @@
 """``train``: the Python entry point of every algorithm.
 
-Every algorithm of ``config.ALGORITHMS`` trains: ``sft``, ``reward``, ``dpo``, ``ipo`` and
-``kto``, each one module of ``engine/algorithms``.
+Every algorithm of ``config.ALGORITHMS`` trains, each one module of ``engine/algorithms``:
+the offline ``sft``, ``reward``, ``dpo``, ``ipo``, ``kto`` and the online ``grpo``,
+``ppo``, ``trpo``, ``rlaif``.
 
 The final metrics (returned, and printed as one JSON line on stdout):
 
@@ -15,10 +16,15 @@ steps                          optimizer steps done, skipped ones included
 skipped_steps                  steps skipped in this session for a non-finite loss
 loss                           training loss of the last step (per unit: completion
                                token for sft, pair for dpo and ipo, example for kto,
-                               pair or ranked row for reward)
+                               pair or ranked row for reward; completion token or
+                               completion for grpo (by its aggregation), completion
+                               token for ppo)
 heldout_accuracy_before/after  exact-match accuracy of greedy answers on the held-out
                                prompts (``_after`` absent when interrupted); not for
-                               reward (a reward model does not generate)
+                               reward (a reward model does not generate); for the
+                               online algorithms on a data file with eval_data:
+                               ``heldout_reward_before/after`` instead, the mean
+                               reward of the greedy completions
 preference_accuracy_before/    share of held-out pairs ranked chosen first (ties count
 after                          1/2): by the implicit reward ``beta*(lp - lp_ref)`` for
                                dpo, ipo and kto, by the score for reward
@@ -35,6 +41,7 @@ import json
 import time
 
 from .config import BaseConfig, ConfigError, config_class, from_dict
+from .distributed import launched_world
 from .loop import METRICS_FILE
 
 __all__ = ["IMPLEMENTED", "train"]
@@ -85,5 +92,6 @@ def train(algorithm: str, config: BaseConfig | dict | None = None) -> dict:
         "metrics_file": str(outcome["run_dir"] / METRICS_FILE),
         "checkpoint": None if result.checkpoint is None else str(result.checkpoint),
     }
-    print(json.dumps(summary), flush=True)
+    if launched_world()[0] == 0:  # under torchrun every rank returns it; rank 0 prints it
+        print(json.dumps(summary), flush=True)
     return summary

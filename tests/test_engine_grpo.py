@@ -162,3 +162,14 @@ def test_warm_start_stops_at_its_target_and_is_cached(tmp_path, capsys):
     # A different target is a different warm start.
     train("grpo", {**run, "warm_start_accuracy": 0.01, "warm_start_steps": 50})
     assert "warm start: SFT on the built-in task" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_grpo_raises_heldout_accuracy_on_the_builtin_task(tmp_path):
+    # The main job's defaults, shortened: the accuracy-targeted warm start, then 150
+    # GRPO steps instead of 500. Measured (seeds 0, 1): +27 and +30 points at step 150.
+    summary = train("grpo", {"steps": 150, "eval_every": 0, "output_dir": str(tmp_path)})
+    assert 0.2 <= summary["heldout_accuracy_before"] <= 0.6  # the warm start's target region
+    assert summary["heldout_accuracy_after"] >= summary["heldout_accuracy_before"] + 0.1
+    rewards = [r["reward"] for r in _records(summary["metrics_file"])]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3  # log_every=10: steps 10-30 against 130-150

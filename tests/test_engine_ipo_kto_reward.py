@@ -202,6 +202,27 @@ def test_reward_resumes_from_its_checkpoint(tmp_path):
     assert _losses(resumed) == _losses(whole) and len(_losses(whole)) == 4
 
 
+def test_reward_takes_the_warm_starts_backbone(tmp_path):
+    """The warm start's SFT backbone goes into the reward model; its LM head does not,
+    and the score head starts at zero. With a zero head the backbone's first gradient
+    is exactly zero, so after one step the backbone still equals the warm start's."""
+    from safetensors.torch import load_file
+
+    from fastpo.engine.models import load_causal_lm
+
+    summary = train("reward", {**QUICK, "warm_start_steps": 3, "steps": 1, "output_dir": str(tmp_path)})
+    assert _losses(summary)[0] == pytest.approx(math.log(2), abs=1e-6)
+    warm = load_file(tmp_path / "warm_start/checkpoints/step-00000003/model/model.safetensors")
+    trained = load_file(summary["checkpoint"] + "/model/model.safetensors")
+    backbone = [key for key in warm if key.startswith("model.")]
+    assert backbone and sorted(backbone) == sorted(key for key in trained if key != "score.weight")
+    for key in backbone:
+        torch.testing.assert_close(trained[key], warm[key], rtol=0, atol=0)
+    untrained = load_causal_lm("builtin:tiny", seed=0)[0].state_dict()
+    assert not torch.equal(warm["model.embed_tokens.weight"], untrained["model.embed_tokens.weight"])
+    assert trained["score.weight"].abs().sum() > 0  # the head, and only the head, moved
+
+
 @pytest.fixture
 def qwen_checkpoint(tmp_path):
     """A Qwen2-style causal LM built from a config here (tied LM head, no download)."""

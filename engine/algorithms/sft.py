@@ -144,6 +144,7 @@ def run(config: SFTConfig) -> dict:
         return {"heldout_accuracy": exact_match_accuracy(model, tokenizer, eval_rows)}
 
     batches = micro_batches(rows, config.batch_size, config.seed, collate)
+
     def reached_target(results):
         return config.target_accuracy is not None and results["heldout_accuracy"] >= config.target_accuracy
 

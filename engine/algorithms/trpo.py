@@ -14,7 +14,9 @@ One optimizer step of the shared loop is one rollout and one TRPO update:
    full-vocabulary ``KL(pi_old || pi_theta)``. Products ``H v`` are exact: double backward
    through an eager KL of the float32 logits, because ``fastpo.kernels.logits_kl`` has
    no second derivative (and takes no gradient for its second distribution).
-   ``cg_iters`` steps of conjugate gradient give ``d ~ (H + cg_damping I)^-1 g``.
+   ``cg_iters`` steps of conjugate gradient give ``d ~ (H + cg_damping I)^-1 g``. The
+   KL's gradient is built once per update with its graph kept, so each product is one
+   backward pass; that graph holds the whole rollout's activations during the solve.
 4. Full step ``s = sqrt(2 max_kl / d^T (H + cg_damping I) d) d``: where the quadratic
    model of the KL reaches ``max_kl``.
 5. Line search: ``theta_old + backtrack_factor**k s`` for ``k = 0 .. line_search_tries-1``;
