@@ -145,6 +145,12 @@ class RewardConfig(BaseConfig):
     ranking: bool = option(
         True, "Train rows of K ranked responses with the K-wise ranking loss; false rejects them."
     )
+    head_init_std: float | None = option(
+        None,
+        "Std of a new score head's normal init; none: 1/sqrt(hidden size), scores of unit scale; "
+        "0: a zero head, every score 0 and every pair tied at the start.",
+        minimum=0,
+    )
 
 
 @dataclass
@@ -310,13 +316,6 @@ class RLAIFConfig(BaseConfig):
     judge_steps: int = option(1500, "SFT steps of the built-in judge.", positive=True)
     judge_template: str = option(
         "Q: {prompt}? A: {a} B: {b}. Better:", "Judge prompt; the judge's next token, A or B, names the better response."
-    )
-    judge_reasoning_tokens: int | None = option(
-        None, "Judge's working budget in tokens: it greedily writes up to this many tokens after the judge prompt, "
-        "cut after its first 'Better:' (appended when it writes none), and the label A or B is read next; 0: read the "
-        "label right after the prompt; none: 16 for the built-in judge (trained to write the correct answer first, "
-        "' 46. Better:A'), 0 for judge=PATH.",
-        minimum=0,
     )
     num_prompts: int = option(512, "Prompts whose two sampled responses the judge labels.", positive=True)
     temperature: float = option(1.0, "Sampling temperature of the two responses.", positive=True)

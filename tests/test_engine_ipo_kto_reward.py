@@ -118,14 +118,14 @@ def test_kto_rejects_bad_options(tmp_path, files):
 # ---------------------------------------------------------------- reward model
 
 
-def test_reward_first_loss_is_log_2_and_the_head_is_saved(tmp_path):
+def test_reward_with_a_zero_head_starts_at_log_2_and_saves_its_head(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from fastpo.engine.algorithms._pairs import encode_pairs
     from fastpo.engine.algorithms.reward import reward_scores
     from fastpo.engine.tokenizer import build_char_tokenizer
 
-    summary = train("reward", {**QUICK, "steps": 3, "output_dir": str(tmp_path)})
+    summary = train("reward", {**QUICK, "steps": 3, "head_init_std": 0, "output_dir": str(tmp_path)})
     # The new head is zero: every score is 0, -log sigmoid(0 - 0) = log 2, every pair ties.
     assert _losses(summary)[0] == pytest.approx(math.log(2), abs=1e-6)
     assert summary["preference_accuracy_before"] == 0.5 and "heldout_accuracy_before" not in summary
@@ -138,6 +138,26 @@ def test_reward_first_loss_is_log_2_and_the_head_is_saved(tmp_path):
     torch.testing.assert_close(reward_scores(model, batch), own, rtol=1e-5, atol=1e-6)
 
 
+def test_a_new_reward_head_gives_unit_scale_scores():
+    """The default head: normal(0, 1/sqrt(H)) from the seed, so the first scores are of
+    unit scale (not all 0: a zero head is a saddle of the pairwise loss); the global RNG
+    is left alone, and head_std=0 gives the zero head."""
+    from fastpo.engine.algorithms._pairs import encode_pairs
+    from fastpo.engine.algorithms.reward import load_reward_model, reward_scores
+
+    state = torch.get_rng_state()
+    model, tokenizer = load_reward_model("builtin:tiny", seed=1, head_std=None)
+    assert torch.equal(torch.get_rng_state(), state)
+    weight = model.score.weight.detach()
+    assert weight.shape == (1, 128) and 0.8 / 128**0.5 < float(weight.std()) < 1.2 / 128**0.5
+    assert torch.equal(load_reward_model("builtin:tiny", seed=1, head_std=None)[0].score.weight, weight)
+    assert not torch.equal(load_reward_model("builtin:tiny", seed=2, head_std=None)[0].score.weight, weight)
+    assert load_reward_model("builtin:tiny", seed=1)[0].score.weight.abs().max() == 0  # head_std=0
+    with torch.no_grad():
+        scores = reward_scores(model, encode_pairs(tokenizer, AdditionTask(seed=0).preference_pairs(64), 64))
+    assert 0.3 < float(scores.std()) < 3.0
+
+
 @pytest.mark.parametrize(
     "options, first_loss",
     [
@@ -147,7 +167,7 @@ def test_reward_first_loss_is_log_2_and_the_head_is_saved(tmp_path):
     ],
 )
 def test_reward_margin_and_centering(tmp_path, options, first_loss):
-    summary = train("reward", {**QUICK, "steps": 1, "output_dir": str(tmp_path), **options})
+    summary = train("reward", {**QUICK, "steps": 1, "head_init_std": 0, "output_dir": str(tmp_path), **options})
     assert _losses(summary)[0] == pytest.approx(first_loss, abs=1e-6)
 
 
@@ -161,7 +181,7 @@ def test_reward_learns_a_small_preference_set(tmp_path, files):
 
 def test_reward_ranking_loss_on_ranked_rows(tmp_path, files):
     summary = train("reward", {**QUICK, "data": files["ranked"], "eval_data": files["ranked"], "steps": 20,
-                               "learning_rate": 3e-3, "output_dir": str(tmp_path / "run")})
+                               "learning_rate": 3e-3, "head_init_std": 0, "output_dir": str(tmp_path / "run")})
     losses = _losses(summary)
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # mean over the 3 pairs of -log sigmoid(0)
     assert sum(losses[-3:]) / 3 < 0.9 * losses[0]
@@ -210,7 +230,8 @@ def test_reward_takes_the_warm_starts_backbone(tmp_path):
 
     from fastpo.engine.models import load_causal_lm
 
-    summary = train("reward", {**QUICK, "warm_start_steps": 3, "steps": 1, "output_dir": str(tmp_path)})
+    summary = train("reward", {**QUICK, "warm_start_steps": 3, "steps": 1, "head_init_std": 0,
+                               "output_dir": str(tmp_path)})
     assert _losses(summary)[0] == pytest.approx(math.log(2), abs=1e-6)
     warm = load_file(tmp_path / "warm_start/checkpoints/step-00000003/model/model.safetensors")
     trained = load_file(summary["checkpoint"] + "/model/model.safetensors")
@@ -242,18 +263,22 @@ def qwen_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "algorithm, first_loss",
-    [("ipo", 25.0), ("kto", 0.5), ("reward", math.log(2))],  # (1/(2*0.1))**2; 1 - sigmoid(0); -log sigmoid(0)
+    "algorithm, options, first_loss",
+    [  # (1/(2*0.1))**2; 1 - sigmoid(0); -log sigmoid(0) with a zero head
+        ("ipo", {}, 25.0), ("kto", {}, 0.5), ("reward", {"head_init_std": 0}, math.log(2)),
+    ],
 )
-def test_a_local_causal_checkpoint_trains(tmp_path, qwen_checkpoint, algorithm, first_loss):
-    summary = train(algorithm, {**QUICK, "steps": 2, "model": qwen_checkpoint, "output_dir": str(tmp_path / "run")})
+def test_a_local_causal_checkpoint_trains(tmp_path, qwen_checkpoint, algorithm, options, first_loss):
+    summary = train(algorithm, {**QUICK, "steps": 2, "model": qwen_checkpoint, "output_dir": str(tmp_path / "run"),
+                                **options})
     assert summary["status"] == "completed" and _losses(summary)[0] == pytest.approx(first_loss, abs=1e-4)
     assert summary["preference_accuracy_before"] == 0.5
 
 
 def test_reward_keeps_the_head_of_a_reward_checkpoint(tmp_path):
-    """Training a reward model from a reward checkpoint starts from its trained head."""
-    first = train("reward", {**QUICK, "steps": 3, "output_dir": str(tmp_path / "first")})
+    """Training a reward model from a reward checkpoint starts from its trained head (no
+    new head is drawn, whatever head_init_std says)."""
+    first = train("reward", {**QUICK, "steps": 3, "head_init_std": 0, "output_dir": str(tmp_path / "first")})
     again = train("reward", {**QUICK, "steps": 1, "model": first["checkpoint"] + "/model",
                              "output_dir": str(tmp_path / "again")})
     assert again["preference_accuracy_before"] == first["preference_accuracy_after"]

@@ -5,8 +5,13 @@ valid token (the eos after the response): a Hugging Face
 ``AutoModelForSequenceClassification`` with one label, so the checkpoint (head included)
 loads back with ``AutoModelForSequenceClassification.from_pretrained``. From
 ``builtin:tiny`` or a causal LM checkpoint the backbone is copied and the new head is
-initialized to zero: every score starts at 0, so the untrained model ranks every pair as
-a tie. A checkpoint that already holds a one-label head keeps it.
+drawn from a normal of std ``head_init_std``, by default ``1/sqrt(H)``: the last hidden
+state has unit RMS (the final norm), so the first scores are of unit scale. Not zero: a
+zero head is a saddle of the pairwise loss (the backbone gets no gradient until the
+head has grown, and the head alone has no feature to grow along), where the built-in
+task's reward model stayed at chance for hundreds of steps; with the unit-scale head it
+learns from the first steps. ``head_init_std=0`` gives the zero head (every score 0,
+every pair tied). A checkpoint that already holds a one-label head keeps it.
 
 Data decides the loss, whose unit is the row:
 
@@ -26,6 +31,7 @@ model does not generate, so there is no ``heldout_accuracy``.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import torch
@@ -42,10 +48,14 @@ __all__ = ["load_reward_model", "reward_scores", "run"]
 _EVAL_BATCH = 64  # pairs per forward pass in evaluation
 
 
-def load_reward_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+def load_reward_model(
+    name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, head_std: float | None = 0.0
+):
     """``(model, tokenizer)``: a one-label ``AutoModelForSequenceClassification`` on the
     backbone of ``name`` (``builtin:tiny``, a causal LM checkpoint, or a reward-model
-    checkpoint), a new head initialized to zero."""
+    checkpoint). A new head is drawn from ``normal(0, head_std)`` (none: ``1/sqrt(H)``)
+    by a generator seeded with ``seed``, zero with ``head_std=0``; the global RNG is left
+    untouched."""
     from transformers import AutoModelForSequenceClassification
 
     if name.startswith("builtin:"):
@@ -70,8 +80,11 @@ def load_reward_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.fl
     if not isinstance(getattr(model, "score", None), torch.nn.Linear):
         raise ValueError(f"{type(model).__name__} has no linear 'score' head; reward needs a causal LM backbone")
     if new_head:
+        std = model.config.hidden_size**-0.5 if head_std is None else head_std
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.randn(model.score.weight.shape, generator=generator) * std
         with torch.no_grad():
-            model.score.weight.zero_()
+            model.score.weight.copy_(weight)
             if model.score.bias is not None:
                 model.score.bias.zero_()
     return model, tokenizer
@@ -97,7 +110,8 @@ def run(config: RewardConfig) -> dict:
         if config.margin or config.center_coef:
             raise ConfigError("options 'margin' and 'center_coef' apply to pairs only; set them to 0 for ranked rows")
     eval_pairs, _ = preference_eval_data("reward", config)
-    run_dir, model, tokenizer, _ = prepare_run("reward", config, load_model=load_reward_model)
+    load_model = functools.partial(load_reward_model, head_std=config.head_init_std)
+    run_dir, model, tokenizer, _ = prepare_run("reward", config, load_model=load_model)
 
     def collate(batch_rows):
         if schema == "pairwise":

@@ -52,14 +52,9 @@ from ..rollout import sample_completions
 from ..task import AdditionTask
 from ._common import BUILTIN_DATA, MAX_BUILTIN_ROWS, builtin_task, prepare_run, training_rows
 
-__all__ = [
-    "JUDGE_CUE", "JUDGE_LABELS", "builtin_judge", "judge_preferences", "judge_reasoning_tokens", "judgement_rows",
-    "label_probabilities", "run", "worked_prompts",
-]
+__all__ = ["JUDGE_LABELS", "builtin_judge", "judge_preferences", "judgement_rows", "label_probabilities", "run"]
 
 JUDGE_LABELS = ("A", "B")  # the label of the response shown first, and of the second
-JUDGE_CUE = "Better:"  # the text after which a working judge's label is read
-BUILTIN_JUDGE_REASONING_TOKENS = 16  # the built-in judge's working budget: " 198. Better:" is 13 tokens
 JUDGE_DIR = "judge"
 PAIRS_FILE = "pairs.jsonl"
 _JUDGE_BATCH = 64  # rows per SFT micro-batch of the built-in judge, and per judge forward
@@ -87,9 +82,7 @@ def run(config: RLAIFConfig) -> dict:
         else training_rows("rlaif", config, "prompt")[: config.num_prompts]
     )
     prompts, first, second = _sample_pairs(policy, tokenizer, rows, config)
-    preference, _, _ = judge_preferences(
-        judge, judge_tokenizer, config.judge_template, prompts, first, second, judge_reasoning_tokens(config)
-    )
+    preference, _, _ = judge_preferences(judge, judge_tokenizer, config.judge_template, prompts, first, second)
     pairs = [
         {"prompt": p, "chosen": x if q > 0.5 else y, "rejected": y if q > 0.5 else x, "judge_probability": max(q, 1 - q)}
         for p, x, y, q in zip(prompts, first, second, preference.tolist())
@@ -113,14 +106,6 @@ def run(config: RLAIFConfig) -> dict:
     outcome = _train(config, run_dir, policy_dir, pairs_path)
     outcome["metrics"].update(labelling)
     return outcome
-
-
-def judge_reasoning_tokens(config: RLAIFConfig) -> int:
-    """The judge's working budget: ``judge_reasoning_tokens``, or when none
-    ``BUILTIN_JUDGE_REASONING_TOKENS`` for the built-in judge and 0 for ``judge=PATH``."""
-    if config.judge_reasoning_tokens is not None:
-        return config.judge_reasoning_tokens
-    return BUILTIN_JUDGE_REASONING_TOKENS if config.judge is None else 0
 
 
 def _train(config: RLAIFConfig, run_dir: Path, policy_dir: Path, pairs_path: Path) -> dict:
@@ -182,100 +167,45 @@ def label_probabilities(judge, tokenizer, texts: list[str]) -> torch.Tensor:
     if any(len(ids) != 1 for ids in label_ids):
         raise ValueError(f"the judge's tokenizer must encode each of {JUDGE_LABELS} as one token, got {label_ids}")
     label_ids = torch.tensor([ids[0] for ids in label_ids])
+    device = next(judge.parameters()).device
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     probabilities = []
     for start in range(0, len(texts), _JUDGE_BATCH):
-        encoded = [_encode(tokenizer, text) for text in texts[start : start + _JUDGE_BATCH]]
-        logits, last = _last_logits(judge, tokenizer, encoded)
-        probabilities.append(logits[:, label_ids.to(logits.device)].float().softmax(dim=-1)[:, 0].cpu())
+        encoded = [bos + tokenizer.encode(text, add_special_tokens=False) for text in texts[start : start + _JUDGE_BATCH]]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in encoded], device=device)
+        attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in encoded], device=device)
+        logits = judge(input_ids=input_ids, attention_mask=attention_mask).logits
+        last = attention_mask.sum(dim=1) - 1
+        pair = logits[torch.arange(len(encoded), device=device), last][:, label_ids.to(device)].float()
+        probabilities.append(pair.softmax(dim=-1)[:, 0].cpu())
     return torch.cat(probabilities)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer.encode(text, add_special_tokens=False)
-
-
-def _last_logits(judge, tokenizer, encoded: list[list[int]]):
-    """``(logits, last)``: the judge's next-token logits ``(n, vocab)`` after each of the
-    token lists (right-padded into one batch), and the index of each one's last token."""
-    device = next(judge.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in encoded], device=device)
-    attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in encoded], device=device)
-    logits = judge(input_ids=input_ids, attention_mask=attention_mask).logits
-    last = attention_mask.sum(dim=1) - 1
-    return logits[torch.arange(len(encoded), device=device), last], last
-
-
-@torch.no_grad()
-def worked_prompts(judge, tokenizer, texts: list[str], budget: int) -> list[str]:
-    """Each judge prompt followed by the judge's own working: its greedy continuation of at
-    most ``budget`` tokens, cut just after the first ``JUDGE_CUE`` (``"Better:"``); a
-    continuation that writes no cue within the budget is kept whole (trailing spaces
-    removed) and ``" Better:"`` appended, so the label is always read right after the cue.
-    ``budget = 0`` returns the prompts unchanged."""
-    if budget == 0:
-        return list(texts)
-    eos = tokenizer.eos_token_id
-    worked = []
-    for start in range(0, len(texts), _JUDGE_BATCH):
-        batch = texts[start : start + _JUDGE_BATCH]
-        encoded = [_encode(tokenizer, text) for text in batch]
-        generated = [[] for _ in batch]
-        active = list(range(len(batch)))
-        for _ in range(budget):
-            logits, _ = _last_logits(judge, tokenizer, [encoded[i] + generated[i] for i in active])
-            tokens = logits.argmax(dim=-1).tolist()
-            still = []
-            for i, token in zip(active, tokens):
-                if token == eos:
-                    continue
-                generated[i].append(token)
-                if JUDGE_CUE not in tokenizer.decode(generated[i], skip_special_tokens=True):
-                    still.append(i)
-            active = still
-            if not active:
-                break
-        for text, tokens in zip(batch, generated):
-            continuation = tokenizer.decode(tokens, skip_special_tokens=True)
-            cue = continuation.find(JUDGE_CUE)
-            if cue >= 0:
-                worked.append(text + continuation[: cue + len(JUDGE_CUE)])
-            else:
-                worked.append(text + continuation.rstrip() + " " + JUDGE_CUE)
-    return worked
-
-
-def judge_preferences(judge, tokenizer, template: str, prompts: list[str], first: list[str], second: list[str],
-                      reasoning_tokens: int = 0):
+def judge_preferences(judge, tokenizer, template: str, prompts: list[str], first: list[str], second: list[str]):
     """``(p, first_shown_first, first_shown_second)``, each ``(n,)``: ``p`` the debiased
     probability that ``first`` beats ``second``, the mean of the two raw ones,
     ``first_shown_first = P("A")`` with ``first`` shown as A and ``first_shown_second =
-    P("B")`` with ``first`` shown as B. With ``reasoning_tokens > 0`` each order's label is
-    read after the judge's own working (``worked_prompts``), else right after the prompt."""
-
-    def probabilities(texts):
-        return label_probabilities(judge, tokenizer, worked_prompts(judge, tokenizer, texts, reasoning_tokens))
-
-    first_shown_first = probabilities([template.format(prompt=p, a=x, b=y) for p, x, y in zip(prompts, first, second)])
-    first_shown_second = 1 - probabilities(
-        [template.format(prompt=p, a=y, b=x) for p, x, y in zip(prompts, first, second)]
+    P("B")`` with ``first`` shown as B."""
+    first_shown_first = label_probabilities(
+        judge, tokenizer, [template.format(prompt=p, a=x, b=y) for p, x, y in zip(prompts, first, second)]
+    )
+    first_shown_second = 1 - label_probabilities(
+        judge, tokenizer, [template.format(prompt=p, a=y, b=x) for p, x, y in zip(prompts, first, second)]
     )
     return 0.5 * (first_shown_first + first_shown_second), first_shown_first, first_shown_second
 
 
-def judgement_rows(pairs: list[dict], template: str, worked: bool = False) -> list[dict]:
+def judgement_rows(pairs: list[dict], template: str) -> list[dict]:
     """SFT rows ``{"prompt", "completion"}`` of a judge: each preference pair in both
-    orders, the completion the label of the chosen response; ``worked``: the chosen
-    response first, then the cue and the label (``" 46. Better:A"``), so the judge learns
-    to work the answer out before it judges."""
+    orders, the completion the label of the chosen response."""
     rows = []
     for pair in pairs:
-        for label, a, b in ((JUDGE_LABELS[0], pair["chosen"], pair["rejected"]),
-                            (JUDGE_LABELS[1], pair["rejected"], pair["chosen"])):
-            completion = f" {pair['chosen']}. {JUDGE_CUE}{label}" if worked else label
-            rows.append({"prompt": template.format(prompt=pair["prompt"], a=a, b=b), "completion": completion})
+        rows.append({"prompt": template.format(prompt=pair["prompt"], a=pair["chosen"], b=pair["rejected"]),
+                     "completion": JUDGE_LABELS[0]})
+        rows.append({"prompt": template.format(prompt=pair["prompt"], a=pair["rejected"], b=pair["chosen"]),
+                     "completion": JUDGE_LABELS[1]})
     return rows
 
 
@@ -288,11 +218,10 @@ def builtin_judge(config: RLAIFConfig, run_dir: Path) -> Path:
     folder = run_dir / JUDGE_DIR
     task = builtin_task(config)
     pairs = min(config.judge_steps * _JUDGE_BATCH // 2, MAX_BUILTIN_ROWS)
-    worked = judge_reasoning_tokens(config) > 0
     files = {
-        folder / "judgements.jsonl": judgement_rows(task.preference_pairs(pairs, "train"), config.judge_template, worked),
+        folder / "judgements.jsonl": judgement_rows(task.preference_pairs(pairs, "train"), config.judge_template),
         folder / "judgements_heldout.jsonl": judgement_rows(
-            task.preference_pairs(_JUDGE_HELDOUT_PAIRS, "heldout"), config.judge_template, worked
+            task.preference_pairs(_JUDGE_HELDOUT_PAIRS, "heldout"), config.judge_template
         ),
     }
     texts = {path: "".join(json.dumps(row) + "\n" for row in rows) for path, rows in files.items()}
