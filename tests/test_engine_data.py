@@ -33,8 +33,12 @@ def test_algorithms_pick_their_schema_from_the_first_row(tmp_path):
         load_dataset(ranked, "ipo")
     with pytest.raises(ValueError, match=r"'kto' needs rows with \(prompt, completion, label\)"):
         load_dataset(pairs, "kto")
-    with pytest.raises(ValueError, match="algorithm 'ppo' is not one of"):
-        schema_of({}, "ppo")
+    # The online algorithms read prompts; every other field rides along to the rewards.
+    assert load_dataset(pairs, "grpo")[0] == "prompt"
+    with pytest.raises(ValueError, match=r"algorithm 'ppo' needs rows with \(prompt\)"):
+        schema_of({"text": "t"}, "ppo")
+    with pytest.raises(ValueError, match="algorithm 'sfx' is not one of"):
+        schema_of({}, "sfx")
 
 
 @pytest.mark.parametrize(

@@ -167,7 +167,8 @@ def test_warm_start_stops_at_its_target_and_is_cached(tmp_path, capsys):
 @pytest.mark.slow
 def test_grpo_raises_heldout_accuracy_on_the_builtin_task(tmp_path):
     # The main job's defaults, shortened: the accuracy-targeted warm start, then 150
-    # GRPO steps instead of 500. Measured (seeds 0, 1): +27 and +30 points at step 150.
+    # GRPO steps instead of 500. In 500-step runs (seeds 0, 1) held-out accuracy had
+    # gained 27 and 30 points by step 150; this schedule decays faster.
     summary = train("grpo", {"steps": 150, "eval_every": 0, "output_dir": str(tmp_path)})
     assert 0.2 <= summary["heldout_accuracy_before"] <= 0.6  # the warm start's target region
     assert summary["heldout_accuracy_after"] >= summary["heldout_accuracy_before"] + 0.1
