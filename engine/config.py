@@ -140,6 +140,10 @@ class SFTConfig(BaseConfig):
 class RewardConfig(BaseConfig):
     """Reward model: Bradley-Terry on pairs, K-wise ranking loss on ranked rows."""
 
+    steps: int = option(800, "Optimizer steps to run.", positive=True)
+    batch_size: int = option(32, "Pairs (or ranked rows) per micro-batch.", positive=True)
+    learning_rate: float = option(3e-4, "Peak learning rate of AdamW.", positive=True)
+    warmup_steps: int = option(20, "Steps of linear warmup from 0 to the peak learning rate.", minimum=0)
     margin: float = option(0.0, "Bradley-Terry margin: -log sigmoid(r_c - r_r - margin).", minimum=0)
     center_coef: float = option(0.0, "Centering: adds center_coef * mean((r_c + r_r)**2).", minimum=0)
     ranking: bool = option(

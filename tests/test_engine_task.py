@@ -128,7 +128,9 @@ def test_task_rows_load_back_as_each_algorithms_data(algorithm, tmp_path):
     task = AdditionTask(seed=0)
     for schema in ALGORITHM_SCHEMAS[algorithm]:
         rows = task.rows(schema, 20)
-        assert all(set(row) == set(SCHEMAS[schema]) for row in rows)
+        # Prompt rows carry the answer as an extra field, for reward functions.
+        extra = {"completion"} if schema == "prompt" else set()
+        assert all(set(row) == set(SCHEMAS[schema]) | extra for row in rows)
         path = tmp_path / f"{schema}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         assert load_dataset(path, algorithm) == (schema, rows)
