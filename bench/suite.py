@@ -17,7 +17,8 @@ the inputs and their gradients. On a GPU the run also measures the copy bandwidt
 the bf16 matmul throughput, and reports each time as a fraction of that limit
 (bench/models.py holds the work each op cannot avoid).
 
-docs/benchmarks.md describes the cases and every column of the outputs.
+bench/bench_suite.py runs the same op cases under pytest-benchmark, from the pieces of
+this module. docs/benchmarks.md describes the cases and every column of the outputs.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class Suite:
     check_rows: tuple[str, ...] = ()  # inputs indexed by row: the guard checks their first rows
     series: tuple[str, ...] = ()  # shape keys other than tokens that tell plot lines apart
     compile: tuple[str, ...] = ("eager",)  # eager implementations also measured under torch.compile
+
+    @property
+    def passes(self) -> tuple[str, ...]:
+        return PASSES if self.backward else ("fwd",)
 
 
 def _logit_dtypes(device: str, quick: bool) -> list[str]:
@@ -484,10 +489,50 @@ def kind_of(impl: str) -> str:
     return "peer"
 
 
-def _make_fn(suite: Suite, impl: str, device: str, peers: set):
+def make_implementation(suite: Suite, impl: str, device: str, peers: set):
+    """The function ``impl`` names (``compile:NAME``: ``torch.compile`` of NAME's)."""
     name = impl.removeprefix("compile:")
     fn = suite.impls(device, peers)[name]()
     return torch.compile(fn) if impl.startswith("compile:") else fn
+
+
+def make_case_inputs(suite: Suite, shape: dict, dtype: str, device: str) -> dict:
+    """The inputs of one case, the same in every process that measures it."""
+    torch.manual_seed(0)
+    return suite.make_inputs(shape, DTYPES[dtype], device)
+
+
+def differentiable_inputs(suite: Suite, inputs: dict) -> list[torch.Tensor]:
+    """The inputs the backward pass computes gradients of; none for ops without one."""
+    return [v for v in inputs.values() if v.requires_grad] if suite.backward else []
+
+
+@dataclasses.dataclass(frozen=True)
+class CasePasses:
+    """What each timed pass of a case runs, over the same inputs every call."""
+
+    forward: Callable[[], tuple]  # fwd, with autograd recording, as in training
+    forward_loss: Callable[[], torch.Tensor]  # the untimed forward before each timed backward
+    backward: Callable[[torch.Tensor], None]  # bwd, from forward_loss's scalar
+    step: Callable[[], None]  # fwdbwd
+
+
+def case_passes(fn, inputs: dict, leaves: list[torch.Tensor]) -> CasePasses:
+    def forward():
+        return fn(**inputs)
+
+    def forward_loss():
+        return sum(o.float().sum() for o in forward() if o.requires_grad)
+
+    def backward(loss):
+        loss.backward()
+        for leaf in leaves:  # dropped, not accumulated: every call allocates them as training does
+            leaf.grad = None
+
+    def step():
+        backward(forward_loss())
+
+    return CasePasses(forward, forward_loss, backward, step)
 
 
 def check_outputs(suite: Suite, inputs: dict, outputs: tuple, dtype: str) -> str | None:
@@ -523,11 +568,10 @@ def child(args: dict) -> dict:
     reps = args.get("reps", 5 if device == "cpu" else 20)
     if args.get("threads"):
         torch.set_num_threads(args["threads"])
-    torch.manual_seed(0)
-    inputs = suite.make_inputs(args["shape"], DTYPES[dtype], device)
-    leaves = [v for v in inputs.values() if v.requires_grad] if suite.backward else []
+    inputs = make_case_inputs(suite, args["shape"], dtype, device)
+    leaves = differentiable_inputs(suite, inputs)
     try:
-        fn = _make_fn(suite, impl, device, set(args.get("peers", ())))
+        fn = make_implementation(suite, impl, device, set(args.get("peers", ())))
         outputs = tuple(fn(**inputs))  # the first call compiles, for torch.compile
     except Exception as error:  # a peer or a compiler that fails here is a note, not a crash
         what = "torch.compile failed" if impl.startswith("compile:") else "failed"
@@ -537,33 +581,20 @@ def child(args: dict) -> dict:
         return {"error": "not timed: " + mismatch}
     del outputs
 
-    def forward():
-        return fn(**inputs)
-
-    def loss_of(outputs):
-        return sum(o.float().sum() for o in outputs if o.requires_grad)
-
-    def backward(loss):
-        loss.backward()
-        for leaf in leaves:
-            leaf.grad = None
-
-    def step():
-        backward(loss_of(forward()))
-
+    passes = case_passes(fn, inputs, leaves)
     timings = {}
     if leaves:
         try:
-            step()  # compiles the backward graph; pages in code and thread pools
+            passes.step()  # compiles the backward graph; pages in code and thread pools
         except Exception as error:
             return {"error": f"backward failed: {_first_line(error)}"}
-        timings["fwd"] = harness.time_fn(forward, device, reps=reps)
-        timings["bwd"] = harness.time_after_setup(lambda: loss_of(forward()), backward, device, reps=reps)
-        timings["fwdbwd"] = harness.time_fn(step, device, reps=reps)
-        measured = step
+        timings["fwd"] = harness.time_fn(passes.forward, device, reps=reps)
+        timings["bwd"] = harness.time_after_setup(passes.forward_loss, passes.backward, device, reps=reps)
+        timings["fwdbwd"] = harness.time_fn(passes.step, device, reps=reps)
+        measured = passes.step
     else:
-        timings["fwd"] = harness.time_fn(forward, device, reps=reps)
-        measured = forward
+        timings["fwd"] = harness.time_fn(passes.forward, device, reps=reps)
+        measured = passes.forward
     grad_bytes = sum(leaf.numel() * leaf.element_size() for leaf in leaves)
     extra = harness.measure_peak_extra(lambda: measured, device)  # last: it changes the allocator
     return {"timings": {k: dataclasses.asdict(t) for k, t in timings.items()},

@@ -130,6 +130,11 @@ class BaseConfig:
 class SFTConfig(BaseConfig):
     """Supervised fine-tuning on prompt/completion rows; the loss covers completion tokens only."""
 
+    # builtin:tiny learns 2-digit addition to 80% held-out exact match in about a minute with these.
+    steps: int = option(1000, "Optimizer steps to run.", positive=True)
+    batch_size: int = option(64, "Completions per micro-batch.", positive=True)
+    learning_rate: float = option(2e-3, "Peak learning rate of AdamW.", positive=True)
+    warmup_steps: int = option(20, "Steps of linear warmup from 0 to the peak learning rate.", minimum=0)
     packing: bool = option(False, "Pack several rows into each max_length sequence.")
     target_accuracy: float | None = option(
         None, "End the run at the first periodic evaluation whose held-out exact match reaches this."
