@@ -3,12 +3,13 @@
     python -m fastpo.bench --only e2e [--out DIR] [--reps N] [--threads N]
     python -m fastpo.bench.e2e [--out DIR] [--reps N] [--threads N]   # the same cases alone
 
-Two cases, each a whole optimizer step of one trainer:
+Three cases, each a whole optimizer step of one trainer:
 
-* ``grpo``: rollout (sampling ``group`` completions of ``completion_len`` tokens for
-  each of ``batch / group`` prompts), rewards and group advantages, the policy's
-  log-probs, the clipped GRPO loss (``beta = 0``: no reference model), backward,
-  gradient clipping and the AdamW step. fastpo: ``fastpo.engine.train("grpo", ...)``;
+* ``grpo``, twice: rollout (sampling ``group`` completions of ``completion_len`` tokens
+  for each of ``batch / group`` prompts), rewards and group advantages, the policy's
+  log-probs, the clipped GRPO loss, backward, gradient clipping and the AdamW step;
+  with ``beta = 0`` (no reference model) and with ``beta = 0.04`` (the k3 KL to a frozen
+  reference, whose log-probs are computed on every rollout). fastpo: ``fastpo.engine.train("grpo", ...)``;
   TRL: ``GRPOTrainer`` (HF ``generate`` for its rollouts, like fastpo's engine).
 * ``dpo``: ``batch`` preference pairs: the policy's log-probs of chosen and rejected
   responses, the sigmoid DPO loss against reference log-probs, backward, clipping and
@@ -109,6 +110,8 @@ class Case:
 
 CASES = (
     Case("grpo", batch=8, group=4, prompt_len=32, completion_len=32, learning_rate=1e-5, beta=0.0),
+    # with the KL term: a frozen reference model and its log-probs on every rollout
+    Case("grpo", batch=8, group=4, prompt_len=32, completion_len=32, learning_rate=1e-5, beta=0.04),
     Case("dpo", batch=4, prompt_len=32, completion_len=32, learning_rate=1e-5, beta=0.1),
 )
 IMPLEMENTATIONS = ("fastpo", "trl")
@@ -247,7 +250,7 @@ def fastpo_options(case: Case, paths: dict, model_dir: str, output_dir: str, ste
         options.update(prompts_per_rollout=case.prompts_per_step, num_generations=case.group,
                        max_new_tokens=case.completion_len, temperature=case.temperature, top_p=1.0, top_k=0,
                        num_iterations=1, loss_type="grpo", scale_rewards="group", clip_eps_low=0.2,
-                       rewards=[f"{MODULE}:first_half_reward"])
+                       kl_kind="k3", rewards=[f"{MODULE}:first_half_reward"])  # k3: TRL's KL estimator
     else:
         options.update(loss_type="sigmoid", label_smoothing=0.0, average=False)
     return options

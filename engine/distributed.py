@@ -177,6 +177,9 @@ def shard_model(model: torch.nn.Module, loss_fn, device: torch.device, size: int
     root = LossModule(model, loss_fn)
     # The root's parameters (embeddings, head) are needed again at once by the backward.
     fully_shard(root, mesh=mesh, reshard_after_forward=False)
+    # FSDP makes whichever unit runs forward first the root; an online algorithm's first
+    # forward is generation through the decoder layers, so settle the root now.
+    root._get_fsdp_state()._lazy_init()
     return root
 
 

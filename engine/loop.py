@@ -280,6 +280,12 @@ def _rng_states() -> dict:
     return states
 
 
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def _set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
@@ -614,7 +620,9 @@ def train_loop(
 
     Under torchrun every rank calls it; the model is sharded in place during the run
     and handed back with its full parameters on every rank, for evaluation and saving
-    (it stays FSDP-managed: it cannot be handed to the loop a second time).
+    (it stays FSDP-managed: it cannot be handed to the loop a second time). A ``batches``
+    with a ``full_model`` attribute (the online algorithms' ``RolloutStream``) gets a
+    context that gathers the full parameters there, for generating with the model.
 
     Raises:
         TrainingDiverged: ``max_bad_steps`` steps in a row with a non-finite loss or
@@ -632,9 +640,8 @@ def train_loop(
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / METRICS_FILE
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
+    # Each rank draws its own random numbers (sampling, dropout); rank 0 those of one process.
+    _seed_all(config.seed + world.rank)
 
     if config.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
@@ -642,6 +649,8 @@ def train_loop(
     if world.size > 1:
         root = distributed.shard_model(model, loss_fn, device, world.size)
         trained, compute_loss = root, _call_root
+        if hasattr(batches, "full_model"):  # a stream that generates with the model (RolloutStream)
+            batches.full_model = lambda: distributed.full_parameters(root)
     else:
         trained, compute_loss = model, loss_fn
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the shards
@@ -662,9 +671,11 @@ def train_loop(
         else:
             state = _load_checkpoint(checkpoint, model, optimizer, scheduler, world)
             step, position = state["step"], state["data_position"]
-            # A checkpoint of fewer processes restores rank 0's states on the ranks it lacks.
             rng = state["rng"]
-            _set_rng_states(rng[world.rank] if world.rank < len(rng) else rng[0])
+            if world.rank < len(rng):
+                _set_rng_states(rng[world.rank])
+            else:  # a checkpoint of fewer processes: this rank starts its own stream
+                _seed_all(config.seed + world.rank)
             if state.get("stream") is not None:
                 batches.load_state_dict(state["stream"])
             say(f"fastpo: resumed from {checkpoint} (step {step})")

@@ -38,7 +38,7 @@ import torch
 from .forward import IGNORE_INDEX
 from .task import AdditionTask
 
-__all__ = ["Rollout", "reward_function", "sample_completions"]
+__all__ = ["Rollout", "concatenate_rollouts", "reward_function", "sample_completions"]
 
 
 @dataclass
@@ -203,6 +203,29 @@ def sample_completions(
         labels[i, n - 1 : n + m - 1] = torch.tensor(tail, dtype=torch.long)
         rollout_logprobs[i, n - 1 : n + m - 1] = lps
     return Rollout(list(prompts), texts, batch_ids, batch_mask, labels, rollout_logprobs, torch.tensor(truncated))
+
+
+def concatenate_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """``parts`` one after the other in one ``Rollout``, each right-padded to the widest
+    part's length (``pad_token_id``, attention 0, ignored labels): the rollout of a
+    multi-process run, whose ranks each sample a share of the prompts."""
+    width = max(part.input_ids.shape[1] for part in parts)
+
+    def padded(name: str, value) -> torch.Tensor:
+        return torch.cat([
+            torch.nn.functional.pad(getattr(part, name), (0, width - part.input_ids.shape[1]), value=value)
+            for part in parts
+        ])
+
+    return Rollout(
+        [p for part in parts for p in part.prompts],
+        [c for part in parts for c in part.completions],
+        padded("input_ids", pad_token_id),
+        padded("attention_mask", 0),
+        padded("labels", IGNORE_INDEX),
+        padded("rollout_logprobs", 0.0),
+        torch.cat([part.truncated for part in parts]),
+    )
 
 
 # ---------------------------------------------------------------- rewards

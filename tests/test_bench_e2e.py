@@ -12,7 +12,7 @@ import pytest
 
 from fastpo.bench import e2e, peers, suite
 
-GRPO, DPO = e2e.CASES
+GRPO, DPO = e2e.CASES[0], e2e.CASES[2]  # grpo with beta = 0, dpo
 SMALL_VOCAB = 400  # 3 special tokens + 256 byte symbols + 141 words
 
 
@@ -99,7 +99,7 @@ def _trl_like(case, **changes):
     return types.SimpleNamespace(**values)
 
 
-@pytest.mark.parametrize("case", e2e.CASES, ids=lambda c: c.algorithm)
+@pytest.mark.parametrize("case", e2e.CASES, ids=lambda c: f"{c.algorithm}-beta{c.beta:g}")
 def test_both_sides_describe_the_case(case):
     fastpo = e2e.describe_fastpo(case.algorithm, _fastpo_config(case))
     trl = e2e.describe_trl(case.algorithm, _trl_like(case))
@@ -107,7 +107,7 @@ def test_both_sides_describe_the_case(case):
     assert e2e.differences(fastpo, trl) == []
     if case.algorithm == "grpo":
         assert (fastpo["batch"], fastpo["group"], fastpo["completion_len"]) == (8, 4, 32)
-        assert fastpo["reference_model"] is False  # beta = 0
+        assert fastpo["reference_model"] is (case.beta > 0) and trl["reference_model"] is (case.beta > 0)
     else:
         assert fastpo["batch"] == 4 and fastpo["reference"] == "precomputed"
 
@@ -125,7 +125,7 @@ def test_a_difference_is_named():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed")
-@pytest.mark.parametrize("case", e2e.CASES, ids=lambda c: c.algorithm)
+@pytest.mark.parametrize("case", e2e.CASES, ids=lambda c: f"{c.algorithm}-beta{c.beta:g}")
 def test_the_real_trl_configs_match_fastpo(case, tmp_path):
     import trl
 
@@ -242,8 +242,8 @@ def test_run_without_trl_times_fastpo_and_notes_the_skip(monkeypatch, tmp_path):
     monkeypatch.setattr(e2e.harness, "run_child", fake_child)
     monkeypatch.setattr(e2e, "build_model_dir", lambda folder: folder)  # no model needed
     rows, notes = e2e.run("cpu", reps=2)
-    assert children == [("fastpo.bench.e2e", "fastpo", "grpo"), ("fastpo.bench.e2e", "fastpo", "dpo")]
-    assert [(r["impl"], "median_ms" in r) for r in rows] == [("fastpo", True), ("trl", False)] * 2
+    assert children == [("fastpo.bench.e2e", "fastpo", case.algorithm) for case in e2e.CASES]
+    assert [(r["impl"], "median_ms" in r) for r in rows] == [("fastpo", True), ("trl", False)] * len(e2e.CASES)
     assert all(r["note"].startswith("trl skipped: not importable") for r in rows if r["impl"] == "trl")
     assert len(notes) == 1 and notes[0].startswith("e2e: trl skipped: not importable") and "pip install trl" in notes[0]
 

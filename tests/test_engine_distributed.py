@@ -109,3 +109,77 @@ def test_two_processes_train_like_one_and_resume(tmp_path):
     assert resumed["steps"] == 4 and resumed["checkpoint"].endswith("step-00000004")
     _assert_same_records(_records(two / "metrics.jsonl"), want)
     _assert_same_weights(_weights(two), _weights(one))
+
+
+# GRPO under torchrun: record what each rank samples (its share) and the rollout it
+# trains on (everyone's), run 4 steps, then resume from the step-2 checkpoint.
+ONLINE_WORKER = """
+import json, shutil, sys
+from pathlib import Path
+import torch.distributed as dist
+from fastpo.engine import train
+from fastpo.engine.algorithms import _online
+
+config = json.loads(sys.argv[1])
+run_dir = Path(config["output_dir"])
+calls = []
+sample_completions, sample = _online.sample_completions, _online.OnlineRun.sample
+
+def recording_sample_completions(model, tokenizer, prompts, **options):
+    calls.append({"sampled_here": list(prompts)})
+    return sample_completions(model, tokenizer, prompts, **options)
+
+def recording_sample(self, model, rows):
+    rollout, rewards = sample(self, model, rows)
+    calls[-1].update(rows=[row["prompt"] for row in rows], prompts=rollout.prompts,
+                     completions=rollout.completions, rewards=rewards.tolist(),
+                     width=rollout.input_ids.shape[1], tokens=int(rollout.mask.sum()))
+    return rollout, rewards
+
+_online.sample_completions = recording_sample_completions
+_online.OnlineRun.sample = recording_sample
+train("grpo", config)
+if dist.get_rank() == 0:
+    shutil.copy(run_dir / "metrics.jsonl", run_dir / "first.jsonl")
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000004")
+dist.barrier()
+train("grpo", {**config, "resume": True})
+(run_dir / f"calls-{dist.get_rank()}.json").write_text(json.dumps(calls))
+"""
+
+
+@pytest.mark.slow
+def test_grpo_under_two_processes_splits_generation_and_resumes(tmp_path):
+    eval_file = tmp_path / "heldout.jsonl"
+    eval_file.write_text('{"prompt": "12+34="}\n{"prompt": "1+2="}\n')
+    # 2 prompts x 4 samples = 8 completions: one optimizer step of 2 micro-batches of 4.
+    config = {"steps": 4, "batch_size": 4, "grad_accum_steps": 2, "prompts_per_rollout": 2, "num_generations": 4,
+              "max_new_tokens": 4, "warmup_steps": 1, "learning_rate": 1e-3, "log_every": 1, "eval_every": 0,
+              "save_every": 2, "warm_start_steps": 0, "device": "cpu", "eval_data": str(eval_file),
+              "rewards": ["online_rewards:digit_share"], "output_dir": str(tmp_path)}
+    script = tmp_path / "worker.py"
+    script.write_text(ONLINE_WORKER)
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), json.dumps(config)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)},  # online_rewards
+    )
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-5000:]
+
+    calls = [json.loads((tmp_path / f"calls-{rank}.json").read_text()) for rank in (0, 1)]
+    # 4 rollouts, then rollouts 2 and 3 again after resuming from the step-2 checkpoint.
+    assert len(calls[0]) == len(calls[1]) == 6
+    for first, second in zip(*calls):
+        # Each rank sampled its half of the rollout's rows, in order ...
+        assert first["sampled_here"] == first["rows"][:4] and second["sampled_here"] == first["rows"][4:]
+        # ... and both trained on the whole, identical rollout.
+        assert first["rows"] == second["rows"] == first["prompts"] == second["prompts"]
+        for key in ("completions", "rewards", "width", "tokens"):
+            assert first[key] == second[key], key
+    # Resuming restored every rank's sampling RNG: the same rollouts, the same log.
+    for rank_calls in calls:
+        assert rank_calls[4:] == rank_calls[2:4]
+    records = _records(tmp_path / "metrics.jsonl")
+    _assert_same_records(records, _records(tmp_path / "first.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and any(r["grad_norm"] > 0 for r in records)

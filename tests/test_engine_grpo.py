@@ -10,7 +10,7 @@ from fastpo.engine import train
 from fastpo.engine.config import ConfigError, format_help
 from fastpo.engine.forward import IGNORE_INDEX, response_logprobs
 from fastpo.engine.models import load_causal_lm
-from fastpo.engine.rollout import reward_function, sample_completions
+from fastpo.engine.rollout import concatenate_rollouts, reward_function, sample_completions
 
 QUICK = {"batch_size": 16, "grad_accum_steps": 1, "prompts_per_rollout": 4, "num_generations": 4,
          "warmup_steps": 1, "log_every": 1, "eval_every": 0, "warm_start_steps": 0, "max_new_tokens": 4}
@@ -75,6 +75,26 @@ def test_rollout_layout_and_stop_strings(tiny):
         positions = kept.nonzero().squeeze(-1)
         assert torch.equal(ids[positions + 1], labels[kept])
     assert cut_somewhere
+
+
+def test_concatenated_rollouts_train_like_one(tiny):
+    """The shares of a multi-process rollout, padded to the widest and stacked, give
+    every completion the log-probs, mask and texts it had in its own share."""
+    model, tokenizer = tiny
+    torch.manual_seed(1)
+    short = sample_completions(model, tokenizer, ["1+2=", "3+4="], max_new_tokens=2)
+    long = sample_completions(model, tokenizer, ["12+34=", "56+78=", "9+9="], max_new_tokens=7)
+    assert short.input_ids.shape[1] < long.input_ids.shape[1]
+    whole = concatenate_rollouts([short, long], tokenizer.pad_token_id)
+    assert whole.prompts == short.prompts + long.prompts and whole.completions == short.completions + long.completions
+    assert torch.equal(whole.truncated, torch.cat([short.truncated, long.truncated]))
+    trained = response_logprobs(model, whole.input_ids, whole.attention_mask, whole.labels)
+    for part, rows in ((short, slice(0, 2)), (long, slice(2, 5))):
+        width = part.input_ids.shape[1]
+        assert torch.equal(whole.mask[rows, :width], part.mask) and not whole.mask[rows, width:].any()
+        assert (whole.attention_mask[rows, width:] == 0).all()
+        torch.testing.assert_close(whole.rollout_logprobs[rows, :width], part.rollout_logprobs)
+        torch.testing.assert_close(trained[rows, :width][part.mask], part.rollout_logprobs[part.mask], rtol=0, atol=2e-5)
 
 
 def test_reward_sources_combine_with_weights():

@@ -9,6 +9,13 @@ micro-batches from a buffer and makes the next rollout, with the model as the lo
 has left it, when the buffer runs dry. The buffer depends on the model that sampled it,
 so it is part of every checkpoint (``state_dict``); the sampling RNG is the global torch
 RNG, which the loop's checkpoints hold too: a resumed run draws the same samples.
+
+Under torchrun the rollout is made with the full parameters gathered on every rank (the
+loop sets ``RolloutStream.full_model``), each rank samples its share of the completions
+and scores them, and the shares are gathered: every rank then holds the whole rollout,
+computes its old and reference log-probs and advantages over the whole batch (whitening
+and group statistics see every completion), and trains on its share of the step's
+micro-batches, as for any other data. Generation, the costly part, is split N ways.
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ from typing import Callable, Iterator
 
 import torch
 
+from .. import distributed
 from ..config import ConfigError
 from ..forward import greedy_completions
 from ..loop import autocast_dtype
-from ..rollout import Rollout, reward_function, sample_completions
+from ..rollout import Rollout, concatenate_rollouts, reward_function, sample_completions
 from ._common import BUILTIN_DATA, exact_match_accuracy, heldout_rows, micro_batches, training_rows
 
 __all__ = [
@@ -43,11 +51,15 @@ class RolloutStream:
         self.make_rollout = make_rollout
         self.pending: list[dict] = []
         self.rollouts = 0
+        # The context a rollout is made in; the loop of a sharded model sets one that
+        # gathers its full parameters, so that generate can call the model as a plain module.
+        self.full_model: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def __call__(self, position: int) -> Iterator[dict]:
         while True:
             if not self.pending:
-                self.pending = self.make_rollout(self.rollouts)
+                with self.full_model():
+                    self.pending = self.make_rollout(self.rollouts)
                 self.rollouts += 1
             yield self.pending.pop(0)
 
@@ -91,9 +103,10 @@ class OnlineRun:
         rewards: ``rewards(prompts, completions, rows) -> (B,)`` from ``config.rewards``.
     """
 
-    def __init__(self, algorithm: str, config, tokenizer):
+    def __init__(self, algorithm: str, config, tokenizer, device: torch.device):
         self.config = config
         self.tokenizer = tokenizer
+        self.world = distributed.world(device)
         self.rows = training_rows(algorithm, config, "prompt")
         self.eval_rows = heldout_rows(algorithm, config, "prompt")
         self.rewards = reward_function(config.rewards, config.reward_weights)
@@ -106,13 +119,22 @@ class OnlineRun:
         return [row for row in rows for _ in range(self.config.num_generations)]
 
     def sample(self, model, rows: list[dict]) -> tuple[Rollout, torch.Tensor]:
-        """Sampled completions of ``rows``' prompts and their rewards ``(B,)``."""
-        c = self.config
+        """Sampled completions of ``rows``' prompts and their rewards ``(B,)``; under
+        torchrun each rank samples and scores a contiguous share of ``rows`` (the loop's
+        ``grad_accum_steps`` check makes the shares equal) and every rank gets them all."""
+        c, world = self.config, self.world
+        share = len(rows) // world.size
+        mine = rows[world.rank * share : (world.rank + 1) * share]
         rollout = sample_completions(
-            model, self.tokenizer, [row["prompt"] for row in rows], temperature=c.temperature, top_p=c.top_p,
+            model, self.tokenizer, [row["prompt"] for row in mine], temperature=c.temperature, top_p=c.top_p,
             top_k=c.top_k, max_new_tokens=c.max_new_tokens, stop_strings=c.stop_strings, max_length=c.max_length,
         )
-        return rollout, self.rewards(rollout.prompts, rollout.completions, rows)
+        rewards = self.rewards(rollout.prompts, rollout.completions, mine)
+        if world.size == 1:
+            return rollout, rewards
+        parts = world.gather((rollout, rewards))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return concatenate_rollouts([part for part, _ in parts], pad), torch.cat([scores for _, scores in parts])
 
     def rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-completion values the loss functions log as per-completion means."""

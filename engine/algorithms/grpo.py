@@ -52,7 +52,7 @@ __all__ = ["run"]
 def run(config: GRPOConfig) -> dict:
     steps_per_pass = check_rollout_shape(config)
     run_dir, model, tokenizer, device = prepare_run("grpo", config)
-    online = OnlineRun("grpo", config, tokenizer)
+    online = OnlineRun("grpo", config, tokenizer, device)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if config.beta > 0 else None
     # The sampling policy's log-probs are needed only when the rollout spans several
     # optimizer steps; with one, they equal the detached current log-probs.

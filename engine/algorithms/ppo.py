@@ -172,7 +172,7 @@ def run(config: PPOConfig) -> dict:
     _check_options(config)
     steps_per_pass = check_rollout_shape(config)
     run_dir, model, tokenizer, device = prepare_run("ppo", config)
-    online = OnlineRun("ppo", config, tokenizer)
+    online = OnlineRun("ppo", config, tokenizer, device)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     _attach_critic(model, tokenizer, config)
     need_entropy = config.entropy_coef > 0

@@ -85,7 +85,7 @@ def run(config: TRPOConfig) -> dict:
     run_dir, model, tokenizer, device = prepare_run("trpo", config)
     if distributed.world(device).size > 1:
         raise NotImplementedError("trpo: the update needs the full parameters; run it in one process")
-    online = OnlineRun("trpo", config, tokenizer)
+    online = OnlineRun("trpo", config, tokenizer, device)
 
     def make_rollout(index: int) -> list[dict]:
         rows = online.prompt_rows(index)
