@@ -324,7 +324,15 @@ class RLAIFConfig(BaseConfig):
     )
     judge_steps: int = option(1500, "SFT steps of the built-in judge.", positive=True)
     judge_template: str = option(
-        "Q: {prompt}? A: {a} B: {b}. Better:", "Judge prompt; the judge's next token, A or B, names the better response."
+        "Q: {prompt}? A: {a} B: {b}. Better:",
+        "Judge prompt; the judge's next token (after its reasoning, with judge_reasoning), A or B, names the better "
+        "response.",
+    )
+    judge_reasoning: bool | None = option(
+        None, "Judge reasons before its label: it greedily writes up to its first ', so ' (appended when it writes "
+        "none within 32 tokens) and the label A or B is read next; none: true for the built-in judge (trained to "
+        "solve the problem and restate answer A first, ' 12+34=46, A: 47, so B'), false for judge=PATH (the label "
+        "right after the prompt).",
     )
     num_prompts: int = option(512, "Prompts whose two sampled responses the judge labels.", positive=True)
     temperature: float = option(1.0, "Sampling temperature of the two responses.", positive=True)

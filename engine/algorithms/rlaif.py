@@ -6,21 +6,29 @@ labelled pairs train the policy.
    ``builtin:addition`` a ``builtin:tiny`` judge trained by fastpo's ``sft`` on the task's
    own judgement rows: every preference pair of the task's train split shown in both
    orders, ``judge_template`` filled with the problem and the two answers (``"Q:
-   12+34=? A: 46 B: 47. Better:"``), the completion the label of the correct answer
-   (``"A"`` or ``"B"``). It is cached in ``output_dir/judge`` and reused while its
-   config and rows are unchanged; its ``heldout_accuracy`` is the share of the task's
-   held-out judgement rows it answers right (greedy, one order per row).
+   12+34=? A: 47 B: 46. Better:"``), the completion a reasoning and the label of the
+   correct answer: ``" 12+34=46, A: 47, so B"`` (``judge_reasoning``, true by default
+   for the built-in judge; without it the label alone). The reasoning solves the
+   problem, which the judge learns from dense digit supervision (the task's addition
+   demonstrations are mixed into its rows), and copies answer A next to the sum, so
+   that the label is a comparison of two adjacent numbers: A when they are equal, B
+   otherwise. One label per row from a random init is too little signal to learn
+   addition from: such a judge stays at chance on near misses, and so does a reasoning
+   judge without the demonstrations. It is cached in ``output_dir/judge`` and reused
+   while its config and rows are unchanged.
 3. Labels: two responses sampled from the policy (``temperature``, ``max_new_tokens``)
    for each of ``num_prompts`` prompts. The judge's preference for a shown order is its
-   next-token distribution after the judge prompt restricted to the two labels
-   (``softmax`` of their two logits). Response ``x`` beats ``y`` with probability
-   ``p = 0.5 * (P("A" | x shown as A) + P("B" | x shown as B))``: averaging both
-   presentation orders cancels the judge's position bias, and ``p(x, y) = 1 - p(y, x)``
-   exactly, so the label does not depend on which response was sampled first. A pair is
-   labelled ``chosen = x`` when ``p > 0.5`` and ``y`` when ``p < 0.5``; pairs of two
-   identical responses, and exact ties, are dropped. The labelled pairs are written to
-   ``output_dir/pairs.jsonl`` (``prompt``, ``chosen``, ``rejected``, and
-   ``judge_probability``, the ``p`` of the chosen response).
+   next-token distribution restricted to the two labels (``softmax`` of their two
+   logits), read right after the judge prompt, or with ``judge_reasoning`` after the
+   judge's own greedy reasoning for that order (up to its first ``", so "``). Response
+   ``x`` beats ``y`` with probability ``p = 0.5 * (P("A" | x shown as A) + P("B" | x
+   shown as B))``: averaging both presentation orders cancels the judge's position
+   bias, and ``p(x, y) = 1 - p(y, x)`` exactly, so the label does not depend on which
+   response was sampled first. A pair is labelled ``chosen = x`` when ``p > 0.5`` and
+   ``y`` when ``p < 0.5``; pairs of two identical responses, and exact ties, are
+   dropped. The labelled pairs are written to ``output_dir/pairs.jsonl`` (``prompt``,
+   ``chosen``, ``rejected``, and ``judge_probability``, the ``p`` of the chosen
+   response).
 4. Training, from the sampling policy (saved as ``output_dir/policy``), with this
    config's loop options (``steps``, ``batch_size``, ``learning_rate``, ...; ``eval_data``
    is the stage's held-out data: pairs for dpo, prompts for ppo):
@@ -32,7 +40,9 @@ labelled pairs train the policy.
 
 The result is the training stage's (its folder is the ``run_dir`` reported, where
 ``metrics.jsonl`` and the checkpoints are), plus ``labelled_pairs``, ``identical_pairs``
-and, on the built-in task, ``judge_agreement``: among the labelled pairs with exactly one
+and, on the built-in task, ``judge_heldout_accuracy``: the share of the task's held-out
+preference pairs (the correct answer and a near miss, 1 to 20 away) whose debiased label
+is the correct answer; and ``judge_agreement``: among the labelled pairs with exactly one
 correct response, the share whose chosen response is the correct one.
 """
 
@@ -46,19 +56,25 @@ from pathlib import Path
 import torch
 
 from ..config import BaseConfig, ConfigError, DPOConfig, PPOConfig, RewardConfig, RLAIFConfig, SFTConfig, load_config
+from ..forward import greedy_completions
 from ..loop import latest_checkpoint
 from ..models import BUILTIN_MODELS, load_causal_lm
 from ..rollout import sample_completions
 from ..task import AdditionTask
 from ._common import BUILTIN_DATA, MAX_BUILTIN_ROWS, builtin_task, prepare_run, training_rows
 
-__all__ = ["JUDGE_LABELS", "builtin_judge", "judge_preferences", "judgement_rows", "label_probabilities", "run"]
+__all__ = [
+    "JUDGE_LABELS", "REASONING_END", "builtin_judge", "judge_preferences", "judge_reasoning", "judgement_rows",
+    "label_probabilities", "reasoned_prompts", "run",
+]
 
 JUDGE_LABELS = ("A", "B")  # the label of the response shown first, and of the second
+REASONING_END = ", so "  # ends a reasoning judge's reasoning; its label is read next
+_REASONING_MAX_TOKENS = 32  # the built-in judge's longest reasoning, " 99+99=198, A: 198, so ", is 23
 JUDGE_DIR = "judge"
 PAIRS_FILE = "pairs.jsonl"
 _JUDGE_BATCH = 64  # rows per SFT micro-batch of the built-in judge, and per judge forward
-_JUDGE_HELDOUT_PAIRS = 100  # held-out pairs, both orders, of the built-in judge's evaluation
+_JUDGE_HELDOUT_PAIRS = 200  # held-out pairs of the judge's evaluations
 _SAMPLE_BATCH = 64  # prompts per sampling call
 
 
@@ -82,7 +98,10 @@ def run(config: RLAIFConfig) -> dict:
         else training_rows("rlaif", config, "prompt")[: config.num_prompts]
     )
     prompts, first, second = _sample_pairs(policy, tokenizer, rows, config)
-    preference, _, _ = judge_preferences(judge, judge_tokenizer, config.judge_template, prompts, first, second)
+    reasoning = judge_reasoning(config)
+    preference, _, _ = judge_preferences(
+        judge, judge_tokenizer, config.judge_template, prompts, first, second, reasoning
+    )
     pairs = [
         {"prompt": p, "chosen": x if q > 0.5 else y, "rejected": y if q > 0.5 else x, "judge_probability": max(q, 1 - q)}
         for p, x, y, q in zip(prompts, first, second, preference.tolist())
@@ -94,6 +113,7 @@ def run(config: RLAIFConfig) -> dict:
     pairs_path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
     labelling = {"labelled_pairs": len(pairs), "identical_pairs": sum(x == y for x, y in zip(first, second))}
     if config.data == BUILTIN_DATA:
+        labelling["judge_heldout_accuracy"] = _judge_heldout_accuracy(judge, judge_tokenizer, config, reasoning)
         agreement = _verifier_agreement(pairs)
         if agreement is not None:
             labelling["judge_agreement"] = agreement
@@ -106,6 +126,23 @@ def run(config: RLAIFConfig) -> dict:
     outcome = _train(config, run_dir, policy_dir, pairs_path)
     outcome["metrics"].update(labelling)
     return outcome
+
+
+def judge_reasoning(config: RLAIFConfig) -> bool:
+    """Whether the judge reasons before its label: ``judge_reasoning``, or when none
+    true for the built-in judge and false for ``judge=PATH``."""
+    return config.judge_reasoning if config.judge_reasoning is not None else config.judge is None
+
+
+def _judge_heldout_accuracy(judge, tokenizer, config: RLAIFConfig, reasoning: bool) -> float:
+    """The share of the built-in task's held-out preference pairs (the correct answer
+    and a near miss) whose debiased judge label is the correct answer."""
+    pairs = builtin_task(config).preference_pairs(_JUDGE_HELDOUT_PAIRS, "heldout")
+    preference, _, _ = judge_preferences(
+        judge, tokenizer, config.judge_template, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
+        [p["rejected"] for p in pairs], reasoning,
+    )
+    return float((preference > 0.5).float().mean())
 
 
 def _train(config: RLAIFConfig, run_dir: Path, policy_dir: Path, pairs_path: Path) -> dict:
@@ -158,6 +195,20 @@ def _verifier_agreement(pairs: list[dict]) -> float | None:
     return sum(decided) / len(decided) if decided else None
 
 
+def reasoned_prompts(judge, tokenizer, texts: list[str]) -> list[str]:
+    """Each judge prompt followed by the judge's reasoning: its greedy continuation (at
+    most ``_REASONING_MAX_TOKENS`` tokens) cut just after the first ``REASONING_END``; a
+    continuation without one is kept whole and ``REASONING_END`` appended, so the label
+    is always read at the same place."""
+    continuations = greedy_completions(judge, tokenizer, texts, max_new_tokens=_REASONING_MAX_TOKENS)
+    reasoned = []
+    for text, continuation in zip(texts, continuations):
+        end = continuation.find(REASONING_END)
+        reasoning = continuation[: end] if end >= 0 else continuation
+        reasoned.append(text + reasoning + REASONING_END)
+    return reasoned
+
+
 @torch.no_grad()
 def label_probabilities(judge, tokenizer, texts: list[str]) -> torch.Tensor:
     """``(n,)`` float32: for each judge prompt, the judge's probability of ``"A"`` over
@@ -183,45 +234,60 @@ def label_probabilities(judge, tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.cat(probabilities)
 
 
-def judge_preferences(judge, tokenizer, template: str, prompts: list[str], first: list[str], second: list[str]):
+def judge_preferences(judge, tokenizer, template: str, prompts: list[str], first: list[str], second: list[str],
+                      reasoning: bool = False):
     """``(p, first_shown_first, first_shown_second)``, each ``(n,)``: ``p`` the debiased
     probability that ``first`` beats ``second``, the mean of the two raw ones,
     ``first_shown_first = P("A")`` with ``first`` shown as A and ``first_shown_second =
-    P("B")`` with ``first`` shown as B."""
-    first_shown_first = label_probabilities(
-        judge, tokenizer, [template.format(prompt=p, a=x, b=y) for p, x, y in zip(prompts, first, second)]
-    )
-    first_shown_second = 1 - label_probabilities(
-        judge, tokenizer, [template.format(prompt=p, a=y, b=x) for p, x, y in zip(prompts, first, second)]
-    )
+    P("B")`` with ``first`` shown as B. With ``reasoning`` each order's label is read
+    after the judge's own reasoning for that order (``reasoned_prompts``), else right
+    after the prompt."""
+
+    def probabilities(texts):
+        return label_probabilities(judge, tokenizer, reasoned_prompts(judge, tokenizer, texts) if reasoning else texts)
+
+    shown = list(zip(prompts, first, second))
+    first_shown_first = probabilities([template.format(prompt=p, a=x, b=y) for p, x, y in shown])
+    first_shown_second = 1 - probabilities([template.format(prompt=p, a=y, b=x) for p, x, y in shown])
     return 0.5 * (first_shown_first + first_shown_second), first_shown_first, first_shown_second
 
 
-def judgement_rows(pairs: list[dict], template: str) -> list[dict]:
+def judgement_rows(pairs: list[dict], template: str, reasoning: bool = False) -> list[dict]:
     """SFT rows ``{"prompt", "completion"}`` of a judge: each preference pair in both
-    orders, the completion the label of the chosen response."""
+    orders, the completion the label of the chosen response; with ``reasoning`` the
+    label follows a reasoning: the pair's prompt and chosen response (the problem
+    solved), then the response shown as A (``" 12+34=46, A: 47, so B"``)."""
     rows = []
     for pair in pairs:
-        rows.append({"prompt": template.format(prompt=pair["prompt"], a=pair["chosen"], b=pair["rejected"]),
-                     "completion": JUDGE_LABELS[0]})
-        rows.append({"prompt": template.format(prompt=pair["prompt"], a=pair["rejected"], b=pair["chosen"]),
-                     "completion": JUDGE_LABELS[1]})
+        for label, a, b in ((JUDGE_LABELS[0], pair["chosen"], pair["rejected"]),
+                            (JUDGE_LABELS[1], pair["rejected"], pair["chosen"])):
+            reasoned = f" {pair['prompt']}{pair['chosen']}, {JUDGE_LABELS[0]}: {a}{REASONING_END}" if reasoning else ""
+            rows.append({"prompt": template.format(prompt=pair["prompt"], a=a, b=b), "completion": reasoned + label})
     return rows
 
 
 def builtin_judge(config: RLAIFConfig, run_dir: Path) -> Path:
     """The model folder of the built-in judge: ``judge_steps`` SFT steps of
-    ``builtin:tiny`` on the task's judgement rows, trained unless ``run_dir/judge``
-    already holds one made with the same settings and rows."""
+    ``builtin:tiny`` on the task's judgement rows (with reasoning when
+    ``judge_reasoning(config)``), trained unless ``run_dir/judge`` already holds one made
+    with the same settings and rows.
+
+    A reasoning judge also trains on the task's addition demonstrations (``"12+34="`` ->
+    ``"46"``), as many as the pairs: without them its reasoning's sum stayed about half
+    right after 1,000 steps, and its labels at chance."""
     from . import sft
 
     folder = run_dir / JUDGE_DIR
     task = builtin_task(config)
+    reasoning = judge_reasoning(config)
     pairs = min(config.judge_steps * _JUDGE_BATCH // 2, MAX_BUILTIN_ROWS)
+    rows = judgement_rows(task.preference_pairs(pairs, "train"), config.judge_template, reasoning)
+    if reasoning:
+        rows += task.sft_examples(pairs, "train")
     files = {
-        folder / "judgements.jsonl": judgement_rows(task.preference_pairs(pairs, "train"), config.judge_template),
+        folder / "judgements.jsonl": rows,
         folder / "judgements_heldout.jsonl": judgement_rows(
-            task.preference_pairs(_JUDGE_HELDOUT_PAIRS, "heldout"), config.judge_template
+            task.preference_pairs(_JUDGE_HELDOUT_PAIRS, "heldout"), config.judge_template, reasoning
         ),
     }
     texts = {path: "".join(json.dumps(row) + "\n" for row in rows) for path, rows in files.items()}
@@ -229,7 +295,7 @@ def builtin_judge(config: RLAIFConfig, run_dir: Path) -> Path:
         model=BUILTIN_MODELS[0], data=str(folder / "judgements.jsonl"), eval_data=str(folder / "judgements_heldout.jsonl"),
         seed=config.seed, device=config.device, dtype=config.dtype, max_length=config.max_length,
         steps=config.judge_steps, batch_size=_JUDGE_BATCH, learning_rate=2e-3, warmup_steps=20, eval_every=0,
-        output_dir=str(folder),
+        packing=True, output_dir=str(folder),
     )
     checkpoint = latest_checkpoint(folder)
     cached = (
