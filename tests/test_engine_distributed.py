@@ -66,6 +66,20 @@ def _assert_same_weights(got, want):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _run_two_processes(worker: str, config: dict, tmp_path) -> None:
+    """``worker`` (a script taking the JSON config) under ``torchrun --nproc-per-node 2``."""
+    script = tmp_path / "worker.py"
+    script.write_text(worker)
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), json.dumps(config)],
+        capture_output=True, text=True, timeout=300,
+        # the tests folder on the path: workers import online_rewards
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)},
+    )
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-5000:]
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_resume(tmp_path):
     from transformers import AutoModelForCausalLM
@@ -73,15 +87,8 @@ def test_two_processes_train_like_one_and_resume(tmp_path):
     eval_file = tmp_path / "heldout.jsonl"
     eval_file.write_text('{"prompt": "12+34=", "completion": "46"}\n{"prompt": "1+2=", "completion": "3"}\n')
     config = {**RUN, "eval_data": str(eval_file)}
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
     two = tmp_path / "two"
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), json.dumps({**config, "output_dir": str(two)})],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-5000:]
+    _run_two_processes(WORKER, {**config, "output_dir": str(two)}, tmp_path)
 
     one = tmp_path / "one"
     train("sft", {**config, "output_dir": str(one)})
@@ -157,15 +164,7 @@ def test_grpo_under_two_processes_splits_generation_and_resumes(tmp_path):
               "max_new_tokens": 4, "warmup_steps": 1, "learning_rate": 1e-3, "log_every": 1, "eval_every": 0,
               "save_every": 2, "warm_start_steps": 0, "device": "cpu", "eval_data": str(eval_file),
               "rewards": ["online_rewards:digit_share"], "output_dir": str(tmp_path)}
-    script = tmp_path / "worker.py"
-    script.write_text(ONLINE_WORKER)
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), json.dumps(config)],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)},  # online_rewards
-    )
-    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-5000:]
+    _run_two_processes(ONLINE_WORKER, config, tmp_path)
 
     calls = [json.loads((tmp_path / f"calls-{rank}.json").read_text()) for rank in (0, 1)]
     # 4 rollouts, then rollouts 2 and 3 again after resuming from the step-2 checkpoint.
