@@ -34,8 +34,11 @@ train: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/python -m fastpo.bench.demo
 
+# Two worker processes, each test file whole on one of them (a module's shared
+# training run stays in one process); tests/conftest.py gives each worker its share of
+# the cores.
 test: $(STAMP)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m fastpo.bench.token_logprobs --out bench/out

@@ -59,6 +59,16 @@ def linear_logprobs_flops(n: int, h: int, v: int) -> dict:
     return _passes(matmul, 2 * matmul)
 
 
+def linear_loss_flops(n: int, h: int, v: int, reference_head: bool = False) -> dict:
+    """Matmul FLOPs of a loss over ``n`` tokens computed from hidden states and the LM
+    head: ``linear_logprobs_flops``, plus ``2 n h v`` forward when the loss also runs a
+    frozen reference model's head over its own hidden states (no gradient)."""
+    flops = linear_logprobs_flops(n, h, v)
+    if reference_head:
+        return _passes(flops["fwd"] + 2 * n * h * v, flops["bwd"])
+    return flops
+
+
 def policy_loss_bytes(b: int, t: int) -> dict:
     """Clipped surrogate with a KL term over (b, t) tokens: log-probs, old and reference
     log-probs and the mask read, one advantage per sequence; backward reads them again

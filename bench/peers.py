@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
 import importlib.util
 
 
@@ -29,7 +30,7 @@ PEERS = (
              ("liger_cross_entropy", "liger_fused_linear_cross_entropy"), ("cuda",), "liger-kernel"),
     PeerSpec("liger_chunked", "liger_kernel.chunked_loss",
              ("LigerFusedLinearGRPOLoss", "LigerFusedLinearDPOLoss", "LigerFusedLinearKTOLoss"),
-             ("cuda",), "liger-kernel"),
+             ("cpu", "cuda"), "liger-kernel"),  # PyTorch code under torch.compile, no Triton
     PeerSpec("flash_attn", "flash_attn.ops.triton.cross_entropy", ("cross_entropy_loss",),
              ("cuda",), "flash-attn"),
     PeerSpec("cut_cross_entropy", "cut_cross_entropy", ("linear_cross_entropy",), ("cuda",),
@@ -87,11 +88,16 @@ def discover_peers(device: str, specs=PEERS) -> dict[str, dict]:
                     status["note"] = f"{spec.module} has no {', '.join(missing)} (an incompatible version?)"
                 else:
                     status["available"] = True
-                    status["note"] = "version " + _version(spec.module)
+                    status["note"] = "version " + _version(spec)
         found[spec.name] = status
     return found
 
 
-def _version(module: str) -> str:
-    top = importlib.import_module(module.split(".")[0])
-    return str(getattr(top, "__version__", "unknown"))
+def _version(spec: PeerSpec) -> str:
+    """The installed distribution's version (liger_kernel has no ``__version__``), else
+    the module's."""
+    try:
+        return importlib.metadata.version(spec.install)
+    except importlib.metadata.PackageNotFoundError:
+        top = importlib.import_module(spec.module.split(".")[0])
+        return str(getattr(top, "__version__", "unknown"))

@@ -439,6 +439,209 @@ def _preference_impls(device: str, peers: set) -> dict:
     return impls
 
 
+# ------------------------------- losses from hidden states (Liger's chunked losses)
+# The whole loss from the last hidden states and the LM head: fastpo's linear_* ops,
+# the logits then the loss as trainers write it, and Liger-Kernel's chunked losses.
+
+
+def _head_shapes(device: str, quick: bool) -> list[dict]:
+    if quick:
+        chosen, (h, v) = [(2, 32), (4, 32)], (64, 32000)
+    elif device == "cuda":
+        chosen, (h, v) = [(8, 1024), (16, 1024)], (LLAMA3_H, LLAMA3_V)
+    else:
+        chosen, (h, v) = [(4, 64), (8, 64)], (256, QWEN25_V)
+    return [{"seqs": s, "seq": t, "hidden": h, "vocab": v, "tokens": s * t} for s, t in chosen]
+
+
+@torch.no_grad()
+def _head_logprobs(hidden, weight, targets, rows: int = 1024):
+    """log_softmax(hidden @ weight.T) at ``targets``, in the inputs' dtype (float64 for
+    the references), ``rows`` tokens at a time so that a GPU shape's logits never exist
+    whole."""
+    flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    out = torch.empty(flat_targets.shape, dtype=hidden.dtype, device=hidden.device)
+    for start in range(0, flat.shape[0], rows):
+        stop = start + rows
+        out[start:stop] = _gather((flat[start:stop] @ weight.T).log_softmax(-1), flat_targets[start:stop])
+    return out.view(targets.shape)
+
+
+def _eager_head_logprobs(hidden, weight, targets):
+    """The logits, then their fp32 log_softmax at the targets, as TRL's trainers run it."""
+    return (hidden @ weight.T).float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def _completion_mask(seqs: int, seq: int, device: str) -> torch.Tensor:
+    lengths = torch.randint(seq // 4, seq + 1, (seqs,))
+    return (torch.arange(seq)[None, :] < lengths[:, None]).to(device)
+
+
+def _head_inputs(shape: dict, dtype: torch.dtype, device: str) -> dict:
+    s, t, h, v = shape["seqs"], shape["seq"], shape["hidden"], shape["vocab"]
+    return {
+        "hidden": _leaf((torch.randn(s, t, h, device=device) / h**0.5).to(dtype)),
+        "weight": _leaf(torch.randn(v, h, device=device).to(dtype)),
+        "targets": torch.randint(0, v, (s, t), device=device),
+        "mask": _completion_mask(s, t, device),
+    }
+
+
+def _head_work(reference_head: bool):
+    def work(shape: dict, itemsize: int):
+        return "flops", models.linear_loss_flops(shape["tokens"], shape["hidden"], shape["vocab"], reference_head)
+
+    return work
+
+
+def _linear_policy_inputs(shape: dict, dtype: torch.dtype, device: str) -> dict:
+    inputs = _head_inputs(shape, dtype, device)
+    # old and reference log-probs near the current ones, so that some ratios are clipped
+    now = _head_logprobs(inputs["hidden"].float(), inputs["weight"].float(), inputs["targets"])
+    seqs = shape["seqs"]
+    return {**inputs, "old": now + 0.05 * torch.randn_like(now), "ref": now + 0.05 * torch.randn_like(now),
+            "adv": torch.randn(seqs, device=device)}
+
+
+def _linear_policy_reference(hidden, weight, targets, mask, old, ref, adv):
+    loss, _ = losses.eager_grpo_loss(_head_logprobs(hidden, weight, targets), old, ref, adv, mask)
+    return (loss,)
+
+
+def _linear_policy_impls(device: str, peers: set) -> dict:
+    from fastpo.kernels import linear_policy_loss
+
+    def eager(hidden, weight, targets, mask, old, ref, adv):
+        loss, _ = losses.eager_grpo_loss(_eager_head_logprobs(hidden, weight, targets), old, ref, adv, mask)
+        return (loss,)
+
+    def fastpo(hidden, weight, targets, mask, old, ref, adv):
+        loss, _ = linear_policy_loss(hidden, weight, targets, old, adv, mask, loss_type="grpo",
+                                     clip_eps_low=losses.EPS, ref_logprobs=ref, kl_coef=losses.KL_COEF)
+        return (loss,)
+
+    impls = {"eager": lambda: eager, "fastpo": lambda: fastpo}
+    if "liger_chunked" in peers:
+        def liger():
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+            grpo = LigerFusedLinearGRPOLoss(beta=losses.KL_COEF, epsilon_low=losses.EPS, epsilon_high=losses.EPS,
+                                            loss_type="grpo", use_ref_model=True)
+            return lambda hidden, weight, targets, mask, old, ref, adv: (
+                grpo(hidden, weight, targets, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)[0],)
+
+        impls["liger_chunked"] = liger
+    return impls
+
+
+def _linear_reference_model_inputs(shape: dict, dtype: torch.dtype, device: str) -> dict:
+    """A policy head and a frozen reference model's (hidden states near the policy's, a
+    perturbed copy of its head), read by a loss that runs both heads every step."""
+    inputs = _head_inputs(shape, dtype, device)
+    h = shape["hidden"]
+    ref_hidden = inputs["hidden"].detach() + (0.1 * torch.randn(inputs["hidden"].shape, device=device) / h**0.5).to(dtype)
+    ref_weight = inputs["weight"].detach() + (0.1 * torch.randn(inputs["weight"].shape, device=device)).to(dtype)
+    return {**inputs, "ref_hidden": ref_hidden, "ref_weight": ref_weight}
+
+
+def _masked_sums(token_lp, mask):
+    return (token_lp * mask).sum(-1)
+
+
+def _dpo_of_sums(seq, ref_seq):
+    """TRL's sigmoid DPO, mean over pairs; chosen sequences first, then rejected."""
+    pairs = seq.shape[0] // 2
+    margin = (seq[:pairs] - ref_seq[:pairs]) - (seq[pairs:] - ref_seq[pairs:])
+    return -F.logsigmoid(losses.BETA * margin).mean()
+
+
+def _linear_dpo_reference(hidden, weight, targets, mask, ref_hidden, ref_weight):
+    seq = _masked_sums(_head_logprobs(hidden, weight, targets), mask)
+    ref_seq = _masked_sums(_head_logprobs(ref_hidden, ref_weight, targets), mask)
+    return (_dpo_of_sums(seq, ref_seq),)
+
+
+def _linear_dpo_impls(device: str, peers: set) -> dict:
+    from fastpo.kernels import dpo_loss, linear_preference_logprobs
+
+    def eager(hidden, weight, targets, mask, ref_hidden, ref_weight):
+        seq = _masked_sums(_eager_head_logprobs(hidden, weight, targets), mask)
+        with torch.no_grad():
+            ref_seq = _masked_sums(_eager_head_logprobs(ref_hidden, ref_weight, targets), mask)
+        return (_dpo_of_sums(seq, ref_seq),)
+
+    def fastpo(hidden, weight, targets, mask, ref_hidden, ref_weight):
+        pairs = hidden.shape[0] // 2
+        seq = linear_preference_logprobs(hidden, weight, targets, mask)
+        with torch.no_grad():
+            ref_seq = linear_preference_logprobs(ref_hidden, ref_weight, targets, mask)
+        out, _, _ = dpo_loss(seq[:pairs], seq[pairs:], ref_seq[:pairs], ref_seq[pairs:], beta=losses.BETA)
+        return (out.mean(),)
+
+    impls = {"eager": lambda: eager, "fastpo": lambda: fastpo}
+    if "liger_chunked" in peers:
+        def liger():
+            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+            dpo = LigerFusedLinearDPOLoss(beta=losses.BETA, use_ref_model=True)
+            return lambda hidden, weight, targets, mask, ref_hidden, ref_weight: (
+                dpo(weight, hidden, targets.masked_fill(~mask, -100), ref_input=ref_hidden, ref_weight=ref_weight)[0],)
+
+        impls["liger_chunked"] = liger
+    return impls
+
+
+def _linear_kto_inputs(shape: dict, dtype: torch.dtype, device: str) -> dict:
+    inputs = _linear_reference_model_inputs(shape, dtype, device)
+    desirable = torch.arange(shape["seqs"], device=device) % 2 == 0
+    # z0, the batch's KL estimate, is computed before the step (from mismatched pairs)
+    return {**inputs, "desirable": desirable, "z0": torch.tensor(0.5, device=device)}
+
+
+def _kto_of_sums(seq, ref_seq, desirable, z0):
+    """TRL's KTO with both weights 1, mean over examples."""
+    logratio = seq - ref_seq
+    return torch.where(desirable, 1 - torch.sigmoid(losses.BETA * (logratio - z0)),
+                       1 - torch.sigmoid(losses.BETA * (z0 - logratio))).mean()
+
+
+def _linear_kto_reference(hidden, weight, targets, mask, ref_hidden, ref_weight, desirable, z0):
+    seq = _masked_sums(_head_logprobs(hidden, weight, targets), mask)
+    ref_seq = _masked_sums(_head_logprobs(ref_hidden, ref_weight, targets), mask)
+    return (_kto_of_sums(seq, ref_seq, desirable, z0),)
+
+
+def _linear_kto_impls(device: str, peers: set) -> dict:
+    from fastpo.kernels import kto_loss, linear_preference_logprobs
+
+    def eager(hidden, weight, targets, mask, ref_hidden, ref_weight, desirable, z0):
+        seq = _masked_sums(_eager_head_logprobs(hidden, weight, targets), mask)
+        with torch.no_grad():
+            ref_seq = _masked_sums(_eager_head_logprobs(ref_hidden, ref_weight, targets), mask)
+        return (_kto_of_sums(seq, ref_seq, desirable, z0),)
+
+    def fastpo(hidden, weight, targets, mask, ref_hidden, ref_weight, desirable, z0):
+        seq = linear_preference_logprobs(hidden, weight, targets, mask)
+        with torch.no_grad():
+            ref_seq = linear_preference_logprobs(ref_hidden, ref_weight, targets, mask)
+        # one mismatched pair whose log-ratio is z0 sets kto_loss's KL estimate to z0
+        out, _, _ = kto_loss(seq, ref_seq, desirable, z0[None], torch.zeros_like(z0)[None], beta=losses.BETA)
+        return (out.mean(),)
+
+    impls = {"eager": lambda: eager, "fastpo": lambda: fastpo}
+    if "liger_chunked" in peers:
+        def liger():
+            from liger_kernel.chunked_loss import LigerFusedLinearKTOLoss
+
+            kto = LigerFusedLinearKTOLoss(beta=losses.BETA, use_ref_model=True)
+            return lambda hidden, weight, targets, mask, ref_hidden, ref_weight, desirable, z0: (
+                kto(hidden, weight, targets.masked_fill(~mask, -100), preference_labels=desirable,
+                    ref_input=ref_hidden, ref_weight=ref_weight, kl=z0)[0],)
+
+        impls["liger_chunked"] = liger
+    return impls
+
+
 SUITES = {suite.name: suite for suite in (
     Suite("token_logprobs", _vocab_shapes, _logits_inputs, _token_reference, _token_impls, _token_work(False),
           dtypes=_logit_dtypes, check_rows=("logits", "targets"), series=("vocab",)),
@@ -472,6 +675,12 @@ SUITES = {suite.name: suite for suite in (
                                      [(64, 4096), (128, 4096), (256, 4096)], first="pairs"),
           _preference_inputs, _eager_dpo, _preference_impls,
           lambda s, _: ("bytes", models.preference_bytes(s["pairs"], s["seq"]))),
+    Suite("linear_policy_loss", _head_shapes, _linear_policy_inputs, _linear_policy_reference,
+          _linear_policy_impls, _head_work(False), dtypes=_logit_dtypes, series=("hidden", "vocab")),
+    Suite("linear_dpo", _head_shapes, _linear_reference_model_inputs, _linear_dpo_reference, _linear_dpo_impls,
+          _head_work(True), dtypes=_logit_dtypes, series=("hidden", "vocab")),
+    Suite("linear_kto", _head_shapes, _linear_kto_inputs, _linear_kto_reference, _linear_kto_impls,
+          _head_work(True), dtypes=_logit_dtypes, series=("hidden", "vocab")),
 )}
 # every name --only accepts: the op suites, then the end-to-end training steps
 NAMES = (*SUITES, e2e.NAME)

@@ -40,6 +40,13 @@ def test_linear_logprobs_flops():
     assert models.linear_logprobs_flops(2, 3, 5) == {"fwd": 60, "bwd": 120, "fwdbwd": 180}
 
 
+def test_linear_loss_flops():
+    # 2 tokens, H 3, V 5: the policy head is the log-prob op's 60 forward and 120 backward;
+    # a reference model's head adds one more forward matmul, 60, and nothing backward.
+    assert models.linear_loss_flops(2, 3, 5) == {"fwd": 60, "bwd": 120, "fwdbwd": 180}
+    assert models.linear_loss_flops(2, 3, 5, reference_head=True) == {"fwd": 120, "bwd": 120, "fwdbwd": 240}
+
+
 def test_elementwise_bytes():
     # policy loss, 2 x 3 tokens: (lp, old, ref: 3 x 4) + mask 1 = 13 per token, 2 advantages x 4:
     # fwd 6 * 13 + 8 = 86; bwd the same reads + 6 x 4 gradient = 110.
@@ -179,8 +186,11 @@ def test_the_real_peer_list_without_trl(monkeypatch):
     found = peers.discover_peers("cpu")
     assert set(found) == {spec.name for spec in peers.PEERS}
     assert not found["trl"]["available"] and "pip install trl" in found["trl"]["note"]
-    for name in ("liger", "liger_chunked", "flash_attn", "cut_cross_entropy", "quack"):
+    for name in ("liger", "flash_attn", "cut_cross_entropy", "quack"):
         assert not found[name]["available"] and "cuda only" in found[name]["note"]
+    # Liger's chunked losses are PyTorch code: on the CPU they are found, or their absence explained
+    chunked = found["liger_chunked"]
+    assert chunked["available"] or "pip install liger-kernel" in chunked["note"]
 
 
 # ------------------------------------------------------------- the correctness guard
