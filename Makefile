@@ -35,10 +35,11 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m fastpo.bench.demo
 
 # Two worker processes, each test file whole on one of them (a module's shared
-# training run stays in one process); tests/conftest.py gives each worker its share of
-# the cores.
+# training run stays in one process), in the order tests/conftest.py sorts them (the
+# longest first), not xdist's (the most tests first); conftest.py also gives each worker
+# its share of the cores.
 test: $(STAMP)
-	$(VENV)/bin/pytest -n 2 --dist loadfile
+	$(VENV)/bin/pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m fastpo.bench.token_logprobs --out bench/out
