@@ -1,7 +1,8 @@
 # The two quickstart commands, each setting up its own virtual environment in .venv:
 #   make train  the main job: `fastpo grpo` on the built-in task (SFT warm start, then GRPO)
 #   make test   the test suite
-# and `make demo`: fused vs eager log-probs on a real vocabulary, with peak memory.
+# and `make demo`: fused vs eager log-probs on a real vocabulary, with peak memory;
+# `make bench`: the benchmark suite (python -m fastpo.bench), tables and plots in bench/out.
 #
 # On a machine without an NVIDIA GPU the CPU build of torch is installed, never the
 # multi-GB CUDA build: TORCH_CPU names it (pip finds it on a local wheel directory or on
@@ -41,5 +42,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest -n 2 --dist loadfile --no-loadscope-reorder
 
+# the benchmark suite with its CPU-capable peers (TRL, Liger-Kernel); see docs/benchmarks.md
 bench: $(STAMP)
-	$(VENV)/bin/python -m fastpo.bench.token_logprobs --out bench/out
+	$(VENV)/bin/pip install -e ".[bench]"
+	$(VENV)/bin/python -m fastpo.bench --out bench/out

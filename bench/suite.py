@@ -496,11 +496,11 @@ def _head_work(reference_head: bool):
 
 def _linear_policy_inputs(shape: dict, dtype: torch.dtype, device: str) -> dict:
     inputs = _head_inputs(shape, dtype, device)
-    # old and reference log-probs near the current ones, so that some ratios are clipped
+    # old and reference log-probs near the current ones; about a third of the ratios
+    # leave [0.8, 1.2], so both sides of the clip are exercised
     now = _head_logprobs(inputs["hidden"].float(), inputs["weight"].float(), inputs["targets"])
-    seqs = shape["seqs"]
-    return {**inputs, "old": now + 0.05 * torch.randn_like(now), "ref": now + 0.05 * torch.randn_like(now),
-            "adv": torch.randn(seqs, device=device)}
+    return {**inputs, "old": now + 0.2 * torch.randn_like(now), "ref": now + 0.2 * torch.randn_like(now),
+            "adv": torch.randn(shape["seqs"], device=device)}
 
 
 def _linear_policy_reference(hidden, weight, targets, mask, old, ref, adv):
