@@ -538,14 +538,36 @@ def _linear_reference_model_inputs(shape: dict, dtype: torch.dtype, device: str)
     """A policy head and a frozen reference model's (hidden states near the policy's, a
     perturbed copy of its head), read by a loss that runs both heads every step."""
     inputs = _head_inputs(shape, dtype, device)
-    h = shape["hidden"]
-    ref_hidden = inputs["hidden"].detach() + (0.1 * torch.randn(inputs["hidden"].shape, device=device) / h**0.5).to(dtype)
-    ref_weight = inputs["weight"].detach() + (0.1 * torch.randn(inputs["weight"].shape, device=device)).to(dtype)
-    return {**inputs, "ref_hidden": ref_hidden, "ref_weight": ref_weight}
+    hidden, weight = inputs["hidden"].detach(), inputs["weight"].detach()
+    noise = 0.1 * torch.randn(hidden.shape, device=device) / shape["hidden"] ** 0.5
+    return {**inputs, "ref_hidden": hidden + noise.to(dtype),
+            "ref_weight": weight + (0.1 * torch.randn(weight.shape, device=device)).to(dtype)}
 
 
 def _masked_sums(token_lp, mask):
     return (token_lp * mask).sum(-1)
+
+
+def _reference_sums(hidden, weight, targets, mask, ref_hidden, ref_weight):
+    """Per-sequence log-probs under the policy and the reference model (float64 inputs)."""
+    return (_masked_sums(_head_logprobs(hidden, weight, targets), mask),
+            _masked_sums(_head_logprobs(ref_hidden, ref_weight, targets), mask))
+
+
+def _eager_sums(hidden, weight, targets, mask, ref_hidden, ref_weight):
+    """The same through both models' logits, the reference without gradient, as TRL."""
+    seq = _masked_sums(_eager_head_logprobs(hidden, weight, targets), mask)
+    with torch.no_grad():
+        return seq, _masked_sums(_eager_head_logprobs(ref_hidden, ref_weight, targets), mask)
+
+
+def _fastpo_sums(hidden, weight, targets, mask, ref_hidden, ref_weight):
+    """The same with ``linear_preference_logprobs``: neither model's logits exist whole."""
+    from fastpo.kernels import linear_preference_logprobs
+
+    seq = linear_preference_logprobs(hidden, weight, targets, mask)
+    with torch.no_grad():
+        return seq, linear_preference_logprobs(ref_hidden, ref_weight, targets, mask)
 
 
 def _dpo_of_sums(seq, ref_seq):
@@ -555,26 +577,19 @@ def _dpo_of_sums(seq, ref_seq):
     return -F.logsigmoid(losses.BETA * margin).mean()
 
 
-def _linear_dpo_reference(hidden, weight, targets, mask, ref_hidden, ref_weight):
-    seq = _masked_sums(_head_logprobs(hidden, weight, targets), mask)
-    ref_seq = _masked_sums(_head_logprobs(ref_hidden, ref_weight, targets), mask)
-    return (_dpo_of_sums(seq, ref_seq),)
+def _linear_dpo_reference(**inputs):
+    return (_dpo_of_sums(*_reference_sums(**inputs)),)
 
 
 def _linear_dpo_impls(device: str, peers: set) -> dict:
-    from fastpo.kernels import dpo_loss, linear_preference_logprobs
+    from fastpo.kernels import dpo_loss
 
-    def eager(hidden, weight, targets, mask, ref_hidden, ref_weight):
-        seq = _masked_sums(_eager_head_logprobs(hidden, weight, targets), mask)
-        with torch.no_grad():
-            ref_seq = _masked_sums(_eager_head_logprobs(ref_hidden, ref_weight, targets), mask)
-        return (_dpo_of_sums(seq, ref_seq),)
+    def eager(**inputs):
+        return (_dpo_of_sums(*_eager_sums(**inputs)),)
 
-    def fastpo(hidden, weight, targets, mask, ref_hidden, ref_weight):
-        pairs = hidden.shape[0] // 2
-        seq = linear_preference_logprobs(hidden, weight, targets, mask)
-        with torch.no_grad():
-            ref_seq = linear_preference_logprobs(ref_hidden, ref_weight, targets, mask)
+    def fastpo(**inputs):
+        seq, ref_seq = _fastpo_sums(**inputs)
+        pairs = seq.shape[0] // 2
         out, _, _ = dpo_loss(seq[:pairs], seq[pairs:], ref_seq[:pairs], ref_seq[pairs:], beta=losses.BETA)
         return (out.mean(),)
 
@@ -605,25 +620,18 @@ def _kto_of_sums(seq, ref_seq, desirable, z0):
                        1 - torch.sigmoid(losses.BETA * (z0 - logratio))).mean()
 
 
-def _linear_kto_reference(hidden, weight, targets, mask, ref_hidden, ref_weight, desirable, z0):
-    seq = _masked_sums(_head_logprobs(hidden, weight, targets), mask)
-    ref_seq = _masked_sums(_head_logprobs(ref_hidden, ref_weight, targets), mask)
-    return (_kto_of_sums(seq, ref_seq, desirable, z0),)
+def _linear_kto_reference(desirable, z0, **inputs):
+    return (_kto_of_sums(*_reference_sums(**inputs), desirable, z0),)
 
 
 def _linear_kto_impls(device: str, peers: set) -> dict:
-    from fastpo.kernels import kto_loss, linear_preference_logprobs
+    from fastpo.kernels import kto_loss
 
-    def eager(hidden, weight, targets, mask, ref_hidden, ref_weight, desirable, z0):
-        seq = _masked_sums(_eager_head_logprobs(hidden, weight, targets), mask)
-        with torch.no_grad():
-            ref_seq = _masked_sums(_eager_head_logprobs(ref_hidden, ref_weight, targets), mask)
-        return (_kto_of_sums(seq, ref_seq, desirable, z0),)
+    def eager(desirable, z0, **inputs):
+        return (_kto_of_sums(*_eager_sums(**inputs), desirable, z0),)
 
-    def fastpo(hidden, weight, targets, mask, ref_hidden, ref_weight, desirable, z0):
-        seq = linear_preference_logprobs(hidden, weight, targets, mask)
-        with torch.no_grad():
-            ref_seq = linear_preference_logprobs(ref_hidden, ref_weight, targets, mask)
+    def fastpo(desirable, z0, **inputs):
+        seq, ref_seq = _fastpo_sums(**inputs)
         # one mismatched pair whose log-ratio is z0 sets kto_loss's KL estimate to z0
         out, _, _ = kto_loss(seq, ref_seq, desirable, z0[None], torch.zeros_like(z0)[None], beta=losses.BETA)
         return (out.mean(),)
