@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from .config import ALGORITHMS, ConfigError, format_help, load_config
+from .distributed import shutdown_distributed
 from .loop import TrainingDiverged
 from .runner import train
 
@@ -60,5 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     except (NotImplementedError, TrainingDiverged) as error:
         print(f"fastpo: {error}", file=sys.stderr)
         return 1
+    shutdown_distributed()
     # 128 + SIGINT, the shell's status for a run stopped by Ctrl-C (its checkpoint is written).
     return 130 if summary["status"] == "interrupted" else 0

@@ -23,7 +23,7 @@ WORKER = """
 import json, shutil, sys
 from pathlib import Path
 import torch.distributed as dist
-from fastpo.engine import ConfigError, train
+from fastpo.engine import ConfigError, shutdown_distributed, train
 
 config = json.loads(sys.argv[1])
 run_dir = Path(config["output_dir"])
@@ -38,6 +38,7 @@ try:
 except ConfigError as error:  # raised on every rank, before any training
     if dist.get_rank() == 0:
         (run_dir / "refused.txt").write_text(str(error))
+shutdown_distributed()
 """
 
 
@@ -118,16 +119,17 @@ def test_two_processes_train_like_one_and_resume(tmp_path):
     _assert_same_weights(_weights(two), _weights(one))
 
 
-# GRPO under torchrun: record what each rank samples (its share) and the rollout it
-# trains on (everyone's), run 4 steps, then resume from the step-2 checkpoint.
+# GRPO or PPO under torchrun: record what each rank samples (its share) and the rollout
+# it trains on (everyone's), run 4 steps, then resume from the step-2 checkpoint.
 ONLINE_WORKER = """
 import json, shutil, sys
 from pathlib import Path
 import torch.distributed as dist
-from fastpo.engine import train
+from fastpo.engine import shutdown_distributed, train
 from fastpo.engine.algorithms import _online
 
 config = json.loads(sys.argv[1])
+algorithm = config.pop("algorithm")
 run_dir = Path(config["output_dir"])
 calls = []
 sample_completions, sample = _online.sample_completions, _online.OnlineRun.sample
@@ -145,22 +147,29 @@ def recording_sample(self, model, rows):
 
 _online.sample_completions = recording_sample_completions
 _online.OnlineRun.sample = recording_sample
-train("grpo", config)
+train(algorithm, config)
 if dist.get_rank() == 0:
     shutil.copy(run_dir / "metrics.jsonl", run_dir / "first.jsonl")
     shutil.rmtree(run_dir / "checkpoints" / "step-00000004")
 dist.barrier()
-train("grpo", {**config, "resume": True})
+train(algorithm, {**config, "resume": True})
 (run_dir / f"calls-{dist.get_rank()}.json").write_text(json.dumps(calls))
+shutdown_distributed()
 """
 
 
+# 8 completions per rollout, one optimizer step of 2 micro-batches of 4: GRPO's 2
+# prompts x 4 samples, PPO's 8 prompts x 1 (one epoch, so one rollout per step).
+ROLLOUT = {"grpo": {"prompts_per_rollout": 2, "num_generations": 4},
+           "ppo": {"prompts_per_rollout": 8, "num_generations": 1, "num_iterations": 1}}
+
+
 @pytest.mark.slow
-def test_grpo_under_two_processes_splits_generation_and_resumes(tmp_path):
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_online_rl_under_two_processes_splits_generation_and_resumes(tmp_path, algorithm):
     eval_file = tmp_path / "heldout.jsonl"
     eval_file.write_text('{"prompt": "12+34="}\n{"prompt": "1+2="}\n')
-    # 2 prompts x 4 samples = 8 completions: one optimizer step of 2 micro-batches of 4.
-    config = {"steps": 4, "batch_size": 4, "grad_accum_steps": 2, "prompts_per_rollout": 2, "num_generations": 4,
+    config = {"algorithm": algorithm, **ROLLOUT[algorithm], "steps": 4, "batch_size": 4, "grad_accum_steps": 2,
               "max_new_tokens": 4, "warmup_steps": 1, "learning_rate": 1e-3, "log_every": 1, "eval_every": 0,
               "save_every": 2, "warm_start_steps": 0, "device": "cpu", "eval_data": str(eval_file),
               "rewards": ["online_rewards:digit_share"], "output_dir": str(tmp_path)}
