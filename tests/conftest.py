@@ -1,6 +1,7 @@
 """Test setup: without a CUDA device, Triton kernels run on CPU tensors through
 Triton's interpreter, which must be switched on before triton is imported."""
 
+import collections
 import os
 
 import torch
@@ -9,9 +10,9 @@ import torch
 # share of the cores, and so do the processes the tests start: threads beyond the cores
 # only contend, and the engine's small models run no faster on two threads than on one.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-    os.environ["OMP_NUM_THREADS"] = _threads
-    torch.set_num_threads(int(_threads))
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -37,9 +38,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
     # Files with the most slow tests first: under `make test` each file runs whole on one
     # of two workers, and the suite ends soonest when the longest files start first.
-    slow_per_file: dict[str, int] = {}
-    for item in items:
-        slow_per_file[item.path] = slow_per_file.get(item.path, 0) + ("slow" in item.keywords)
+    slow_per_file = collections.Counter(item.path for item in items if "slow" in item.keywords)
     items.sort(key=lambda item: -slow_per_file[item.path])
 
 
