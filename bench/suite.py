@@ -229,13 +229,17 @@ def _linear_reference(hidden, weight, targets):
     return (_gather((hidden @ weight.T).log_softmax(-1), targets),)
 
 
+def _eager_head_logprobs(hidden, weight, targets):
+    """The lm_head matmul, then the fp32 log_softmax at the targets, as trainers run
+    them; hidden states (..., H), targets (...)."""
+    return (hidden @ weight.T).float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
 def _linear_impls(device: str, peers: set) -> dict:
     from fastpo.kernels import linear_token_logprobs
 
     impls = {
-        # the lm_head matmul, then the fp32 log_softmax and gather, as trainers run them
-        "eager": lambda: lambda hidden, weight, targets: (
-            _gather((hidden @ weight.T).float().log_softmax(-1), targets),),
+        "eager": lambda: lambda hidden, weight, targets: (_eager_head_logprobs(hidden, weight, targets),),
         "fastpo": lambda: lambda hidden, weight, targets: (linear_token_logprobs(hidden, weight, targets),),
     }
     if "liger" in peers:
@@ -465,11 +469,6 @@ def _head_logprobs(hidden, weight, targets, rows: int = 1024):
         stop = start + rows
         out[start:stop] = _gather((flat[start:stop] @ weight.T).log_softmax(-1), flat_targets[start:stop])
     return out.view(targets.shape)
-
-
-def _eager_head_logprobs(hidden, weight, targets):
-    """The logits, then their fp32 log_softmax at the targets, as TRL's trainers run it."""
-    return (hidden @ weight.T).float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
 def _completion_mask(seqs: int, seq: int, device: str) -> torch.Tensor:
