@@ -10,14 +10,27 @@ import torch
 from fastpo.bench import suite
 
 
+# Plain text for the terminal (the module docstrings are reST, for the source's readers).
+DESCRIPTION = (
+    "The benchmark suite: every fastpo kernel against eager PyTorch, torch.compile of the same eager code and "
+    "the peer libraries that are installed (TRL and Liger-Kernel with the [bench] extra; flash-attn, "
+    "cut-cross-entropy and quack on GPUs). Each case runs in a fresh process: it first checks the outputs against "
+    "a float64 reference (a mismatch or a failure becomes a note instead of a time), then times forward, "
+    "backward and forward+backward (median, 20th and 80th percentiles) and measures the peak memory beyond the "
+    "inputs and their gradients. The e2e suite times whole GRPO and DPO training steps of fastpo's engine against "
+    "TRL's trainers; it runs in a full run and with --only e2e, not in a plain --quick run."
+)
+EPILOG = "With --out: a CSV, a Markdown table and plots. Every case and column is described in docs/benchmarks.md."
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastpo.bench", description=suite.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m fastpo.bench", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--quick", action="store_true", help="small CPU shapes, fp32 only (CI: about 2 minutes)")
-    parser.add_argument("--only", default=None,
+    parser.add_argument("--only", default=None, metavar="SUITE[,SUITE]",
                         help=f"comma-separated suites, of: {', '.join(suite.NAMES)}")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="directory for the CSV, the Markdown table and the plots")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when a GPU is present, else cpu")
+    parser.add_argument("--out", default=None, metavar="DIR", help="directory for the CSV, the Markdown table and the plots")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="measure torch.compile of the eager code too (default: yes, except with --quick: "
                              "compiling takes 10 to 30 seconds per case on a small CPU)")

@@ -30,7 +30,17 @@ DPO response ``completion_len`` tokens with its EOS, and a GRPO completion is
 ``completion_len`` sampled tokens (the random model almost never samples EOS; the row's
 note gives the measured mean).
 
-Both sides run with the same configuration (``describe_fastpo`` and ``describe_trl``
+TRL's trainers run twice: stock (``trl``) and with ``fastpo.integrations.trl.enable()``
+(``trl+fastpo``): the same trainer, model, data and configuration, with TRL's fused LM
+head computed by fastpo (docs/integrations.md). The fastpo row's note gives TRL's time
+and memory over fastpo's engine, the ``trl+fastpo`` row's note stock TRL's over TRL with
+fastpo.
+
+With ``--quick`` (``python -m fastpo.bench --only e2e --quick``) the cases are
+``QUICK_CASES``: the same model with a 4,096-token vocabulary, 8 prompt and 8
+completion tokens and one timed step, a smoke run of every row in a few minutes.
+
+Every side runs with the same configuration (``describe_fastpo`` and ``describe_trl``
 read it back from each trainer's own config object, and a case whose two sides differ
 is not timed): the batch, the group size, the prompt and completion lengths, learning
 rate, beta, loss, temperature, gradient clipping, no weight decay, a constant learning
@@ -62,6 +72,7 @@ import os
 import random
 import statistics
 import string
+import subprocess
 import sys
 import tempfile
 import time
@@ -96,6 +107,7 @@ class Case:
     temperature: float = 1.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    vocab_size: int = VOCAB
 
     @property
     def prompts_per_step(self) -> int:
@@ -114,7 +126,16 @@ CASES = (
     Case("grpo", batch=8, group=4, prompt_len=32, completion_len=32, learning_rate=1e-5, beta=0.04),
     Case("dpo", batch=4, prompt_len=32, completion_len=32, learning_rate=1e-5, beta=0.1),
 )
-IMPLEMENTATIONS = ("fastpo", "trl")
+# QUICK: a smoke run of every row (a small vocabulary, short sequences)
+QUICK_CASES = (
+    Case("grpo", batch=4, group=2, prompt_len=8, completion_len=8, learning_rate=1e-5, beta=0.0, vocab_size=4096),
+    Case("dpo", batch=2, prompt_len=8, completion_len=8, learning_rate=1e-5, beta=0.1, vocab_size=4096),
+)
+QUICK_REPS = 1
+# "trl+fastpo": TRL's trainer after fastpo.integrations.trl.enable()
+IMPLEMENTATIONS = ("fastpo", "trl", "trl+fastpo")
+# the note of each row names the ratio of the stock TRL row to it
+RATIO_LABELS = {"fastpo": "TRL/fastpo", "trl+fastpo": "TRL stock/with fastpo.integrations.trl"}
 
 
 def shape_text(case: Case) -> str:
@@ -123,7 +144,7 @@ def shape_text(case: Case) -> str:
     if case.group:
         parts.append(f"group={case.group}")
     parts += [f"prompt={case.prompt_len}", f"completion={case.completion_len}", f"lr={case.learning_rate:g}",
-              f"beta={case.beta:g}", f"vocab={VOCAB}", f"hidden={MODEL['hidden_size']}",
+              f"beta={case.beta:g}", f"vocab={case.vocab_size}", f"hidden={MODEL['hidden_size']}",
               f"layers={MODEL['num_hidden_layers']}"]
     return ",".join(parts)
 
@@ -458,13 +479,18 @@ def _run_fastpo(case: Case, args: dict, work: Path) -> dict:
             "peak_bytes": peak["bytes"], "observed": {"prompt_tokens": prompt, "completion_tokens": completion}}
 
 
-def _run_trl(case: Case, args: dict, work: Path) -> dict:
+def _run_trl(case: Case, args: dict, work: Path, with_fastpo: bool = False) -> dict:
+    """TRL's trainer for ``case``; with ``with_fastpo``, after fastpo.integrations.trl.enable()."""
     import torch
     import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     _preload("transformers.models.qwen2.modeling_qwen2")  # before the baseline
+    if with_fastpo:  # also before the baseline: it imports TRL's trainer modules
+        import fastpo.integrations.trl
+
+        fastpo.integrations.trl.enable()
     baseline = harness.rss_bytes()
     steps = WARMUP_STEPS + args["reps"]
     grpo = case.algorithm == "grpo"
@@ -521,7 +547,8 @@ def child(args: dict) -> dict:
     if args.get("threads"):
         torch.set_num_threads(args["threads"])
     case = Case(**args["case"])
-    run = {"fastpo": _run_fastpo, "trl": _run_trl}[args["impl"]]
+    run = {"fastpo": _run_fastpo, "trl": _run_trl,
+           "trl+fastpo": functools.partial(_run_trl, with_fastpo=True)}[args["impl"]]
     with tempfile.TemporaryDirectory(prefix=f"fastpo-e2e-{args['impl']}-") as work:
         try:
             return run(case, args, Path(work))
@@ -552,7 +579,7 @@ def trl_status(peers: dict | None = None) -> tuple[bool, str]:
 def case_row(case: Case, impl: str, result: dict) -> dict:
     """The suite-format row of one measured (case, implementation): ``pass`` is
     ``step``; ``extra_mem_MiB`` the peak resident set beyond the imported libraries."""
-    row = {"suite": NAME, "impl": impl, "kind": "fastpo" if impl == "fastpo" else "peer", "dtype": "fp32",
+    row = {"suite": NAME, "impl": impl, "kind": "peer" if impl == "trl" else "fastpo", "dtype": "fp32",
            "shape": shape_text(case), "tokens": case.tokens, "plot": False}
     if "error" in result:
         return {**row, "note": result["error"]}
@@ -564,33 +591,35 @@ def case_row(case: Case, impl: str, result: dict) -> dict:
 
 
 def compare(case: Case, results: dict) -> list[str]:
-    """Why the two sides of ``case`` did not run the same configuration (empty when
-    they did, or when one of them has no result)."""
+    """Why the sides of ``case`` did not run the same configuration (empty when they
+    did, or when fewer than two have a result): each against the first, by name."""
     measured = {impl: r for impl, r in results.items() if "error" not in r}
     if len(measured) < 2:
         return []
-    (a, ra), (b, rb) = sorted(measured.items())
-    problems = [f"config {p}" for p in differences(ra["config"], rb["config"])]
-    for key in ("prompt_tokens", "completion_tokens"):
-        x, y = ra["observed"][key], rb["observed"][key]
-        if case.algorithm == "grpo" and key == "completion_tokens":
-            continue  # sampled: equal only in distribution
-        if not math.isclose(x, y, rel_tol=1e-9):
-            problems.append(f"{key}: {a} {x:g} != {b} {y:g}")
+    (a, ra), *others = sorted(measured.items())
+    problems = []
+    for b, rb in others:
+        problems += [f"config {p}" for p in differences(ra["config"], rb["config"])]
+        for key in ("prompt_tokens", "completion_tokens"):
+            x, y = ra["observed"][key], rb["observed"][key]
+            if case.algorithm == "grpo" and key == "completion_tokens":
+                continue  # sampled: equal only in distribution
+            if not math.isclose(x, y, rel_tol=1e-9):
+                problems.append(f"{key}: {a} {x:g} != {b} {y:g}")
     return problems
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Append to the note of each fastpo row the ratio of TRL's median step time to
-    fastpo's, and of TRL's extra memory to fastpo's, from the same run."""
+    """Append to the note of each fastpo and trl+fastpo row the ratio of stock TRL's
+    median step time to its own, and of TRL's extra memory to its own, from the same run."""
     for row in rows:
-        if row.get("impl") != "fastpo" or "median_ms" not in row:
+        if row.get("impl") not in RATIO_LABELS or "median_ms" not in row:
             continue
         trl = next((r for r in rows if r.get("impl") == "trl" and r.get("shape") == row["shape"]
                     and "median_ms" in r), None)
         if trl is None:
             continue
-        ratio = f"TRL/fastpo: time {trl['median_ms'] / row['median_ms']:.2f}x"
+        ratio = f"{RATIO_LABELS[row['impl']]}: time {trl['median_ms'] / row['median_ms']:.2f}x"
         if row.get("extra_mem_MiB"):
             ratio += f", extra memory {trl['extra_mem_MiB'] / row['extra_mem_MiB']:.2f}x"
         row["note"] = f"{row['note']}; {ratio}"
@@ -603,21 +632,27 @@ def selected(only: list[str] | None, quick: bool) -> bool:
 
 
 def run(device: str = "cpu", peers: dict | None = None, reps: int | None = None, threads: int | None = None,
-        cases=CASES) -> tuple[list[dict], list[str]]:
-    """Measure every case with fastpo and TRL: ``(rows, notes)``."""
+        cases=None, quick: bool = False) -> tuple[list[dict], list[str]]:
+    """Measure every case with fastpo, TRL and TRL with fastpo: ``(rows, notes)``.
+    ``quick``: ``QUICK_CASES`` (unless ``cases`` are given), ``QUICK_REPS`` timed steps."""
     if device != "cpu":
         return [], [f"{NAME}: not measured on {device}; the end-to-end cases run on the CPU only"]
-    reps = reps or DEFAULT_REPS
+    cases = cases or (QUICK_CASES if quick else CASES)
+    reps = reps or (QUICK_REPS if quick else DEFAULT_REPS)
     available, trl_note = trl_status(peers)
     notes = [] if available else [f"{NAME}: {trl_note}"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="fastpo-e2e-") as folder:
-        model_dir = build_model_dir(Path(folder) / "model")
+        model_dirs = {}  # vocabulary size -> the model folder
         for case in cases:
-            paths = write_data(case, Path(folder) / "data", WARMUP_STEPS + reps)
+            if case.vocab_size not in model_dirs:
+                model_dirs[case.vocab_size] = build_model_dir(Path(folder) / f"model-{case.vocab_size}",
+                                                              case.vocab_size)
+            model_dir = model_dirs[case.vocab_size]
+            paths = write_data(case, Path(folder) / "data", WARMUP_STEPS + reps, case.vocab_size)
             results = {}
             for impl in IMPLEMENTATIONS:
-                if impl == "trl" and not available:
+                if impl != "fastpo" and not available:
                     results[impl] = {"error": trl_note}
                     continue
                 args = {"case": dataclasses.asdict(case), "impl": impl, "model_dir": str(model_dir),
@@ -650,9 +685,13 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    from fastpo.bench import suite
-
-    suite.run("cpu", False, [NAME], args.out, compile=False, reps=args.reps, threads=args.threads)
+    # The suite runs these cases (and imports this module): hand over to it in a new
+    # process rather than importing it back.
+    command = [sys.executable, "-m", "fastpo.bench", "--only", NAME, "--device", "cpu", "--no-compile"]
+    for flag, value in (("--out", args.out), ("--reps", args.reps), ("--threads", args.threads)):
+        if value is not None:
+            command += [flag, str(value)]
+    raise SystemExit(subprocess.call(command))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""linear_token_logprobs forward+backward against eager matmul + log_softmax + gather.
+"""linear_token_logprobs forward+backward against eager matmul + log_softmax + gather
+and, when TRL 1.16+ is installed, TRL's fused LM head (``trl`` rows: its
+``ChunkedLogProbFunction``, what its trainers' ``fused_lm_head=True`` forward calls).
 
     python -m fastpo.bench.linear_logprobs [--quick] [--device cpu|cuda] [--out DIR]
 
@@ -35,7 +37,21 @@ def implementations() -> dict:
         out = linear_token_logprobs(h, w, t, return_entropy=entropy)
         return out if entropy else (out, None)
 
-    return {"eager": eager, "fastpo": fused}
+    impls = {"eager": eager, "fastpo": fused}
+    try:  # TRL 1.16's fused LM head (trl.trainer.utils.add_fused_lm_head), when installed
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+    except ImportError:
+        return impls
+
+    def trl_head(h, w, t, entropy):
+        # the arguments TRL's fused forward passes: no bias, T = 1, no softcap, scale 1
+        outputs = ("log_probs", "entropy") if entropy else ("log_probs",)
+        lp, ent, *_ = ChunkedLogProbFunction.apply(h, w, None, t, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0,
+                                                   outputs)
+        return lp, ent
+
+    return {**impls, "trl": trl_head}
 
 
 def child(args: dict) -> dict:

@@ -7,6 +7,9 @@ Cases (forward+backward where there is a gradient):
   advantages, k3 KL to a reference) against the eager chain of ops TRL's GRPOTrainer
   runs, with the clip-fraction and KL metrics it logs, at (B, T) in {(512, 1024),
   (1024, 4096)};
+- policy_loss_types: fastpo's policy_loss for each loss type of ``POLICY_LOSSES``
+  (same inputs and KL term as policy_loss) against its own ``grpo``: the cost of each
+  objective relative to the default one (``time_vs_grpo``);
 - gae: fastpo's gae (torch and native backends) against the reverse Python loop over
   time steps that TRL's PPO trainer and OpenRLHF use;
 - dpo: summing padded (and packed) token log-probs per sequence plus the DPO sigmoid
@@ -68,6 +71,23 @@ def fastpo_grpo_loss(lp, old, ref, adv, mask):
                        ref_logprobs=ref, kl_coef=KL_COEF)
 
 
+# Options a loss type needs besides its name (the others run with the defaults).
+LOSS_TYPE_OPTIONS = {"dro": {"dro_beta": 0.1}}
+
+
+def fastpo_loss_type(loss_type: str):
+    from fastpo.kernels import POLICY_LOSSES, policy_loss
+
+    def loss_fn(lp, old, ref, adv, mask):
+        options = dict(LOSS_TYPE_OPTIONS.get(loss_type, {}))
+        if POLICY_LOSSES.get(loss_type).params["agg"] == "seq-mean-token-sum-norm":  # dr_grpo's length normalizer
+            options["max_len"] = lp.shape[1]
+        return policy_loss(lp, old, adv, mask, loss_type=loss_type, clip_eps_low=EPS, ref_logprobs=ref,
+                           kl_coef=KL_COEF, **options)
+
+    return loss_fn
+
+
 def eager_gae(rewards, values, mask, gamma=1.0, lam=0.95):
     """The reverse loop over time steps of TRL's PPO trainer (right-padded masks)."""
     rewards, values = rewards * mask, values * mask
@@ -94,9 +114,12 @@ def _dpo_inputs(b, t, device):
 
 def case_step(name: str, impl: str, shape: tuple, device: str):
     """The function one timing repetition calls."""
-    if name == "policy_loss":
+    if name in ("policy_loss", "policy_loss_types"):
         lp, old, ref, adv, mask = _policy_inputs(*shape, device)
-        fn = eager_grpo_loss if impl == "eager" else fastpo_grpo_loss
+        if name == "policy_loss_types":
+            fn = fastpo_loss_type(impl)
+        else:
+            fn = eager_grpo_loss if impl == "eager" else fastpo_grpo_loss
 
         def step():
             loss, _ = fn(lp, old, ref, adv, mask)
@@ -151,12 +174,21 @@ def case_step(name: str, impl: str, shape: tuple, device: str):
     raise ValueError(f"unknown case {name!r}")
 
 
+def _loss_types() -> list[str]:
+    from fastpo.kernels import POLICY_LOSSES
+
+    return list(POLICY_LOSSES.names())
+
+
 CASES = {
     "policy_loss": ([(512, 1024), (1024, 4096)], ["eager", "fastpo"]),
+    "policy_loss_types": ([(512, 1024)], _loss_types()),
     "gae": ([(512, 1024), (1024, 4096)], ["eager", "fastpo_torch", "fastpo_native"]),
     "dpo": ([(64, 4096)], ["eager", "fastpo", "fastpo_packed"]),
 }
-QUICK = {"policy_loss": [(64, 256)], "gae": [(64, 256)], "dpo": [(8, 512)]}
+# The implementation each case's others are compared with (default "eager": speedup_vs_eager).
+BASELINE = {"policy_loss_types": "grpo"}
+QUICK = {"policy_loss": [(64, 256)], "policy_loss_types": [(64, 1024)], "gae": [(64, 256)], "dpo": [(8, 512)]}
 
 
 def count_ops(step, device: str) -> int:
@@ -194,8 +226,9 @@ def run(device: str, quick: bool, only: str | None, out_dir: str | None) -> list
     for name, (shapes, impls) in CASES.items():
         if only and name != only:
             continue
+        baseline = BASELINE.get(name, "eager")
         for shape in (QUICK[name] if quick else shapes):
-            eager_ms = None
+            base_ms = None
             for impl in impls:
                 result = harness.run_child("fastpo.bench.losses",
                                            {"case": name, "impl": impl, "shape": list(shape), "device": device})
@@ -203,14 +236,16 @@ def run(device: str, quick: bool, only: str | None, out_dir: str | None) -> list
                        "median_ms": result["median_ms"], "p20_ms": result["p20_ms"],
                        "p80_ms": result["p80_ms"], "extra_mem_MiB": result["extra_bytes"] / 2**20,
                        "ops": result["ops"]}
-                if impl == "eager":
-                    eager_ms = result["median_ms"]
-                elif eager_ms:
-                    row["speedup_vs_eager"] = eager_ms / result["median_ms"]
+                if impl == baseline:
+                    base_ms = result["median_ms"]
+                elif base_ms and baseline == "eager":
+                    row["speedup_vs_eager"] = base_ms / result["median_ms"]
+                elif base_ms:
+                    row[f"time_vs_{baseline}"] = result["median_ms"] / base_ms
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
     env = harness.environment(device)
-    columns = ["case", "impl", "shape", "median_ms", "p20_ms", "p80_ms", "speedup_vs_eager",
+    columns = ["case", "impl", "shape", "median_ms", "p20_ms", "p80_ms", "speedup_vs_eager", "time_vs_grpo",
                "extra_mem_MiB", "ops"]
     harness.report("loss kernels, forward+backward", rows, columns, env, out_dir, "losses")
     return rows

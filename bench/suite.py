@@ -971,7 +971,7 @@ def run(device: str, quick: bool, only: list[str] | None, out_dir: str | None, c
                     rows += new_rows
     e2e_notes = []
     if e2e.selected(only, quick):
-        e2e_rows, e2e_notes = e2e.run(device, peers, reps=reps, threads=threads)
+        e2e_rows, e2e_notes = e2e.run(device, peers, reps=reps, threads=threads, quick=quick)
         rows += e2e_rows
     add_speedups(rows)
     env = environment(device, limits, peers)

@@ -9,6 +9,12 @@ effective bandwidth (the bytes that must move: the logits read forward, read aga
 backward, the gradient written) is reported as a fraction of the device's copy
 bandwidth measured in the same run. ``input_check_ms`` is the time of the op's one host
 synchronization, the check that every target is in range (included in median_ms).
+
+The ``*_top_k*`` / ``*_top_p*`` rows are the sampling-aware log-probs (``top_k=``,
+``top_p=``: the truncated, renormalized distribution the sampler drew from), with the
+row's argmax as target (a sampled token is always in the kept set); their ratio to the
+plain row of the same backend is the cost of the truncation. The random logits here are
+flat (top-p 0.9 keeps thousands of tokens), the slow case of the top-p cut.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import torch
 from fastpo.bench import harness
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# name suffix -> token_logprobs options of the sampling-aware rows
+SAMPLING = {"top_k50": dict(top_k=50), "top_p0.9": dict(top_p=0.9), "top_k50_top_p0.9": dict(top_k=50, top_p=0.9)}
 GPU_SHAPES = [(4096, 32000), (8192, 128256), (16384, 151936)]
 CPU_SHAPES = [(2048, 32000), (2048, 151936)]
 QUICK_SHAPES = [(256, 32000)]
@@ -44,18 +52,48 @@ def implementations(device: str) -> dict:
     return impls
 
 
+def _truncated(z: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """float64 log-probs of the top-k then top-p truncated distribution, by a full sort
+    (the correctness guard of the sampling-aware rows)."""
+    ordered = z.sort(-1, descending=True).values
+    cut = ordered[:, top_k - 1 : top_k] if top_k else ordered[:, -1:]
+    z = z.masked_fill(z < cut, float("-inf"))
+    if top_p is not None:
+        ordered = ordered.masked_fill(ordered < cut, float("-inf"))
+        mass_above = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
+        last_kept = ordered.masked_fill(mass_above >= top_p, float("inf")).amin(-1, keepdim=True)
+        z = z.masked_fill(z < last_kept, float("-inf"))
+    return z.log_softmax(-1)
+
+
+def sampling_implementations(device: str) -> dict:
+    """name -> fn(logits, targets): the sampling-aware log-probs (``top_k=``/``top_p=``)."""
+    from fastpo.kernels import token_logprobs
+
+    return {
+        f"fastpo_{backend}_{suffix}": (
+            lambda x, t, backend=backend, options=options: token_logprobs(x, t, backend=backend, **options)
+        )
+        for backend in (("torch", "triton") if device == "cuda" else ("torch",))
+        for suffix, options in SAMPLING.items()
+    }
+
+
 def child(args: dict) -> dict:
     """One case in a fresh process: correctness guard, peak extra memory, then time."""
     device, n, v = args["device"], args["n"], args["v"]
     dtype = DTYPES[args["dtype"]]
-    fn = implementations(device)[args["impl"]]
+    fn = {**implementations(device), **sampling_implementations(device)}[args["impl"]]
     torch.manual_seed(0)
     logits = (torch.randn(n, v, device=device) * 2).to(dtype).requires_grad_()
     targets = torch.randint(0, v, (n,), device=device)
+    sampling = SAMPLING.get(args["impl"].split("_", 2)[-1])  # "fastpo_<backend>_<suffix>"
+    if sampling is not None:
+        targets = logits.detach().argmax(-1)
 
     with torch.no_grad():
         rows = slice(0, min(n, 8))
-        ref = logits[rows].double().log_softmax(-1).gather(-1, targets[rows, None]).squeeze(-1)
+        ref = _truncated(logits[rows].double(), **(sampling or {})).gather(-1, targets[rows, None]).squeeze(-1)
         got = fn(logits[rows].detach(), targets[rows]).double()
         err = (got - ref).abs().max().item()
     tolerance = 1e-4 if dtype == torch.float32 else 0.1
@@ -91,7 +129,7 @@ def run(device: str, shapes, dtypes, out_dir: str | None) -> list[dict]:
         for dtype in dtypes:
             logits_bytes = n * v * DTYPES[dtype].itemsize
             eager_ms = None
-            for impl in implementations(device):
+            for impl in {**implementations(device), **sampling_implementations(device)}:
                 result = harness.run_child("fastpo.bench.token_logprobs",
                                            {"impl": impl, "n": n, "v": v, "dtype": dtype, "device": device})
                 row = {"impl": impl, "tokens": n, "vocab": v, "dtype": dtype}

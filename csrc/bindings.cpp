@@ -105,6 +105,21 @@ auto gae_entry(Run run) {
   };
 }
 
+template <typename Run>
+auto fisher_entry(Run run) {
+  return [run](uintptr_t logits, uintptr_t u, int dtype, int64_t n_rows, int64_t vocab, int64_t n_inner,
+               int64_t stride_outer, int64_t stride_inner, int64_t u_n_inner, int64_t u_stride_outer,
+               int64_t u_stride_inner, uintptr_t temperature, int64_t temp_stride, uintptr_t mask, uintptr_t out,
+               uintptr_t device_arg) {
+    if (dtype < fastpo::kFloat32 || dtype > fastpo::kFloat64) throw std::invalid_argument("unknown dtype code");
+    const fastpo::FisherArgs a{ptr<const void>(logits), ptr<const void>(u), dtype, n_rows, vocab, n_inner,
+                               stride_outer, stride_inner, u_n_inner, u_stride_outer, u_stride_inner,
+                               ptr<const void>(temperature), temp_stride, ptr<const uint8_t>(mask), ptr<void>(out)};
+    py::gil_scoped_release no_gil;
+    run(a, device_arg);
+  };
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -118,6 +133,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gae_cpu", gae_entry([](const fastpo::GaeArgs& a, uintptr_t threads) {
           fastpo::gae_cpu(a, static_cast<int>(threads));
         }));
+  m.def("fisher_vector_product_cpu", fisher_entry([](const fastpo::FisherArgs& a, uintptr_t threads) {
+          fastpo::fisher_vector_product_cpu(a, static_cast<int>(threads));
+        }));
 #ifdef FASTPO_WITH_CUDA
   m.attr("has_cuda") = true;
   m.def("token_logprobs_forward_cuda", forward_entry([](const fastpo::LogprobsArgs& a, uintptr_t stream) {
@@ -128,6 +146,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }));
   m.def("gae_cuda", gae_entry([](const fastpo::GaeArgs& a, uintptr_t stream) {
           check_cuda(fastpo::gae_cuda(a, ptr<void>(stream)));
+        }));
+  m.def("fisher_vector_product_cuda", fisher_entry([](const fastpo::FisherArgs& a, uintptr_t stream) {
+          check_cuda(fastpo::fisher_vector_product_cuda(a, ptr<void>(stream)));
         }));
 #else
   m.attr("has_cuda") = false;

@@ -56,14 +56,31 @@ struct GaeArgs {
   double gamma, lam;
 };
 
+// Fisher-vector product of softmax(logits / T) per row (kernels/kl.py):
+// out = p * (u - <p, u>) / T^2. `u` has the logits' dtype and its own row layout;
+// temperatures and `out` are "acc" (float64 for float64 logits, float32 otherwise).
+struct FisherArgs {
+  const void* logits;
+  const void* u;
+  int dtype;
+  int64_t n_rows, vocab, n_inner, stride_outer, stride_inner;
+  int64_t u_n_inner, u_stride_outer, u_stride_inner;
+  const void* temperature;  // acc; row r at temperature[r * temp_stride]
+  int64_t temp_stride;
+  const uint8_t* mask;  // (n_rows,), nonzero = valid; null: every row valid
+  void* out;            // (n_rows, vocab) contiguous, acc
+};
+
 void token_logprobs_forward_cpu(const LogprobsArgs& args, int num_threads);
 void token_logprobs_backward_cpu(const LogprobsArgs& args, int num_threads);
 void gae_cpu(const GaeArgs& args, int num_threads);
+void fisher_vector_product_cpu(const FisherArgs& args, int num_threads);
 
 // CUDA launchers (csrc/cuda/kernels.cu): enqueue on `stream` (a cudaStream_t) and return
 // nullptr, or the CUDA error string of a failed launch.
 const char* token_logprobs_forward_cuda(const LogprobsArgs& args, void* stream);
 const char* token_logprobs_backward_cuda(const LogprobsArgs& args, void* stream);
 const char* gae_cuda(const GaeArgs& args, void* stream);
+const char* fisher_vector_product_cuda(const FisherArgs& args, void* stream);
 
 }  // namespace fastpo

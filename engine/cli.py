@@ -1,10 +1,18 @@
-"""The ``fastpo`` command: ``fastpo <algorithm> [--config FILE.yaml] [key=value ...]``."""
+"""The ``fastpo`` command: ``fastpo <algorithm> [--config FILE.yaml] [key=value ...]``.
+
+Exit status: 0 when the run completed (or had nothing left to train), 2 for a bad option
+or input (an option, a combination of options, a missing or malformed data file, model
+folder or reward source: one line on stderr, before any model is loaded), 1 for an
+option this setup does not implement or a run that diverged, 130 for a run stopped by
+Ctrl-C. Any other error is a bug or a failure inside training and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import sys
 
 from .config import ALGORITHMS, ConfigError, format_help, load_config
+from .data import DataError
 from .distributed import shutdown_distributed
 from .loop import TrainingDiverged
 from .runner import train
@@ -55,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = load_config(algorithm, config_file, overrides)
         summary = train(algorithm, config)
-    except ConfigError as error:
-        print(f"fastpo: error: {error}", file=sys.stderr)
+    except (ConfigError, DataError) as error:
+        message = str(error).replace("\n", " ")  # one line, whatever the message
+        print(f"fastpo: error: {message}", file=sys.stderr)
         return 2
     except (NotImplementedError, TrainingDiverged) as error:
         print(f"fastpo: {error}", file=sys.stderr)

@@ -10,6 +10,20 @@ parsed into the field's type (PyYAML reads ``1e-4`` as a string, so numbers may 
 text either way), ``Literal`` fields accept only their listed values, ``X | None`` fields
 accept ``none``/``null``. Errors are ``ConfigError`` (a ``ValueError``) naming the key,
 the value and what was expected; an unknown key names the nearest valid one.
+
+A config validates itself before any work: each field's bound (``option(minimum=,
+positive=)``) and every rule between fields (``validate``, run by ``__post_init__`` and
+again by ``from_dict`` once every value is set), so a bad combination fails in
+milliseconds, before a model is loaded. The rules of the kernels are the configs' rules:
+GRPO builds ``fastpo.kernels.PolicyLossOptions`` from its fields, whose own checks run.
+What only the data, the model or the launch can tell (a file's rows, a checkpoint's
+attention, the number of processes) is checked before the model loads
+(``engine/inputs.py``) or by the algorithm.
+
+The class hierarchy follows what a run trains with: ``RunConfig`` holds the options of
+every run; ``BaseConfig`` adds those of the AdamW step (the loop's default update);
+``OnlineConfig`` the rollouts. ``TRPOConfig`` takes rollouts but no AdamW step: its
+``NOT_APPLICABLE`` options are refused with the reason.
 """
 
 from __future__ import annotations
@@ -17,14 +31,25 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fastpo.kernels import (
+    ADVANTAGE_ESTIMATORS,
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    PREFERENCE_LOSSES,
+    PolicyLossOptions,
+)
+
 __all__ = [
     "ALGORITHMS",
+    "BUILTIN_DATA",
     "BaseConfig",
     "ConfigError",
     "DPOConfig",
@@ -35,6 +60,7 @@ __all__ = [
     "PPOConfig",
     "RLAIFConfig",
     "RewardConfig",
+    "RunConfig",
     "SFTConfig",
     "TRPOConfig",
     "config_class",
@@ -49,6 +75,18 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key and the value."""
+
+
+BUILTIN_DATA = "builtin:addition"  # the built-in task's data (engine/task.py)
+
+# The choices of the options that name a kernel variant: the registries' names, so a
+# variant registered in fastpo.kernels is an accepted value (and listed by --help).
+LossType = Literal[POLICY_LOSSES.names()]
+KLKind = Literal[KL_ESTIMATORS.names()]
+Aggregation = Literal[AGGREGATIONS.names()]
+PreferenceLoss = Literal[PREFERENCE_LOSSES.names()]
+# GRPO's advantages come from the rewards alone: the estimators that need no critic.
+OutcomeAdvantage = Literal[tuple(v.name for v in ADVANTAGE_ESTIMATORS if not v.params["needs_values"])]
 
 
 def option(default: Any, doc: str, *, minimum: float | None = None, positive: bool = False):
@@ -67,8 +105,8 @@ def option(default: Any, doc: str, *, minimum: float | None = None, positive: bo
 
 
 @dataclass
-class BaseConfig:
-    """Options shared by every algorithm."""
+class RunConfig:
+    """Options of every run."""
 
     model: str = option("builtin:tiny", "Model: builtin:tiny or a local Hugging Face checkpoint folder.")
     data: str = option("builtin:addition", "Training data: builtin:addition or a local .jsonl/.parquet file.")
@@ -77,20 +115,7 @@ class BaseConfig:
     seed: int = option(0, "Seed of the model init, data order and sampling.", minimum=0)
     steps: int = option(200, "Optimizer steps to run.", positive=True)
     batch_size: int = option(16, "Examples per micro-batch (pairs or groups for preference data).", positive=True)
-    grad_accum_steps: int = option(
-        1,
-        "Micro-batches accumulated into one optimizer step, over all processes (under torchrun each of "
-        "N processes takes every N-th, so a multiple of N).",
-        positive=True,
-    )
     max_length: int = option(64, "Longest prompt+response in tokens; longer rows are truncated.", positive=True)
-    learning_rate: float = option(1e-3, "Peak learning rate of AdamW.", positive=True)
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay.", minimum=0)
-    warmup_steps: int = option(10, "Steps of linear warmup from 0 to the peak learning rate.", minimum=0)
-    lr_schedule: Literal["cosine", "linear", "constant"] = option(
-        "cosine", "Learning-rate decay after warmup."
-    )
-    max_grad_norm: float | None = option(1.0, "Clip the global gradient norm to this; none disables.", positive=True)
     eval_every: int = option(50, "Evaluate on held-out data every N steps (0: only at the end).", minimum=0)
     save_every: int = option(0, "Write a checkpoint every N steps (0: only at the end).", minimum=0)
     log_every: int = option(10, "Log metrics every N steps.", positive=True)
@@ -101,9 +126,15 @@ class BaseConfig:
         positive=True,
     )
     device: str = option("auto", "Device: auto (cuda when available, else cpu), cpu, cuda, cuda:N.")
+    threads: int | None = option(
+        None,
+        "CPU threads of torch and the native kernels; none: OMP_NUM_THREADS when set, else the cores free at "
+        "the start (CPU affinity less the cores busy in a quarter-second sample, shared by torchrun's local processes).",
+        positive=True,
+    )
     warm_start_steps: int | None = option(
         None,
-        "Most SFT steps on the built-in task before training, cached in output_dir/warm_start; "
+        "Most SFT steps on the built-in task before training, cached once for every run (FASTPO_CACHE); "
         "none: 1500 for builtin:tiny on builtin:addition (every algorithm but sft), else 0.",
         minimum=0,
     )
@@ -125,6 +156,56 @@ class BaseConfig:
         False, "Recompute each layer's activations in the backward (Hugging Face gradient_checkpointing_enable)."
     )
 
+    # Options of a parent class that this one refuses, with the reason (see TRPOConfig).
+    NOT_APPLICABLE = {}
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """ConfigError for a value out of its field's bounds or a combination of options
+        that cannot train. Subclasses add their rules after calling this."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                _check_bounds(f.name, value, f.metadata)
+        if self.autocast == "float16":
+            raise ConfigError(
+                "option 'autocast': got 'float16', which needs loss scaling (a GradScaler) that fastpo does not "
+                "implement; use autocast=bfloat16 or none"
+            )
+        if self.autocast == "bfloat16" and self.dtype not in ("auto", "float32"):
+            raise ConfigError(
+                f"option 'autocast': got 'bfloat16' with dtype={self.dtype}; autocast runs float32 parameters "
+                "in bfloat16, so use dtype=auto or float32 (or autocast=none)"
+            )
+        _check_unit_interval("warm_start_accuracy", self.warm_start_accuracy)
+        if self.warm_start_steps and self.data != BUILTIN_DATA:
+            raise ConfigError(
+                f"option 'warm_start_steps': got {self.warm_start_steps}, but the warm start trains on "
+                f"{BUILTIN_DATA} and data is {self.data!r}; warm-start with `fastpo sft` on your data and pass "
+                "model=PATH"
+            )
+
+
+@dataclass
+class BaseConfig(RunConfig):
+    """Options shared by every algorithm whose step is the loop's AdamW update."""
+
+    grad_accum_steps: int = option(
+        1,
+        "Micro-batches accumulated into one optimizer step, over all processes (under torchrun each of "
+        "N processes takes every N-th, so a multiple of N).",
+        positive=True,
+    )
+    learning_rate: float = option(1e-3, "Peak learning rate of AdamW.", positive=True)
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay.", minimum=0)
+    warmup_steps: int = option(10, "Steps of linear warmup from 0 to the peak learning rate.", minimum=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = option(
+        "cosine", "Learning-rate decay after warmup."
+    )
+    max_grad_norm: float | None = option(1.0, "Clip the global gradient norm to this; none disables.", positive=True)
+
 
 @dataclass
 class SFTConfig(BaseConfig):
@@ -139,6 +220,20 @@ class SFTConfig(BaseConfig):
     target_accuracy: float | None = option(
         None, "End the run at the first periodic evaluation whose held-out exact match reaches this."
     )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.warm_start_steps:
+            raise ConfigError(
+                f"option 'warm_start_steps': got {self.warm_start_steps}, but sft is the warm start; leave it none or 0"
+            )
+        if self.target_accuracy is not None:
+            _check_unit_interval("target_accuracy", self.target_accuracy)
+            if not self.eval_every:
+                raise ConfigError(
+                    f"option 'target_accuracy': got {self.target_accuracy}, which needs periodic evaluation; "
+                    "set eval_every > 0"
+                )
 
 
 @dataclass
@@ -168,11 +263,30 @@ class DPOConfig(BaseConfig):
 
     learning_rate: float = option(1e-4, "Peak learning rate of AdamW.", positive=True)
     beta: float = option(0.1, "Inverse temperature of the implicit reward beta*(lp - lp_ref).", positive=True)
-    loss_type: Literal["sigmoid", "hinge", "robust", "ipo"] = option(
-        "sigmoid", "Preference loss on h = (lp_c - lp_ref_c) - (lp_r - lp_ref_r)."
+    loss_type: PreferenceLoss = option(
+        "sigmoid", "Preference loss on h = (lp_c - lp_ref_c) - (lp_r - lp_ref_r) (fastpo.kernels.dpo_loss)."
     )
     label_smoothing: float = option(0.0, "Label noise eps of cDPO (sigmoid) and rDPO (robust).", minimum=0)
     average: bool = option(False, "Average response log-probs over tokens instead of summing.")
+
+    def validate(self) -> None:
+        super().validate()
+        # The kernel's rule: each loss type registers the range of label noise it takes.
+        allowed = PREFERENCE_LOSSES.get(self.loss_type).params["label_smoothing"]
+        if allowed is None:
+            if self.label_smoothing:
+                takers = ", ".join(v.name for v in PREFERENCE_LOSSES if v.params["label_smoothing"] is not None)
+                raise ConfigError(
+                    f"option 'label_smoothing': got {self.label_smoothing}, but it must be 0 with "
+                    f"loss_type={self.loss_type} (only {takers} take label noise)"
+                )
+            return
+        upper, excluded = allowed
+        if self.label_smoothing > upper or (excluded and self.label_smoothing == upper):
+            raise ConfigError(
+                f"option 'label_smoothing': got {self.label_smoothing}; loss_type={self.loss_type} needs a value "
+                f"{'<' if excluded else '<='} {upper}"
+            )
 
 
 @dataclass
@@ -193,15 +307,28 @@ class KTOConfig(BaseConfig):
     desirable_weight: float = option(1.0, "Loss weight lambda_D of desirable completions.", minimum=0)
     undesirable_weight: float = option(1.0, "Loss weight lambda_U of undesirable completions.", minimum=0)
 
+    def validate(self) -> None:
+        super().validate()
+        if self.batch_size < 2:
+            raise ConfigError(
+                f"option 'batch_size': got {self.batch_size}; kto needs at least 2 (z0 pairs each prompt "
+                "with another row's completion)"
+            )
+        if self.desirable_weight == 0 and self.undesirable_weight == 0:
+            raise ConfigError(
+                "options 'desirable_weight' and 'undesirable_weight' are both 0: nothing would be trained; "
+                "set one > 0"
+            )
+
 
 @dataclass
-class OnlineConfig(BaseConfig):
-    """Options shared by the online algorithms: rollouts and rewards."""
+class RolloutOptions:
+    """The rollouts of the online algorithms: sampling and rewards (a mixin of
+    ``OnlineConfig`` and ``TRPOConfig``)."""
 
     batch_size: int = option(64, "Completions per micro-batch.", positive=True)
     prompts_per_rollout: int = option(16, "Prompts sampled per rollout.", positive=True)
     num_generations: int = option(8, "Completions sampled per prompt (the group size G).", positive=True)
-    num_iterations: int = option(1, "Passes of optimizer steps over each rollout (mu).", positive=True)
     temperature: float = option(1.0, "Sampling temperature, applied identically in the training forward.", positive=True)
     top_p: float = option(1.0, "Nucleus sampling mass in (0, 1]; 1 disables.", positive=True)
     top_k: int = option(0, "Sample among the k most likely tokens; 0 disables.", minimum=0)
@@ -213,6 +340,42 @@ class OnlineConfig(BaseConfig):
     )
     reward_weights: list[float] | None = option(None, "Weight of each reward source; none: 1 each.")
 
+    def _check_rollouts(self) -> None:
+        if self.top_p > 1:
+            raise ConfigError(f"option 'top_p': got {self.top_p}; expected a value in (0, 1]")
+        if not self.rewards:
+            raise ConfigError("option 'rewards': got none; give at least one reward source")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(
+                f"option 'reward_weights': got {len(self.reward_weights)} weights for {len(self.rewards)} reward "
+                f"sources ({', '.join(self.rewards)}); give one weight per source, or none"
+            )
+
+
+@dataclass
+class OnlineConfig(RolloutOptions, BaseConfig):
+    """Options shared by the online algorithms whose step is AdamW's (grpo, ppo): rollouts,
+    rewards, and passes over each rollout."""
+
+    num_iterations: int = option(1, "Passes of optimizer steps over each rollout (mu).", positive=True)
+
+    def validate(self) -> None:
+        super().validate()
+        self._check_rollouts()
+        completions = self.prompts_per_rollout * self.num_generations
+        per_step = self.batch_size * self.grad_accum_steps
+        if completions % per_step:
+            raise ConfigError(
+                f"option 'prompts_per_rollout': {self.prompts_per_rollout} prompts x num_generations="
+                f"{self.num_generations} = {completions} completions per rollout, not a multiple of "
+                f"batch_size x grad_accum_steps = {per_step}"
+            )
+
+    @property
+    def steps_per_pass(self) -> int:
+        """Optimizer steps per pass over a rollout."""
+        return self.prompts_per_rollout * self.num_generations // (self.batch_size * self.grad_accum_steps)
+
 
 @dataclass
 class GRPOConfig(OnlineConfig):
@@ -222,24 +385,26 @@ class GRPOConfig(OnlineConfig):
     steps: int = option(500, "Optimizer steps to run.", positive=True)
     grad_accum_steps: int = option(2, "Micro-batches accumulated into one optimizer step.", positive=True)
     eval_every: int = option(50, "Evaluate on held-out data every N steps (0: only at the end).", minimum=0)
-    advantage: Literal["group", "rloo"] = option("group", "Advantage: group z-score (GRPO) or leave-one-out (RLOO).")
+    advantage: OutcomeAdvantage = option(
+        "group",
+        "Advantage from the rewards (fastpo.kernels.ADVANTAGE_ESTIMATORS): group z-score (GRPO), rloo "
+        "(leave-one-out), reinforce_pp (REINFORCE++: group-centred, whitened over the batch's tokens).",
+    )
     scale_rewards: Literal["group", "batch", "none"] = option(
         "group", "Std that divides the group-centered rewards: group, batch, none (Dr.GRPO)."
     )
     advantage_eps: float = option(1e-4, "Added to the std of the advantage (TRL 1e-4).", minimum=0)
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "gspo"] = option(
+    loss_type: LossType = option(
         "grpo", "Policy loss form and its default aggregation (fastpo.kernels.policy_loss)."
     )
-    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] | None = option(
-        None, "Loss aggregation; none: the loss type's preset."
-    )
+    agg: Aggregation | None = option(None, "Loss aggregation; none: the loss type's preset.")
     clip_eps_low: float = option(0.2, "Lower clip range: ratio >= 1 - clip_eps_low.", positive=True)
     clip_eps_high: float | None = option(None, "Upper clip range (cispo: the absolute cap); none: clip_eps_low.")
     delta: float | None = option(None, "Two-sided clipping: the unclipped ratio is capped at delta.")
     dual_clip: float | None = option(None, "Dual-clip constant c > 1 for negative advantages.")
     importance_level: Literal["token", "sequence"] = option("token", "Importance ratio per token or per sequence.")
     beta: float = option(0.0, "KL coefficient to the frozen reference; 0 loads no reference.", minimum=0)
-    kl_kind: Literal["k1", "k2", "k3", "abs", "low_var_kl"] = option("k3", "KL estimator of the beta term.")
+    kl_kind: KLKind = option("k3", "KL estimator of the beta term (fastpo.kernels.kl_penalty).")
     entropy_coef: float = option(0.0, "Entropy bonus coefficient.", minimum=0)
     entropy_quantile: float | None = option(
         None, "Only tokens at or above this entropy quantile of the batch train the policy term."
@@ -248,6 +413,28 @@ class GRPOConfig(OnlineConfig):
     rollout_is_cap: float | None = option(
         None, "Cap C of the truncated importance weight exp(lp_old - lp_rollout); none: no correction."
     )
+
+    def validate(self) -> None:
+        super().validate()
+        self.policy_loss_options()  # the kernel's own rules
+
+    @property
+    def resolved_agg(self) -> str:
+        """``agg``, or the loss type's preset."""
+        return self.agg or POLICY_LOSSES.get(self.loss_type).params["agg"]
+
+    def policy_loss_options(self) -> PolicyLossOptions:
+        """This config's ``fastpo.kernels.policy_loss`` options (``beta`` is ``kl_coef``,
+        dr_grpo's length normalizer ``max_len`` the completion budget, TRL's
+        ``max_completion_length``), validated by the kernel's own rules: a ConfigError
+        naming the option when they refuse it."""
+        own = {name: getattr(self, name) for name in PolicyLossOptions.field_names() if hasattr(self, name)}
+        max_len = self.max_new_tokens if self.resolved_agg == "seq-mean-token-sum-norm" else None
+        try:
+            return PolicyLossOptions(**own, kl_coef=self.beta, max_len=max_len)
+        except (TypeError, ValueError) as error:
+            name = re.match(r"\w+", str(error)).group()
+            raise ConfigError(f"option {'beta' if name == 'kl_coef' else name!r}: {error}") from None
 
 
 @dataclass
@@ -263,7 +450,10 @@ class PPOConfig(OnlineConfig):
     num_generations: int = option(1, "Completions sampled per prompt.", positive=True)
     num_iterations: int = option(2, "PPO epochs: passes of optimizer steps over each rollout.", positive=True)
     beta: float = option(
-        0.05, "KL coefficient of the shaped reward -beta*k1 per token (the initial one with kl_target).", minimum=0
+        0.05, "KL coefficient of the shaped reward -beta*KL per token (the initial one with kl_target).", minimum=0
+    )
+    kl_kind: KLKind = option(
+        "k1", "KL estimator of the shaped reward's per-token KL (fastpo.kernels.kl_penalty; InstructGPT: k1)."
     )
     kl_target: float | None = option(
         None, "Adaptive KL controller (Ziegler et al.): target per-completion KL; none keeps beta fixed.", positive=True
@@ -289,12 +479,29 @@ class PPOConfig(OnlineConfig):
         0.0, "PPO-ptx coefficient: loss = ppo_loss - ptx_coef * mean log p(pretraining tokens).", minimum=0
     )
 
+    def validate(self) -> None:
+        super().validate()
+        _check_unit_interval("gamma", self.gamma)
+        _check_unit_interval("lam", self.lam)
+        if self.ptx_coef > 0 and self.ptx_data is None:
+            raise ConfigError(f"option 'ptx_coef': got {self.ptx_coef!r}, but ptx_data is none; set ptx_data too")
+        if self.ptx_data is not None and self.ptx_coef == 0:
+            raise ConfigError(f"option 'ptx_data': got {self.ptx_data!r}, but ptx_coef is 0; set ptx_coef > 0")
+        if self.ptx_data is not None and self.ptx_data.startswith("builtin:") and self.ptx_data != BUILTIN_DATA:
+            raise ConfigError(
+                f"option 'ptx_data': got {self.ptx_data!r}; expected {BUILTIN_DATA} or a .jsonl/.parquet file"
+            )
+
+
+_NO_ADAMW = "trpo makes no AdamW step (its step is the natural gradient, sized by max_kl)"
+
 
 @dataclass
-class TRPOConfig(OnlineConfig):
+class TRPOConfig(RolloutOptions, RunConfig):
     """Trust Region Policy Optimization: per rollout, the natural-gradient step on the surrogate
-    mean(r*A) that keeps the mean KL(old || new) <= max_kl (no AdamW step: learning_rate,
-    weight_decay, warmup_steps, lr_schedule and max_grad_norm do not apply)."""
+    mean(r*A) that keeps the mean KL(old || new) <= max_kl (no AdamW step: the AdamW options
+    learning_rate, weight_decay, warmup_steps, lr_schedule and max_grad_norm, and
+    grad_accum_steps and num_iterations, do not apply and are refused)."""
 
     steps: int = option(60, "Rollouts to run, one TRPO update each.", positive=True)
     eval_every: int = option(10, "Evaluate on held-out data every N steps (0: only at the end).", minimum=0)
@@ -308,6 +515,23 @@ class TRPOConfig(OnlineConfig):
     cg_damping: float = option(0.1, "Damping added to the KL Hessian: (H + cg_damping I) d = g.", minimum=0)
     backtrack_factor: float = option(0.5, "Line search: each try shrinks the step by this factor, in (0, 1).", positive=True)
     line_search_tries: int = option(10, "Line search: steps tried at most (the full step first); none kept: no step.", positive=True)
+
+    NOT_APPLICABLE = {
+        "learning_rate": _NO_ADAMW,
+        "weight_decay": _NO_ADAMW,
+        "warmup_steps": _NO_ADAMW,
+        "lr_schedule": _NO_ADAMW,
+        "max_grad_norm": _NO_ADAMW,
+        "grad_accum_steps": "trpo takes one update per rollout, the whole rollout one step (batch_size cuts "
+                            "it into forward passes)",
+        "num_iterations": "trpo takes one update per rollout (one pass)",
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        self._check_rollouts()
+        if not self.backtrack_factor < 1:
+            raise ConfigError(f"option 'backtrack_factor': got {self.backtrack_factor}; expected a value in (0, 1)")
 
 
 @dataclass
@@ -341,8 +565,26 @@ class RLAIFConfig(BaseConfig):
     beta: float = option(0.1, "dpo's beta (then=dpo), or ppo's KL coefficient (then=reward+ppo).", positive=True)
     reward_steps: int = option(200, "Steps of the reward model on the labelled pairs (then=reward+ppo).", positive=True)
 
+    def validate(self) -> None:
+        super().validate()
+        for field_name in ("{prompt}", "{a}", "{b}"):
+            if field_name not in self.judge_template:
+                raise ConfigError(f"option 'judge_template': got {self.judge_template!r}, which lacks {field_name}")
+        if self.judge is None and self.data != BUILTIN_DATA:
+            raise ConfigError(
+                f"option 'judge': none trains the built-in judge on {BUILTIN_DATA}, but data is {self.data!r}; "
+                "give a judge checkpoint folder"
+            )
 
-ALGORITHMS: dict[str, type[BaseConfig]] = {
+
+def _check_unit_interval(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"option {name!r}: got {value!r}; expected a value in [0, 1]")
+
+
+# The one table of algorithms: name -> config class; the algorithm's code is the module
+# fastpo.engine.algorithms.<name> (its run(config, warm_start=None)).
+ALGORITHMS: dict[str, type[RunConfig]] = {
     "sft": SFTConfig,
     "reward": RewardConfig,
     "dpo": DPOConfig,
@@ -355,7 +597,7 @@ ALGORITHMS: dict[str, type[BaseConfig]] = {
 }
 
 
-def config_class(algorithm: str) -> type[BaseConfig]:
+def config_class(algorithm: str) -> type[RunConfig]:
     """The config dataclass of ``algorithm``; an unknown name is a ConfigError."""
     try:
         return ALGORITHMS[algorithm]
@@ -479,6 +721,9 @@ def _apply(config, mapping: dict, prefix: str, root_cls) -> None:
     for key, value in mapping.items():
         dotted = prefix + str(key)
         if key not in types_:
+            reason = getattr(type(config), "NOT_APPLICABLE", {}).get(key)
+            if reason is not None:
+                raise ConfigError(f"option {dotted!r}: got {value!r}, but {reason}; leave it out")
             raise ConfigError(
                 f"unknown option {dotted!r} for {root_cls.__name__}"
                 f"{_suggestion(dotted, _flat_keys(root_cls))}"
@@ -531,10 +776,12 @@ def from_dict(cls: type, mapping: dict | None = None, overrides=()):
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         _apply(config, _nest(key.strip(), value), "", cls)
+    if hasattr(config, "validate"):
+        config.validate()  # the rules between options, once every value is set
     return config
 
 
-def load_config(algorithm: str, config_file: str | Path | None = None, overrides=()) -> BaseConfig:
+def load_config(algorithm: str, config_file: str | Path | None = None, overrides=()) -> RunConfig:
     """The validated config of ``algorithm`` from an optional YAML file and ``key=value`` overrides.
 
     Later sources win: defaults, then the file, then the overrides in order.
@@ -548,7 +795,10 @@ def load_config(algorithm: str, config_file: str | Path | None = None, overrides
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         with path.open() as f:
-            mapping = yaml.safe_load(f)
+            try:
+                mapping = yaml.safe_load(f)
+            except yaml.YAMLError as error:
+                raise ConfigError(f"config file {str(path)!r} is not valid YAML ({' '.join(str(error).split())})") from None
         if mapping is None:
             mapping = {}
         if not isinstance(mapping, dict):

@@ -17,8 +17,10 @@ prompt         prompt: str (other fields go to the reward      grpo, ppo, trpo, 
 text           text: str                                       ppo's ptx_data (PPO-ptx)
 =============  ==============================================  ==========================
 
-A malformed row is a ValueError naming the file, the line (JSONL) or row (Parquet),
-counted from 1, and the field.
+A malformed row is a ``DataError`` (a ValueError) naming the file, the line (JSONL) or
+row (Parquet), counted from 1, and the field; the command line prints it as one line.
+``check_file`` reads only a file's first rows: a run checks its data files with it
+before it loads a model.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["ALGORITHM_SCHEMAS", "SCHEMAS", "load_dataset", "load_rows", "schema_of"]
+__all__ = ["ALGORITHM_SCHEMAS", "CHECKED_ROWS", "SCHEMAS", "DataError", "check_file", "load_dataset", "load_rows",
+           "schema_of"]
 
 SCHEMAS: dict[str, tuple[str, ...]] = {
     "completion": ("prompt", "completion"),
@@ -51,6 +54,14 @@ ALGORITHM_SCHEMAS: dict[str, tuple[str, ...]] = {
 }
 
 
+CHECKED_ROWS = 100  # rows that check_file reads
+
+
+class DataError(ValueError):
+    """A data file that cannot be read as the rows a run needs; the message names the
+    file, the line or row and the field."""
+
+
 def _read_records(path: Path):
     """Yield ``(location, record)``; location is "line N" (JSONL) or "row N" (Parquet)."""
     suffix = path.suffix.lower()
@@ -62,7 +73,7 @@ def _read_records(path: Path):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
+                    raise DataError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
                 yield f"line {number}", record
     elif suffix == ".parquet":
         try:
@@ -72,26 +83,26 @@ def _read_records(path: Path):
         for number, record in enumerate(pq.read_table(path).to_pylist(), start=1):
             yield f"row {number}", record
     else:
-        raise ValueError(f"{path}: unsupported data file type {suffix!r}; use .jsonl or .parquet")
+        raise DataError(f"{path}: unsupported data file type {suffix!r}; use .jsonl or .parquet")
 
 
 def _check_row(record, schema: str, where: str) -> dict:
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for name in SCHEMAS[schema]:
         if name not in record:
-            raise ValueError(f"{where}: field {name!r} is missing (schema {schema!r}: {', '.join(SCHEMAS[schema])})")
+            raise DataError(f"{where}: field {name!r} is missing (schema {schema!r}: {', '.join(SCHEMAS[schema])})")
         value = record[name]
         if name == "responses":
             if not (isinstance(value, list) and len(value) >= 2 and all(isinstance(r, str) for r in value)):
-                raise ValueError(f"{where}: field 'responses' must be a list of at least 2 strings, got {value!r}")
+                raise DataError(f"{where}: field 'responses' must be a list of at least 2 strings, got {value!r}")
         elif name == "label":
             # Parquet and hand-written JSONL often store labels as 0/1.
             if not isinstance(value, bool) and value not in (0, 1):
-                raise ValueError(f"{where}: field 'label' must be true or false, got {value!r}")
+                raise DataError(f"{where}: field 'label' must be true or false, got {value!r}")
             record = {**record, "label": bool(value)}
         elif not isinstance(value, str):
-            raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__} {value!r}")
+            raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__} {value!r}")
     return record
 
 
@@ -101,10 +112,10 @@ def load_rows(path: str | Path, schema: str) -> list[dict]:
         raise ValueError(f"schema {schema!r} is not one of {', '.join(SCHEMAS)}")
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} does not exist")
+        raise DataError(f"data file {str(path)!r} does not exist")
     rows = [_check_row(record, schema, f"{path}: {where}") for where, record in _read_records(path)]
     if not rows:
-        raise ValueError(f"{path}: holds no rows")
+        raise DataError(f"{path}: holds no rows")
     return rows
 
 
@@ -115,10 +126,37 @@ def schema_of(record, algorithm: str) -> str:
     for schema in ALGORITHM_SCHEMAS[algorithm]:
         if isinstance(record, dict) and all(name in record for name in SCHEMAS[schema]):
             return schema
-    raise ValueError(
+    raise DataError(
         f"algorithm {algorithm!r} needs rows with "
         + " or ".join(f"({', '.join(SCHEMAS[s])})" for s in ALGORITHM_SCHEMAS[algorithm])
     )
+
+
+def check_file(path: str | Path, schemas: tuple[str, ...], option: str = "data") -> str:
+    """The schema of ``path``'s rows among ``schemas`` (the first that its first row
+    fits), after checking its first ``CHECKED_ROWS`` rows against it: a cheap check
+    before a run loads its model. DataError naming ``option`` for a missing file, else
+    the file, the line and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"option {option!r}: data file {str(path)!r} does not exist")
+    schema = None
+    for number, (where, record) in enumerate(_read_records(path)):
+        if schema is None:
+            fits = [s for s in schemas if isinstance(record, dict) and all(name in record for name in SCHEMAS[s])]
+            if not fits and len(schemas) == 1:
+                fits = schemas  # _check_row names the missing field
+            if not fits:
+                wanted = " or ".join(f"({', '.join(SCHEMAS[s])})" for s in schemas)
+                got = f"fields ({', '.join(record)})" if isinstance(record, dict) else type(record).__name__
+                raise DataError(f"{path}: {where}: option {option!r} needs rows with {wanted}, got {got}")
+            schema = fits[0]
+        _check_row(record, schema, f"{path}: {where}")
+        if number + 1 == CHECKED_ROWS:
+            break
+    if schema is None:
+        raise DataError(f"option {option!r}: {path} holds no rows")
+    return schema
 
 
 def load_dataset(path: str | Path, algorithm: str) -> tuple[str, list[dict]]:
@@ -129,11 +167,11 @@ def load_dataset(path: str | Path, algorithm: str) -> tuple[str, list[dict]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} does not exist")
+        raise DataError(f"data file {str(path)!r} does not exist")
     for where, record in _read_records(path):
         try:
             schema = schema_of(record, algorithm)
         except ValueError as error:
-            raise ValueError(f"{path}: {where}: {error}") from None
+            raise DataError(f"{path}: {where}: {error}") from None
         return schema, load_rows(path, schema)
-    raise ValueError(f"{path}: holds no rows")
+    raise DataError(f"{path}: holds no rows")

@@ -64,11 +64,15 @@ def response_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ):
     """Per-token log-probs ``(B, T)`` float32 of ``labels`` under ``model`` with its logits
     divided by ``temperature``; 0 where a label is ``IGNORE_INDEX``. With
     ``return_entropy`` the pair ``(logprobs, entropy)``. Differentiable; run it under
-    ``torch.no_grad()`` for a reference.
+    ``torch.no_grad()`` for a reference. ``top_k`` (0 disables) and ``top_p`` (1
+    disables) give the log-probs of the sampler's truncated distribution, as the
+    rollouts record them (-inf for a token outside the kept set).
 
     The hidden states come from ``model.model`` (the decoder of Hugging Face causal LMs),
     the head from ``get_output_embeddings()``; a head bias and Gemma 2's
@@ -89,6 +93,8 @@ def response_logprobs(
         softcap=getattr(model.config, "final_logit_softcapping", None),
         ignore_index=IGNORE_INDEX,
         return_entropy=return_entropy,
+        top_k=top_k if top_k > 0 else None,
+        top_p=top_p,
     )
 
 

@@ -1,13 +1,20 @@
-"""The one training loop every offline algorithm shares.
+"""The one training loop every algorithm shares.
 
-An algorithm supplies two things and the loop owns everything else (optimizer, schedule,
-accumulation, clipping, evaluation, logging, checkpoints, resume, signals, NaN guard):
+The loop owns the data order, gradient accumulation, evaluation, logging, checkpoints,
+resume, signals and the NaN guard; an algorithm supplies its loss, its data and, when
+its step is not an AdamW step, the update itself:
 
 ``loss_fn(model, batch) -> (loss, metrics)``
     ``loss`` is the *sum* of the per-unit losses of the micro-batch (a unit is what the
     loss averages over: a completion token for SFT, a preference pair for DPO), a scalar
-    tensor with gradient. ``metrics`` maps names to *sums* over the same units (floats or
-    0-d tensors). ``batch["num_units"]`` (an int) is the micro-batch's unit count.
+    tensor with gradient. ``metrics`` maps names to the micro-batch's values, each
+    declaring how the step reduces it (``engine/step_metrics.py``): a plain value is a
+    *sum* over the same units (logged as the step's mean per unit), a pair ``(sum,
+    count)`` a mean over ``count`` (a per-sequence mean, such as the rollout reward, in a
+    loss whose unit is the token), and ``maximum``/``minimum``/``total`` the step's
+    extreme or sum. They stay tensors until the step ends: one transfer to the host per
+    step, none per micro-batch. ``batch["num_units"]`` (an int) is the micro-batch's
+    unit count.
 
 ``batches(position) -> iterator of micro-batches``
     The stream of micro-batches starting at micro-batch number ``position`` (0 is the
@@ -18,9 +25,14 @@ accumulation, clipping, evaluation, logging, checkpoints, resume, signals, NaN g
     generated it) exposes ``state_dict()`` and ``load_state_dict(state)``: checkpoints
     store that state and resume restores it before asking for the stream.
 
-A metric may also be a pair ``(sum, count)``: it is logged as the step's sum over the
-step's count (a per-sequence mean, such as the rollout reward, in a loss whose unit is
-the token).
+``update`` (optional): the optimizer step, an ``Update`` built by
+``update(model=, params=, config=, world=)`` once the model is on its device (and
+sharded). Its ``step(model, loss_fn, micro_batches, world=, autocast=)`` changes the
+weights from this rank's micro-batches of one step and returns a ``StepOutcome``: the
+record to log and, when the step was thrown away, why (the NaN guard counts it). Its
+``state_dict``/``load_state_dict`` are stored in every checkpoint. The default,
+``AdamWUpdate``, is accumulation, clipping and an AdamW step under a learning-rate
+schedule; trpo's natural-gradient step is another (it takes no ``loss_fn``).
 
 Gradient accumulation and token normalization. One optimizer step takes
 ``grad_accum_steps`` micro-batches ``b_1..b_G`` with ``n_i = b_i["num_units"]`` units and
@@ -29,17 +41,19 @@ Gradient accumulation and token normalization. One optimizer step takes
 mean loss over every unit of the step: exactly the gradient of one batch holding all of
 them, whatever the micro-batches' sizes (TRL's and torchtune's "num_items_in_batch"
 normalization; averaging per micro-batch first would over-weight short micro-batches).
-The logged ``loss`` and every metric are likewise step sums divided by ``N``.
+The logged ``loss`` and every mean metric are likewise step sums divided by ``N``.
 
 Checkpoints are folders ``checkpoints/step-NNNNNNNN`` in the run directory, written to a
 temporary name and renamed when complete (a crash mid-write never leaves a checkpoint that
 resume would pick up). Each holds ``model/`` (``save_pretrained``, with the tokenizer) and
-``trainer_state.pt`` (optimizer, scheduler, RNG states of torch, Python and NumPy, data
-position, step). ``resume=true`` loads the latest, truncates ``metrics.jsonl`` to the
-checkpoint's step, and continues: on the CPU the resumed run's metrics equal the
-uninterrupted run's exactly. It refuses (``ConfigError``) when the folder's
-``config.yaml`` differs from the new config in an option that changes the training's
-math (every option but those of ``RESUMABLE_CHANGES``).
+``trainer_state.pt`` (the update's state: AdamW's optimizer and scheduler; RNG states
+of torch, Python and NumPy, data position, step). ``resume=true`` loads the latest,
+truncates ``metrics.jsonl`` to the checkpoint's step, and continues: on the CPU the
+resumed run's metrics equal the uninterrupted run's exactly. It refuses
+(``ConfigError``) when the folder's ``config.yaml`` differs from the new config in an
+option that changes the training's math (every option but those of
+``RESUMABLE_CHANGES``). A checkpoint already at ``steps`` or beyond trains nothing, and
+says so (``LoopResult.already_done``).
 
 Precision. Parameters keep the ``dtype`` they were loaded in (float32 for ``auto``);
 ``autocast`` runs each ``loss_fn`` call (forward and loss, not the backward or the
@@ -50,8 +64,9 @@ Hugging Face's activation recomputation (non-reentrant).
 
 Outputs besides ``metrics.jsonl``: TensorBoard event files in ``run_dir/tensorboard``
 when the ``tensorboard`` package is installed (a resumed run purges the events after its
-checkpoint), and at the end of every run that completes ``run_dir/metrics.png``, one
-panel per curve (``loss``, ``lr``, ``grad_norm``, each ``eval/`` metric) against the step.
+checkpoint); the algorithms' ``train_and_evaluate`` then writes ``run_dir/metrics.png``
+(``engine/plots.py``) when the run completes. Progress goes to stderr, one line per
+stage (``engine/progress.py``).
 
 Several processes. Under ``torchrun`` (``WORLD_SIZE`` > 1) the same loop shards the model
 with FSDP2, gives each rank every N-th micro-batch of the step, normalizes by the step's
@@ -79,6 +94,8 @@ import torch
 from . import distributed
 from .config import ConfigError, config_to_dict, from_dict, save_yaml
 from .distributed import World
+from .progress import Progress, folder_label
+from .step_metrics import StepMetrics, mean
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -87,16 +104,18 @@ __all__ = [
     "LoopResult",
     "RESUMABLE_CHANGES",
     "TrainingDiverged",
+    "AdamWUpdate",
+    "StepOutcome",
+    "Update",
     "accumulate_gradients",
     "autocast_dtype",
+    "backpropagate",
     "check_resume_config",
     "latest_checkpoint",
     "learning_rate_factor",
     "load_model_weights",
-    "metrics_figure",
+    "micro_batches_per_step",
     "train_loop",
-    "validate_loop_options",
-    "write_metrics_plot",
     "write_run_config",
 ]
 
@@ -112,7 +131,7 @@ TENSORBOARD_DIR = "tensorboard"
 # says that the schedule, and for the built-in data the rows drawn, follow the new total).
 RESUMABLE_CHANGES = frozenset({
     "steps", "resume", "eval_every", "save_every", "log_every", "output_dir", "device",
-    "max_bad_steps", "eval_data", "gradient_checkpointing",
+    "max_bad_steps", "eval_data", "gradient_checkpointing", "threads",
 })
 
 
@@ -130,6 +149,8 @@ class LoopResult:
         last_metrics: the last logged training record.
         checkpoint: the last checkpoint written or resumed from (None if none).
         skipped_steps: steps skipped for a non-finite loss or gradient in this session.
+        start_step: the step this session started from: 0, or the resumed checkpoint's.
+        already_done: it resumed a checkpoint at ``steps`` or beyond: nothing trained.
     """
 
     step: int
@@ -137,6 +158,8 @@ class LoopResult:
     last_metrics: dict
     checkpoint: Path | None
     skipped_steps: int
+    start_step: int = 0
+    already_done: bool = False
 
 
 def learning_rate_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -161,24 +184,10 @@ def learning_rate_factor(step: int, *, total_steps: int, warmup_steps: int, sche
 # ---------------------------------------------------------------- options
 
 
-def validate_loop_options(config) -> None:
-    """ConfigError for a combination of the loop's options that cannot train."""
-    if config.autocast == "float16":
-        raise ConfigError(
-            "option 'autocast': got 'float16', which needs loss scaling (a GradScaler) that fastpo does not "
-            "implement; use autocast=bfloat16 or none"
-        )
-    if config.autocast == "bfloat16" and config.dtype not in ("auto", "float32"):
-        raise ConfigError(
-            f"option 'autocast': got 'bfloat16' with dtype={config.dtype}; autocast runs float32 parameters "
-            "in bfloat16, so use dtype=auto or float32 (or autocast=none)"
-        )
-
-
 def autocast_dtype(config, device: torch.device) -> torch.dtype | None:
     """The dtype ``loss_fn`` runs under ``torch.autocast`` on ``device``, or None for none:
-    ``autocast=auto`` is bfloat16 on CUDA with float32 parameters and none otherwise."""
-    validate_loop_options(config)
+    ``autocast=auto`` is bfloat16 on CUDA with float32 parameters and none otherwise.
+    (The config refused the combinations that cannot train, such as float16 autocast.)"""
     if config.autocast == "bfloat16":
         return torch.bfloat16
     if config.autocast == "auto" and device.type == "cuda" and config.dtype in ("auto", "float32"):
@@ -196,12 +205,15 @@ def _flatten(mapping: dict, prefix: str = "") -> dict:
     return flat
 
 
-def check_resume_config(config, run_dir: str | Path) -> None:
+def check_resume_config(config, run_dir: str | Path, done: int | None = None) -> None:
     """Refuse to resume the run of ``run_dir`` under a config whose math differs.
 
     Compares ``config`` with the folder's ``config.yaml`` (the config of the run being
     resumed) option by option, options of ``RESUMABLE_CHANGES`` excepted; an option the
-    older file lacks counts with its default.
+    older file lacks counts with its default, and one that the config class declares
+    not applicable (``NOT_APPLICABLE``: trpo's files from before it dropped the AdamW
+    options) is ignored. ``done``: the step of the checkpoint to resume, when known (a
+    note about a changed ``steps`` is printed only when steps remain to train).
 
     Raises:
         ConfigError: naming every differing option with the folder's and the new value.
@@ -211,8 +223,12 @@ def check_resume_config(config, run_dir: str | Path) -> None:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         return
+    mapping = yaml.safe_load(path.read_text()) or {}
+    if isinstance(mapping, dict):
+        dropped = getattr(type(config), "NOT_APPLICABLE", {})
+        mapping = {key: value for key, value in mapping.items() if key not in dropped}
     try:
-        previous = from_dict(type(config), yaml.safe_load(path.read_text()) or {})
+        previous = from_dict(type(config), mapping)
     except ConfigError as error:
         raise ConfigError(
             f"resume=true: {path} does not hold a {type(config).__name__} ({error}); "
@@ -226,7 +242,7 @@ def check_resume_config(config, run_dir: str | Path) -> None:
             f"resume=true: the run in {run_dir} was trained with another config ({changes}); "
             "resume with the same values, or start a new run (another output_dir, or resume=false)"
         )
-    if old["steps"] != new["steps"]:
+    if old["steps"] != new["steps"] and (done is None or new["steps"] > done):
         print(
             f"fastpo: resuming with steps={new['steps']} (the run had {old['steps']}); the learning-rate "
             "schedule of the remaining steps (and, for built-in data, the rows drawn) follow the new total",
@@ -234,24 +250,31 @@ def check_resume_config(config, run_dir: str | Path) -> None:
         )
 
 
+def micro_batches_per_step(config) -> int:
+    """``grad_accum_steps``; 1 for a config without it (trpo: one rollout, one step)."""
+    return getattr(config, "grad_accum_steps", 1)
+
+
 def _check_share(config, world: World) -> None:
-    if config.grad_accum_steps % world.size:
+    per_step = micro_batches_per_step(config)
+    if per_step % world.size:
         raise ConfigError(
-            f"option 'grad_accum_steps': got {config.grad_accum_steps}, which {world.size} processes cannot "
+            f"option 'grad_accum_steps': got {per_step}, which {world.size} processes cannot "
             f"share; use a multiple of {world.size} (it counts the micro-batches of a step over all processes)"
         )
 
 
 def write_run_config(config, run_dir: str | Path, device: torch.device) -> None:
-    """Write ``run_dir/config.yaml`` for a run about to start, after checking the loop's
-    options and, when it resumes a checkpoint, the folder's previous config
-    (``check_resume_config``). Under torchrun every rank checks and rank 0 writes."""
-    validate_loop_options(config)
+    """Write ``run_dir/config.yaml`` for a run about to start, after checking that the
+    processes can share its steps and, when it resumes a checkpoint, the folder's
+    previous config (``check_resume_config``). Under torchrun every rank checks and rank
+    0 writes. (The config validated itself when it was built.)"""
     run_dir = Path(run_dir)
     current = distributed.world(device)
     _check_share(config, current)
-    if config.resume and latest_checkpoint(run_dir) is not None:
-        check_resume_config(config, run_dir)
+    checkpoint = latest_checkpoint(run_dir) if config.resume else None
+    if checkpoint is not None:
+        check_resume_config(config, run_dir, done=int(checkpoint.name[5:]))
     current.barrier()  # every rank has read the old config.yaml before rank 0 replaces it
     if current.is_main:
         save_yaml(config, run_dir / CONFIG_FILE)
@@ -294,13 +317,13 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, position: int, batches,
+def _save_checkpoint(run_dir: Path, step: int, model, tokenizer, update: Update, position: int, batches,
                      world: World) -> Path:
     """Write the checkpoint of ``step`` (rank 0 writes; every rank must call it)."""
     final = run_dir / CHECKPOINT_DIR / _checkpoint_name(step)
     # Gathering the shards is a collective: every rank takes part, rank 0 gets the result.
     weights = distributed.model_state(model, world.size)
-    optimizer_state = distributed.optimizer_state(model, optimizer, world.size)
+    update_state = update.state_dict()
     rng = world.gather(_rng_states())
     if world.is_main:
         partial = final.with_name(final.name + ".partial")
@@ -312,8 +335,7 @@ def _save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sche
             {
                 "step": step,
                 "data_position": position,
-                "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(),
+                **update_state,  # AdamW's: "optimizer" and "scheduler"
                 "rng": rng,  # one entry per rank
                 "stream": batches.state_dict() if hasattr(batches, "state_dict") else None,
             },
@@ -357,13 +379,12 @@ def load_model_weights(model, model_dir: str | Path) -> None:
         model.load_state_dict(state, strict=False)
 
 
-def _load_checkpoint(checkpoint: Path, model, optimizer, scheduler, world: World) -> dict:
+def _load_checkpoint(checkpoint: Path, model, update: Update) -> dict:
     load_model_weights(model, checkpoint / "model")
     # weights_only=False: the state holds Python's and NumPy's RNG tuples; the file is
     # one this loop wrote into the user's own run directory.
     state = torch.load(checkpoint / STATE_FILE, weights_only=False)
-    distributed.load_optimizer_state(model, optimizer, state["optimizer"], world.size)
-    scheduler.load_state_dict(state["scheduler"])
+    update.load_state_dict(state)
     return state
 
 
@@ -375,7 +396,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-# ---------------------------------------------------------------- TensorBoard and the plot
+# ---------------------------------------------------------------- TensorBoard
 
 
 _tensorboard_note_shown = False
@@ -413,44 +434,6 @@ class _TensorBoard:
             self.writer.close()
 
 
-def _plotted_names(records: list[dict]) -> list[str]:
-    names = [name for name in ("loss", "lr", "grad_norm") if any(r.get(name) is not None for r in records)]
-    evals = sorted({name for r in records for name in r if name.startswith("eval/") and r[name] is not None})
-    return names + evals
-
-
-def metrics_figure(records: list[dict]):
-    """A matplotlib ``Figure`` of the curves of ``records`` (metrics.jsonl's): one panel
-    per name of ``loss``, ``lr``, ``grad_norm`` and each ``eval/`` metric, titled by the
-    name, the value against ``step`` (skipped steps' nulls left out)."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
-    names = _plotted_names(records)
-    columns = min(3, max(1, len(names)))
-    rows = max(1, math.ceil(len(names) / columns))
-    figure = Figure(figsize=(4.5 * columns, 3.2 * rows), layout="constrained")
-    for index, name in enumerate(names):
-        axes = figure.add_subplot(rows, columns, index + 1)
-        points = [(r["step"], r[name]) for r in records if r.get(name) is not None]
-        steps, values = zip(*points)
-        # Markers: evaluations are few points, and a lone point has no line to show it.
-        axes.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3)
-        axes.set_title(name)
-        axes.set_xlabel("step")
-        axes.grid(alpha=0.3)
-    return figure
-
-
-def write_metrics_plot(metrics_path: Path, png_path: Path) -> None:
-    """Write ``metrics_figure`` of the records of ``metrics_path`` as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    figure = metrics_figure(records)
-    FigureCanvasAgg(figure)
-    figure.savefig(png_path, dpi=100)
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -481,87 +464,130 @@ class _StopRequest:
         return False
 
 
-class _Progress:
-    """tqdm when installed, else one printed line every ``log_every`` steps; nothing on
-    ranks other than 0 (``shown=False``)."""
-
-    def __init__(self, total: int, initial: int, log_every: int, shown: bool = True):
-        self.log_every = log_every
-        self.shown = shown
-        self.bar = None
-        if shown:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                pass
-            else:
-                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-        self.total = total
-
-    def update(self, step: int, record: dict) -> None:
-        if not self.shown:
-            return
-        shown = {k: record[k] for k in ("loss", "lr", "grad_norm") if record.get(k) is not None}
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
-        elif step % self.log_every == 0 or step == self.total:
-            text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
-            print(f"step {step}/{self.total} {text}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _step_units(group: list[dict], world: World) -> int:
+    total_units = int(world.sum([sum(int(batch["num_units"]) for batch in group)])[0])
+    if total_units <= 0:
+        raise ValueError("the micro-batches of this step hold no units (tokens or pairs) to train on")
+    return total_units
 
 
-def _as_float(value) -> float:
-    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+def backpropagate(model, loss_fn: Callable, group: list[dict], *, world: World = World(),
+                  autocast: torch.dtype | None = None) -> tuple[StepMetrics, int]:
+    """Back-propagate the micro-batches of one optimizer step into the ``.grad`` fields,
+    with no host sync: ``(metrics, N)``, the step's ``StepMetrics`` (the loss's sum as
+    the mean metric ``loss``, and ``loss_fn``'s metrics) and its unit count ``N``.
+
+    Micro-batch ``i`` contributes ``loss_i / N`` where ``N`` is the step's total
+    ``num_units`` (see the module doc), so the accumulated gradient is that of the mean
+    loss over all the step's units. With ``world.size`` > 1, ``group`` is this rank's
+    share of the step, ``N`` counts every rank's units, and each loss is weighted
+    ``world.size / N`` because the sharded model averages the ranks' gradients.
+    ``autocast``: the dtype of ``torch.autocast`` around each ``loss_fn`` call (on
+    ``world.device``'s type), or None.
+    """
+    total_units = _step_units(group, world)
+    metrics = StepMetrics(world.device)
+    for batch in group:
+        with torch.autocast(world.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+            loss, batch_metrics = loss_fn(model, batch)
+        (loss * world.size / total_units).backward()
+        metrics.add({"loss": mean(loss), **batch_metrics})
+    return metrics, total_units
 
 
 def accumulate_gradients(model, loss_fn: Callable, group: list[dict], *, world: World = World(),
                          autocast: torch.dtype | None = None) -> tuple[float, dict, int]:
-    """Back-propagate the micro-batches of one optimizer step into the ``.grad`` fields.
+    """``backpropagate``, then the step's values: ``(loss_sum, metric_values, N)``, the
+    loss summed over the step's units (and ranks), each metric reduced as it declares
+    (a plain one: its step sum over ``N``; a ``(sum, count)`` one: over its summed
+    count), and ``N``. Every rank returns the same values (``loss_fn`` must return the
+    same metric names on every rank)."""
+    metrics, total_units = backpropagate(model, loss_fn, group, world=world, autocast=autocast)
+    values = metrics.reduce(total_units, world)
+    return values.pop("loss") * total_units, values, total_units
 
-    Micro-batch ``i`` contributes ``loss_i / N`` where ``N`` is the step's total
-    ``num_units`` (see the module doc), so the accumulated gradient is that of the mean
-    loss over all the step's units. Returns ``(loss_sum, metric_means, N)``: the loss
-    sum as a float, each metric's step sum over ``N`` (or over its own summed count,
-    for a ``(sum, count)`` metric), and ``N``.
 
-    With ``world.size`` > 1, ``group`` is this rank's share of the step: ``N``, the
-    loss sum and the metric sums are summed over the ranks (so every rank returns the
-    same values; ``loss_fn`` must return the same metric names on every rank), and each
-    loss is weighted ``world.size / N`` because the sharded model averages the ranks'
-    gradients. ``autocast``: the dtype of ``torch.autocast`` around each ``loss_fn`` call
-    (on ``world.device``'s type), or None.
+@dataclass
+class StepOutcome:
+    """What an ``Update.step`` hands the loop.
+
+    Attributes:
+        record: the step's logged values (the loop adds ``step`` and ``step_time_s``).
+        skipped: why the step was thrown away (``"non-finite loss"``), or None; the loop
+            prints it and counts it toward ``max_bad_steps``.
     """
-    total_units = int(world.sum([sum(int(batch["num_units"]) for batch in group)])[0])
-    if total_units <= 0:
-        raise ValueError("the micro-batches of this step hold no units (tokens or pairs) to train on")
-    loss_sum, metric_sums = 0.0, {}
-    for batch in group:
-        with torch.autocast(world.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
-            loss, metrics = loss_fn(model, batch)
-        (loss * world.size / total_units).backward()
-        loss_sum += _as_float(loss)
-        for name, value in metrics.items():
-            value, count = value if isinstance(value, tuple) else (value, None)
-            total, counted = metric_sums.get(name, (0.0, 0.0))
-            metric_sums[name] = (total + _as_float(value), None if count is None else counted + _as_float(count))
-    if world.size > 1:
-        names = sorted(metric_sums)
-        flat = [loss_sum] + [x for name in names for x in (metric_sums[name][0], metric_sums[name][1] or 0.0)]
-        summed = world.sum(flat)
-        loss_sum = summed[0]
-        metric_sums = {
-            name: (summed[1 + 2 * i], None if metric_sums[name][1] is None else summed[2 + 2 * i])
-            for i, name in enumerate(names)
+
+    record: dict
+    skipped: str | None = None
+
+
+class Update:
+    """The optimizer step, the loop's hook: how one step's micro-batches change the
+    weights. Built once per run by ``cls(model=, params=, config=, world=)`` (the model
+    on its device, sharded under torchrun; ``params`` its trainable parameters)."""
+
+    def step(self, model, loss_fn: Callable | None, micro_batches: list[dict], *, world: World,
+             autocast: torch.dtype | None) -> StepOutcome:
+        """Change the weights from this rank's ``micro_batches`` of one step (the loss
+        goes through ``loss_fn(model, batch)``, the FSDP root's under torchrun)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """What a checkpoint stores of the update (top-level keys of ``trainer_state.pt``;
+        every rank calls it, it may be a collective)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from a checkpoint's ``trainer_state.pt`` (every key of it is passed)."""
+
+
+class AdamWUpdate(Update):
+    """The default step: accumulate the micro-batches' gradients (``backpropagate``),
+    clip their global norm to ``max_grad_norm``, then an AdamW step (``learning_rate``,
+    ``weight_decay``) under the schedule of ``learning_rate_factor`` (``warmup_steps``,
+    ``lr_schedule`` over ``steps``). A step whose loss or gradient norm is not finite is
+    thrown away (its gradient dropped; the schedule still advances, so the learning rate
+    stays a function of the step number). Logs ``lr``, ``loss``, ``grad_norm`` (before
+    clipping), ``units`` and ``loss_fn``'s metrics."""
+
+    def __init__(self, *, model, params: list, config, world: World):
+        self.model, self.params, self.world = model, params, world
+        self.max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: learning_rate_factor(
+                step, total_steps=config.steps, warmup_steps=config.warmup_steps, schedule=config.lr_schedule
+            ),
+        )
+
+    def step(self, model, loss_fn, micro_batches, *, world, autocast) -> StepOutcome:
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics, total_units = backpropagate(model, loss_fn, micro_batches, world=world, autocast=autocast)
+        values = metrics.reduce(total_units, world, extra={"grad_norm": _grad_norm(self.params, self.max_norm)})
+        loss, grad_norm = values.pop("loss"), values.pop("grad_norm")
+        record = {"lr": self.scheduler.get_last_lr()[0]}
+        skipped = None
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            record.update(loss=loss, grad_norm=grad_norm, units=total_units, **values)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            skipped = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
+            # null rather than NaN: metrics.jsonl stays standard JSON.
+            record.update(skipped=skipped, loss=None, grad_norm=None)
+        self.scheduler.step()
+        return StepOutcome(record, skipped)
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": distributed.optimizer_state(self.model, self.optimizer, self.world.size),
+            "scheduler": self.scheduler.state_dict(),
         }
-    means = {
-        name: total / (total_units if count is None else max(count, 1.0))
-        for name, (total, count) in metric_sums.items()
-    }
-    return loss_sum, means, total_units
+
+    def load_state_dict(self, state: dict) -> None:
+        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.world.size)
+        self.scheduler.load_state_dict(state["scheduler"])
 
 
 def _call_root(root, batch: dict):
@@ -582,10 +608,12 @@ def _enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _grad_norm(params: list, max_norm: float) -> float:
+def _grad_norm(params: list, max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global norm to ``max_norm``; the norm before clipping, a 0-d
+    tensor on the device (no host sync)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     # Sharded parameters give a DTensor norm; its full value is the global norm.
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def train_loop(
@@ -593,30 +621,34 @@ def train_loop(
     model,
     tokenizer,
     config,
-    loss_fn: Callable,
+    loss_fn: Callable | None,
     batches: Callable[[int], Iterator[dict]],
     run_dir: str | Path,
     evaluate: Callable[[object], dict] | None = None,
     done: Callable[[dict], bool] | None = None,
+    update: Callable[..., Update] = AdamWUpdate,
 ) -> LoopResult:
-    """Train ``model`` with ``loss_fn`` on ``batches`` under ``config`` (a ``BaseConfig``).
+    """Train ``model`` with ``loss_fn`` on ``batches`` under ``config``, each optimizer
+    step made by ``update`` (``AdamWUpdate`` by default; see the module doc).
 
-    Uses from ``config``: ``steps``, ``grad_accum_steps``, ``learning_rate``,
-    ``weight_decay``, ``warmup_steps``, ``lr_schedule``, ``max_grad_norm``, ``eval_every``,
-    ``save_every``, ``log_every``, ``resume``, ``max_bad_steps``, ``seed``, ``dtype``,
-    ``autocast``, ``gradient_checkpointing``.
+    Uses from ``config``: ``steps``, ``grad_accum_steps`` (1 when the config has none),
+    ``eval_every``, ``save_every``, ``log_every``, ``resume``, ``max_bad_steps``,
+    ``seed``, ``dtype``, ``autocast``, ``gradient_checkpointing``, and what ``update``
+    uses (AdamW: ``learning_rate``, ``weight_decay``, ``warmup_steps``, ``lr_schedule``,
+    ``max_grad_norm``).
 
-    Each logged record (one JSON line of ``run_dir/metrics.jsonl``) holds ``step``,
-    ``loss``, ``lr``, ``grad_norm`` (before clipping), ``units`` (of the step), the
-    algorithm's metrics and ``step_time_s`` (wall clock, the one field a resumed run
-    does not reproduce). Records are written every ``log_every`` steps, at the last
-    step, at every evaluation and at every skipped step; a skipped step's record holds
-    ``skipped`` (the reason) and null ``loss`` and ``grad_norm``. ``evaluate(model)``
-    runs every ``eval_every`` steps before the last (the algorithm evaluates before and
-    after training on its own) and its results are logged with an ``eval/`` prefix.
+    Each logged record (one JSON line of ``run_dir/metrics.jsonl``) holds ``step``, the
+    update's record (AdamW: ``loss``, ``lr``, ``grad_norm`` before clipping, ``units`` of
+    the step and the algorithm's metrics) and ``step_time_s`` (wall clock, the one field
+    a resumed run does not reproduce). Records are written every ``log_every`` steps, at
+    the last step, at every evaluation and at every skipped step; a skipped step's
+    record holds ``skipped`` (the reason) and null ``loss`` and ``grad_norm``.
+    ``evaluate(model)`` runs every ``eval_every`` steps before the last and its results
+    are logged with an ``eval/`` prefix (the algorithm evaluates before and after
+    training on its own: ``_common.train_and_evaluate``).
     ``done(results)``, when given, sees each periodic evaluation's results; True ends
     the run at that step (a checkpoint is written and the run counts as completed).
-    A run that completes writes ``run_dir/metrics.png``. Returns a ``LoopResult``.
+    Returns a ``LoopResult``.
 
     Under torchrun every rank calls it; the model is sharded in place during the run
     and handed back with its full parameters on every rank, for evaluation and saving
@@ -628,8 +660,7 @@ def train_loop(
         TrainingDiverged: ``max_bad_steps`` steps in a row with a non-finite loss or
             gradient norm; the model is left as after the last good step and the last
             checkpoint on disk is untouched.
-        ConfigError: ``autocast=float16``, bfloat16 autocast over low-precision
-            parameters, ``gradient_checkpointing`` on a model without it, or a
+        ConfigError: ``gradient_checkpointing`` on a model without it, or a
             ``grad_accum_steps`` that is not a multiple of the number of processes.
     """
     run_dir = Path(run_dir)
@@ -647,6 +678,8 @@ def train_loop(
         _enable_gradient_checkpointing(model)
     root = None
     if world.size > 1:
+        if loss_fn is None:
+            raise NotImplementedError("an update without a loss_fn (trpo) runs in one process only")
         root = distributed.shard_model(model, loss_fn, device, world.size)
         trained, compute_loss = root, _call_root
         if hasattr(batches, "full_model"):  # a stream that generates with the model (RolloutStream)
@@ -654,13 +687,7 @@ def train_loop(
     else:
         trained, compute_loss = model, loss_fn
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the shards
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: learning_rate_factor(
-            step, total_steps=config.steps, warmup_steps=config.warmup_steps, schedule=config.lr_schedule
-        ),
-    )
+    updater = update(model=model, params=params, config=config, world=world)
 
     say = (lambda text: print(text, file=sys.stderr)) if world.is_main else (lambda text: None)
     step, position, checkpoint = 0, 0, None
@@ -669,7 +696,7 @@ def train_loop(
         if checkpoint is None:
             say(f"fastpo: resume=true but {run_dir} holds no checkpoint; starting from step 0")
         else:
-            state = _load_checkpoint(checkpoint, model, optimizer, scheduler, world)
+            state = _load_checkpoint(checkpoint, model, updater)
             step, position = state["step"], state["data_position"]
             rng = state["rng"]
             if world.rank < len(rng):
@@ -687,10 +714,17 @@ def train_loop(
     world.barrier()  # the log is settled before any rank reads it
     logged = metrics_path.read_text().splitlines() if step else []
     last_record = json.loads(logged[-1]) if logged else {}
+    start_step = step
+    already_done = step > 0 and step >= config.steps
+    if already_done:
+        say(
+            f"fastpo: resume=true: {checkpoint} is already at step {step} and steps={config.steps}: nothing to "
+            f"train (set steps above {step} to train further)"
+        )
 
     model.train()
     stream = batches(position)
-    progress = _Progress(config.steps, step, config.log_every, shown=world.is_main)
+    progress = Progress(folder_label(run_dir), config.steps, step, shown=world.is_main)
     tensorboard = _TensorBoard(run_dir, step) if world.is_main else None
     bad_in_row, skipped, interrupted = 0, 0, False
     try:
@@ -705,33 +739,19 @@ def train_loop(
 
             while step < config.steps:
                 started = time.perf_counter()
-                group = [next(stream) for _ in range(config.grad_accum_steps)]
+                group = [next(stream) for _ in range(micro_batches_per_step(config))]
                 position += len(group)
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum, metric_means, total_units = accumulate_gradients(
+                outcome = updater.step(
                     trained, compute_loss, group[world.rank :: world.size], world=world, autocast=autocast
                 )
-                max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
-                grad_norm = _grad_norm(params, max_norm)
-                lr = scheduler.get_last_lr()[0]
                 step += 1
-                record = {"step": step, "lr": lr}
-                if math.isfinite(loss_sum) and math.isfinite(grad_norm):
-                    optimizer.step()
+                record = {"step": step, **outcome.record}
+                if outcome.skipped is None:
                     bad_in_row = 0
-                    record.update(loss=loss_sum / total_units, grad_norm=grad_norm, units=total_units)
-                    record.update(metric_means)
                 else:
-                    # The step's gradient is thrown away; the schedule still advances so
-                    # that the learning rate stays a function of the step number.
-                    optimizer.zero_grad(set_to_none=True)
                     bad_in_row += 1
                     skipped += 1
-                    what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
-                    # null rather than NaN: metrics.jsonl stays standard JSON.
-                    record.update(skipped=f"non-finite {what}", loss=None, grad_norm=None)
-                    say(f"fastpo: step {step}: non-finite {what}; step skipped")
-                scheduler.step()
+                    say(f"fastpo: step {step}: {outcome.skipped}; step skipped")
                 record["step_time_s"] = time.perf_counter() - started
                 if bad_in_row >= config.max_bad_steps:
                     write(record)
@@ -759,13 +779,15 @@ def train_loop(
                 if stopping or saving or finished_early:
                     if bad_in_row == 0:  # never replace a good checkpoint by a skipped step's state
                         checkpoint = _save_checkpoint(
-                            run_dir, step, model, tokenizer, optimizer, scheduler, position, batches, world
+                            run_dir, step, model, tokenizer, updater, position, batches, world
                         )
                     if stopping:
                         interrupted = True
+                        progress.close()
                         say(f"fastpo: stopped at step {step}; checkpoint {checkpoint}")
                         break
                     if finished_early:
+                        progress.finish(f"target reached at step {step}")
                         say(f"fastpo: the run's target is reached at step {step}; checkpoint {checkpoint}")
                         break
     finally:
@@ -774,6 +796,4 @@ def train_loop(
             tensorboard.close()
     if root is not None:
         distributed.unshard_all(root)
-    if world.is_main and not interrupted:
-        write_metrics_plot(metrics_path, run_dir / METRICS_PLOT)
-    return LoopResult(step, interrupted, last_record, checkpoint, skipped)
+    return LoopResult(step, interrupted, last_record, checkpoint, skipped, start_step, already_done)

@@ -6,14 +6,16 @@ the samples laid out exactly as ``forward.encode_responses`` lays out training r
 (``[bos] prompt completion``, right-padded, ``labels`` shifted), so the training forward
 reads the sampled tokens themselves, never a re-tokenization of their text.
 
-The rollout log-prob of a sampled token is ``log_softmax(logits / temperature)`` at that
-token, recorded step by step as ``generate`` samples (never the whole ``(B, steps, V)``
-logits), from the logits its temperature starts from: the temperature is applied as in the
-training forward (``linear_token_logprobs(..., temperature=)``), and top-p/top-k are
-not (their truncation changes which tokens can be drawn, not the policy whose ratio the
-loss takes; vLLM's and verl's default logprobs are the same quantity). The two can then
-be compared token by token: the mismatch is a metric and can feed the rollout
-correction of ``policy_loss``.
+The rollout log-prob of a sampled token is its log-probability under the distribution
+``generate`` drew it from: ``log_softmax(logits / temperature)`` with top-k/top-p
+truncation renormalized over the kept set (``fastpo.kernels.token_logprobs(...,
+top_k=, top_p=)``, HF's conventions), recorded step by step as ``generate`` samples
+(never the whole ``(B, steps, V)`` logits), from the logits its temperature starts from.
+Without top-k/top-p it equals the training forward's ``linear_token_logprobs(...,
+temperature=)``; with them the training forward gives the same quantity when passed the
+same ``top_k``/``top_p`` (``forward.response_logprobs``), and otherwise differs by the log
+of the kept mass. The two can be compared token by token: the mismatch is a metric and
+can feed the rollout correction of ``policy_loss``.
 
 A completion ends at its first eos (kept: the policy learns to stop), at the end of its
 first stop string (the tokens up to the one that completes it), or after
@@ -35,10 +37,12 @@ from typing import Callable
 
 import torch
 
+from fastpo.kernels import token_logprobs as kernel_token_logprobs
 from .forward import IGNORE_INDEX
 from .task import AdditionTask
 
-__all__ = ["Rollout", "concatenate_rollouts", "reward_function", "sample_completions"]
+__all__ = ["Rollout", "check_reward_source", "concatenate_rollouts", "reward_function", "rollout_from_tokens",
+           "sample_completions"]
 
 
 @dataclass
@@ -89,24 +93,41 @@ def _cut_at_stop(text: str, stop_strings: list[str]) -> str:
 
 
 class _SampledTokenLogprobs:
-    """A ``generate`` logits processor that records ``log_softmax(logits / T)`` of each
-    sampled token without keeping the ``(B, steps, V)`` logits (``output_logits`` would:
-    hundreds of GB for a real rollout on a 150k vocabulary). Custom processors run
-    before ``generate``'s temperature, top-k and top-p, so it sees the logits those
-    start from; the token sampled at one step is the last input id of the next call."""
+    """A ``generate`` logits processor that records the log-prob of each sampled token
+    under the sampling distribution (temperature, then top-k/top-p renormalized) without
+    keeping the ``(B, steps, V)`` logits (``output_logits`` would: hundreds of GB for a
+    real rollout on a 150k vocabulary). Custom processors run before ``generate``'s
+    temperature, top-k and top-p, so it sees the logits those start from; the token
+    sampled at one step is the last input id of the next call."""
 
-    def __init__(self, temperature: float):
+    def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0):
         self.temperature = temperature
+        self.top_k = top_k if top_k > 0 else None
+        self.top_p = top_p
         self.previous: torch.Tensor | None = None
         self.steps: list[torch.Tensor] = []
+        self.truncated = self.top_k is not None or top_p < 1.0
 
     def _record(self, sampled: torch.Tensor) -> None:
-        self.steps.append(self.previous.gather(-1, sampled[:, None]).squeeze(-1))
+        if self.truncated:
+            lp = kernel_token_logprobs(
+                self.previous, sampled, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            )
+        else:
+            lp = self.previous.gather(-1, sampled[:, None]).squeeze(-1)
+        self.steps.append(lp)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.previous is not None:
             self._record(input_ids[:, -1])
-        self.previous = (scores.float() / self.temperature).log_softmax(-1)
+        if self.truncated:
+            # a copy: the processors after this one may write to scores in place
+            self.previous = scores.to(torch.float32, copy=True)
+        else:
+            # Without truncation the whole distribution is the sampling one: one eager
+            # log_softmax per step is cheaper than a kernel call per step (its argument
+            # checks cost more than the work at a rollout's (B, V)).
+            self.previous = (scores.float() / self.temperature).log_softmax(-1)
         return scores
 
     def finish(self, sequences: torch.Tensor, generated: int) -> torch.Tensor:
@@ -128,6 +149,7 @@ def sample_completions(
     max_new_tokens: int = 16,
     stop_strings: list[str] = (),
     max_length: int | None = None,
+    prompt_token_ids: list[list[int]] | None = None,
 ) -> Rollout:
     """One sampled completion per prompt (repeat a prompt G times for G samples); the
     global torch RNG draws the samples, so a seeded run (and a resumed one, whose
@@ -141,6 +163,9 @@ def sample_completions(
         stop_strings: a completion ends after the token that completes one of them.
         max_length: prompts longer than this minus ``max_new_tokens`` are an error
             (the training rows would be cut).
+        prompt_token_ids: each prompt's tokens (bos included) in place of the encoded
+            ``prompts``: a tree rollout continues a sampled prefix from its own tokens,
+            never from a re-tokenization of their text.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
@@ -150,7 +175,12 @@ def sample_completions(
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    encoded = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    if prompt_token_ids is None:
+        encoded = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    elif len(prompt_token_ids) != len(prompts):
+        raise ValueError(f"got {len(prompt_token_ids)} prompt_token_ids for {len(prompts)} prompts")
+    else:
+        encoded = [list(ids) for ids in prompt_token_ids]
     width = max(len(ids) for ids in encoded)
     if max_length is not None and width + max_new_tokens > max_length:
         raise ValueError(
@@ -160,7 +190,7 @@ def sample_completions(
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
     from transformers import LogitsProcessorList
 
-    recorder = _SampledTokenLogprobs(temperature)
+    recorder = _SampledTokenLogprobs(temperature, top_k, top_p)
     sequences = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -188,7 +218,20 @@ def sample_completions(
         text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
         texts.append(_cut_at_stop(text, list(stop_strings)))
         truncated.append(not ended)
+    return rollout_from_tokens(list(prompts), texts, rows, row_logprobs, truncated, pad)
 
+
+def rollout_from_tokens(
+    prompts: list[str],
+    completions: list[str],
+    rows: list[tuple[list[int], list[int]]],
+    row_logprobs: list[torch.Tensor],
+    truncated: list[bool],
+    pad: int,
+) -> Rollout:
+    """The ``Rollout`` of ``rows``, each ``(prompt tokens with bos, completion tokens)``,
+    with each completion token's sampling log-prob (``row_logprobs``, one (m,) tensor a
+    row): the training layout of ``forward.encode_responses``."""
     seq_width = max(len(head) + len(tail) for head, tail in rows)
     batch_ids = torch.full((len(rows), seq_width), pad, dtype=torch.long)
     batch_mask = torch.zeros((len(rows), seq_width), dtype=torch.long)
@@ -202,7 +245,7 @@ def sample_completions(
         # positions n - 1 .. n + m - 2.
         labels[i, n - 1 : n + m - 1] = torch.tensor(tail, dtype=torch.long)
         rollout_logprobs[i, n - 1 : n + m - 1] = lps
-    return Rollout(list(prompts), texts, batch_ids, batch_mask, labels, rollout_logprobs, torch.tensor(truncated))
+    return Rollout(list(prompts), completions, batch_ids, batch_mask, labels, rollout_logprobs, torch.tensor(truncated))
 
 
 def concatenate_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
@@ -264,12 +307,24 @@ def _reward_model(path: str) -> Callable:
 
 
 def _reward_source(spec: str) -> Callable:
-    if spec == "builtin:addition":
+    kind = check_reward_source(spec)
+    if kind == "builtin":
         return AdditionTask().reward
+    return _reward_model(spec) if kind == "model" else _callable_reward(spec)
+
+
+def check_reward_source(spec: str) -> str:
+    """The kind of reward source ``spec`` names: ``"builtin"``, ``"model"`` (a folder) or
+    ``"callable"`` (``module:function``, imported to check it); a ValueError naming the
+    spec otherwise. Loads no model: a run checks its rewards with it before its own
+    model loads."""
+    if spec == "builtin:addition":
+        return "builtin"
     if Path(spec).is_dir():
-        return _reward_model(spec)
+        return "model"
     if ":" in spec and not spec.startswith("builtin:"):
-        return _callable_reward(spec)
+        _callable_reward(spec)
+        return "callable"
     raise ValueError(
         f"reward {spec!r} is not builtin:addition, a module:function callable or a reward model folder"
     )

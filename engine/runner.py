@@ -1,8 +1,14 @@
 """``train``: the Python entry point of every algorithm.
 
-Every algorithm of ``config.ALGORITHMS`` trains, each one module of ``engine/algorithms``:
-the offline ``sft``, ``reward``, ``dpo``, ``ipo``, ``kto`` and the online ``grpo``,
-``ppo``, ``trpo``, ``rlaif``.
+Every algorithm of ``config.ALGORITHMS`` (the one table of algorithms) trains, each the
+module of ``engine/algorithms`` of its name: ``sft``, ``reward``, ``dpo``, ``ipo``,
+``kto`` on a dataset and the online ``grpo``, ``ppo``, ``trpo``, ``rlaif``.
+
+A run goes through its stages in order, each failing before the next costs anything:
+the config (built and validated: ranges and rules between options), the inputs
+(``engine/inputs.py``: model, data files' first rows, reward sources, folders), the
+warm start (``engine/warm_start.py``: made once and cached, or reused), then the
+algorithm's ``run(config, warm_start=)``.
 
 The final metrics (returned, and printed as one JSON line on stdout):
 
@@ -10,17 +16,23 @@ The final metrics (returned, and printed as one JSON line on stdout):
 key                            meaning
 =============================  =========================================================
 algorithm                      the algorithm's name
-status                         ``completed``, or ``interrupted`` (SIGINT/SIGTERM: a
-                               checkpoint was written; ``resume=true`` continues)
+status                         ``completed``; ``interrupted`` (SIGINT/SIGTERM: a
+                               checkpoint was written; ``resume=true`` continues);
+                               or ``already_completed`` (``resume=true`` found a
+                               checkpoint at ``steps`` or beyond: nothing trained)
 steps                          optimizer steps done, skipped ones included
+resumed_from_step              the checkpoint's step when the run resumed one
 skipped_steps                  steps skipped in this session for a non-finite loss
 loss                           training loss of the last step (per unit: completion
                                token for sft, pair for dpo and ipo, example for kto,
                                pair or ranked row for reward; completion token or
                                completion for grpo (by its aggregation), completion
-                               token for ppo)
+                               token for ppo; none for trpo, which minimizes no loss:
+                               its ``surrogate`` is in metrics.jsonl)
 heldout_accuracy_before/after  exact-match accuracy of greedy answers on the held-out
-                               prompts (``_after`` absent when interrupted); not for
+                               prompts (``_after`` absent when interrupted), before
+                               and after this session: ``_before`` is the resumed
+                               checkpoint's when the run resumed; not for
                                reward (a reward model does not generate); for the
                                online algorithms on a data file with eval_data:
                                ``heldout_reward_before/after`` instead, the mean
@@ -28,6 +40,11 @@ heldout_accuracy_before/after  exact-match accuracy of greedy answers on the hel
 preference_accuracy_before/    share of held-out pairs ranked chosen first (ties count
 after                          1/2): by the implicit reward ``beta*(lp - lp_ref)`` for
                                dpo, ipo and kto, by the score for reward
+warm_start                     the warm start the run started from, or none: its cache
+                               ``folder``, ``reused``, its SFT ``steps``, its
+                               ``check_accuracy`` (exact match on the training prompts
+                               of its stopping check) and ``heldout_accuracy`` (the
+                               same evaluation as ``heldout_accuracy_before``)
 train_time_s                   wall clock of the whole call
 run_dir, metrics_file,         the run folder, its ``metrics.jsonl`` and the last
 checkpoint                     checkpoint written (paths as strings)
@@ -37,33 +54,29 @@ checkpoint                     checkpoint written (paths as strings)
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import time
 
-from .config import BaseConfig, ConfigError, config_class, from_dict
+from . import warm_start
+from .config import ConfigError, RunConfig, config_class, from_dict
 from .distributed import launched_world
+from .inputs import check_inputs
 from .loop import METRICS_FILE
+from .progress import hugging_face_bars_off
+from .threads import run_threads
 
-__all__ = ["IMPLEMENTED", "train"]
-
-IMPLEMENTED = ("sft", "reward", "dpo", "ipo", "kto", "grpo", "ppo", "trpo", "rlaif")
-
-
-def _algorithm_module(algorithm: str):
-    from .algorithms import dpo, grpo, ipo, kto, ppo, reward, rlaif, sft, trpo
-
-    return {
-        "sft": sft, "reward": reward, "dpo": dpo, "ipo": ipo, "kto": kto, "grpo": grpo, "ppo": ppo, "trpo": trpo,
-        "rlaif": rlaif,
-    }[algorithm]
+__all__ = ["train"]
 
 
-def train(algorithm: str, config: BaseConfig | dict | None = None) -> dict:
+def train(algorithm: str, config: RunConfig | dict | None = None) -> dict:
     """Run ``algorithm`` with ``config`` (its config dataclass, a dict of options, or None
     for the defaults); print and return its final metrics and paths (keys above).
 
     Raises:
-        ConfigError: unknown algorithm, or a bad option (see ``config.py``).
+        ConfigError: unknown algorithm, a bad option (see ``config.py``), or an option
+            naming a missing model, folder or reward source (``inputs.py``).
+        fastpo.engine.data.DataError: a data file that is missing or malformed.
         NotImplementedError: an option this model or setup does not support.
         fastpo.engine.loop.TrainingDiverged: too many non-finite steps in a row.
     """
@@ -78,15 +91,21 @@ def train(algorithm: str, config: BaseConfig | dict | None = None) -> dict:
     else:
         # Re-validate: fields of a dataclass can be assigned anything after construction.
         config = from_dict(cls, dataclasses.asdict(config))
-    outcome = _algorithm_module(algorithm).run(config)
+    check_inputs(algorithm, config)
+    with run_threads(config.threads, shown=launched_world()[0] == 0), hugging_face_bars_off():
+        warm = warm_start.prepare(algorithm, config)
+        outcome = importlib.import_module(f"{__package__}.algorithms.{algorithm}").run(config, warm_start=warm)
     result = outcome["result"]
+    status = "interrupted" if result.interrupted else "already_completed" if result.already_done else "completed"
     summary = {
         "algorithm": algorithm,
-        "status": "interrupted" if result.interrupted else "completed",
+        "status": status,
         "steps": result.step,
+        **({"resumed_from_step": result.start_step} if result.start_step else {}),
         "skipped_steps": result.skipped_steps,
         "loss": result.last_metrics.get("loss"),
         **outcome["metrics"],
+        "warm_start": None if warm is None else warm.summary(),
         "train_time_s": round(time.perf_counter() - started, 3),
         "run_dir": str(outcome["run_dir"]),
         "metrics_file": str(outcome["run_dir"] / METRICS_FILE),

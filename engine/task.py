@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 __all__ = ["AdditionTask"]
 
@@ -40,6 +41,7 @@ class AdditionTask:
         max_distance: largest distance of a corrupted answer from the correct sum.
     """
 
+    characters: ClassVar[str] = ""  # the built-in tokenizer's CHARACTERS cover the task
     digits: int = 2
     seed: int = 0
     heldout_fraction: float = 0.1

@@ -17,26 +17,27 @@ in ``NATIVE_OPS`` only: ``"cpp"`` on CPU tensors, ``"cuda"`` on CUDA tensors. Se
 
 from __future__ import annotations
 
-import functools
 import os
+from typing import Callable
 
 import torch
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # Triton ships wheels for Linux only.
-    HAS_TRITON = False
+from . import _native  # importing it builds nothing: the extension loads on first use
+from ._launch import HAS_TRITON
 
 BACKENDS = ("triton", "torch", "cpp", "cuda")
 NATIVE_BACKENDS = {"cpp": "cpu", "cuda": "cuda"}  # backend -> the device type it runs on
 # Ops implemented in the native extension (csrc/).
 # linear_token_logprobs runs its per-chunk row reductions on token_logprobs' kernels.
-NATIVE_OPS = frozenset({"token_logprobs", "linear_token_logprobs", "gae"})
+NATIVE_OPS = frozenset({
+    "token_logprobs", "linear_token_logprobs", "gae", "fisher_vector_product", "linear_fisher_vector_product",
+})
 # Ops whose automatic CPU backend is "cpp": measured faster than "torch" by
-# bench/token_logprobs.py and bench/losses.py (numbers in bench/RESULTS.md).
-CPP_DEFAULT_OPS = frozenset({"token_logprobs", "linear_token_logprobs", "gae"})
+# bench/token_logprobs.py and bench/losses.py (numbers in bench/RESULTS.md); the Fisher-vector
+# product measured 2.5-4.7x faster on one thread, V = 79 to 151936.
+CPP_DEFAULT_OPS = frozenset({
+    "token_logprobs", "linear_token_logprobs", "gae", "fisher_vector_product", "linear_fisher_vector_product",
+})
 
 
 def triton_interpreter_enabled() -> bool:
@@ -77,8 +78,6 @@ def _automatic(device: torch.device, op: str) -> str:
 
 
 def _native_available(device: torch.device) -> bool:
-    from . import _native  # imported late: loading may JIT-build the extension
-
     return _native.available(device)
 
 
@@ -93,27 +92,25 @@ def _check_native(backend: str, device: torch.device, op: str) -> None:
             f"{op}: backend={backend!r} needs {NATIVE_BACKENDS[backend].upper()} tensors (got device {device})"
         )
     if not _native_available(device):
-        from . import _native
-
         raise RuntimeError(
             f"{op}: backend={backend!r} requested but fastpo's native extension is unavailable: "
             f"{_native.unavailable_reason() or 'built without CUDA'}"
         )
 
 
-def on_tensor_device(fn):
-    """Run ``fn`` with the current CUDA device set to that of its first CUDA tensor
-    argument (a tensor, or a tuple starting with one). Triton kernels and the native
-    CUDA kernels launch on the current device, so without this, tensors on cuda:1
-    while cuda:0 is current would be read from the wrong device."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        for arg in (*args, *kwargs.values()):
-            tensor = arg[0] if isinstance(arg, tuple) and arg else arg
-            if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
-                with torch.cuda.device(tensor.device):
-                    return fn(*args, **kwargs)
-        return fn(*args, **kwargs)
-
-    return wrapper
+def dispatch(
+    op: str,
+    device: torch.device,
+    backend: str | None,
+    *,
+    torch: Callable,
+    triton: Callable | None = None,
+    native: Callable | None = None,
+) -> Callable:
+    """The implementation of ``op`` that runs for tensors on ``device``: the backend is
+    chosen by :func:`resolve_backend` (which also validates it), then ``triton`` serves
+    ``"triton"``, ``native`` serves ``"cpp"`` and ``"cuda"`` and ``torch`` serves
+    ``"torch"``. An implementation given as None falls back to ``torch``: ops without a
+    kernel (``whiten``), and kernels without a backward while autograd records."""
+    chosen = {"torch": torch, "triton": triton, "cpp": native, "cuda": native}[resolve_backend(backend, device, op)]
+    return torch if chosen is None else chosen

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ._backend import on_tensor_device
+from ._launch import acc_dtype, on_tensor_device
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 JIT_NAME = "fastpo_native"
@@ -63,7 +63,7 @@ def _jit_build(with_cuda: bool):
     defines = ["-DFASTPO_WITH_CUDA"] if with_cuda else []
     if not _jit_cached(name):
         print(
-            f"fastpo: building the native extension from {_CSRC} (first use only, ~30 s; "
+            f"fastpo: building the native extension from {_CSRC} (first use only, ~10 s; "
             "cached by torch.utils.cpp_extension)",
             file=sys.stderr,
             flush=True,
@@ -179,7 +179,7 @@ def token_logprobs_forward(layout, targets, temp, softcap, ignore_index, compute
     ``(logprobs, entropy or None, (row_max, log_sum))``, each (n_rows,)."""
     logits = layout[0]
     n_rows = targets.numel()
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(logits)
     logprobs, row_max, log_sum = torch.empty((3, n_rows), dtype=acc, device=logits.device)
     entropy = torch.empty(n_rows, dtype=acc, device=logits.device) if compute_entropy else None
     if n_rows:
@@ -228,7 +228,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     """Native GAE over the last dimension of (..., T) tensors: ``(advantages, returns)``
     in float32 (float64 when an input is float64). Masked positions get 0 for both and
     are skipped by the recursion (see csrc/cpu/kernels.cpp, gae_row)."""
-    acc = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    acc = acc_dtype(rewards, values)
     values_c = values.to(acc).contiguous()
     rewards_c = rewards.to(acc).contiguous()
     mask_c = mask.to(torch.bool).contiguous()
@@ -251,3 +251,21 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
             _device_arg(values_c.device),
         )
     return advantages, returns
+
+
+@on_tensor_device
+def fisher_vector_product(layout, u_layout, temp, mask_rows, n_rows):
+    """Native Fisher-vector product with the contract of kl.py's ``_torch_fisher``: the
+    (n_rows, V) product in ``temp``'s dtype (float64 for float64 logits, else float32)."""
+    logits, n_inner, stride_outer, stride_inner = layout
+    u, u_n_inner, u_stride_outer, u_stride_inner = u_layout
+    vocab = logits.shape[-1]
+    out = torch.empty((n_rows, vocab), dtype=temp.dtype, device=logits.device)
+    if n_rows and vocab:
+        _entry("fisher_vector_product", logits.device)(
+            logits.data_ptr(), u.data_ptr(), _DTYPE_CODES[logits.dtype], n_rows, vocab,
+            n_inner, stride_outer, stride_inner, u_n_inner, u_stride_outer, u_stride_inner,
+            temp.data_ptr(), temp.stride(0), _ptr(mask_rows), out.data_ptr(),
+            _device_arg(logits.device),
+        )
+    return out

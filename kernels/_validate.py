@@ -33,8 +33,11 @@ def positive_scalar(name: str, value) -> float:
     return float(value)
 
 
-def row_temperature(temperature, shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """Temperature as a float32 tensor of ``shape`` flattened to rows.
+def row_temperature(
+    temperature, shape: torch.Size, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Temperature as a ``dtype`` tensor of ``shape`` flattened to rows (float64 keeps a
+    Python float exact for float64 logits).
 
     A scalar becomes a stride-0 view of one element, so no per-row memory is spent.
     A tensor must broadcast to ``shape`` and be positive everywhere.
@@ -42,7 +45,7 @@ def row_temperature(temperature, shape: torch.Size, device: torch.device) -> tor
     if not isinstance(temperature, torch.Tensor):
         value = positive_scalar("temperature", temperature)
         n_rows = math.prod(shape)
-        return torch.full((1,), value, dtype=torch.float32, device=device).expand(n_rows)
+        return torch.full((1,), value, dtype=dtype, device=device).expand(n_rows)
     check_tensor("temperature", temperature, FLOAT_DTYPES)
     if temperature.device != device:
         raise ValueError(f"temperature is on {temperature.device} but logits are on {device}")
@@ -53,7 +56,7 @@ def row_temperature(temperature, shape: torch.Size, device: torch.device) -> tor
             f"temperature of shape {tuple(temperature.shape)} does not broadcast to the "
             f"per-token shape {tuple(shape)} (one value per row of logits)"
         ) from None
-    rows = expanded.reshape(-1).to(torch.float32)
+    rows = expanded.reshape(-1).to(dtype)
     if rows.numel() and not bool(((rows > 0) & torch.isfinite(rows)).all()):
         bad = rows[~((rows > 0) & torch.isfinite(rows))][0].item()
         raise ValueError(f"temperature must be finite and > 0 everywhere, found {bad!r}")

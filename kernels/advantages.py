@@ -12,6 +12,10 @@ reductions are single PyTorch reductions on both backends.
 These ops usually run under ``torch.no_grad()``. When autograd must record (grad mode
 on and an input that requires grad), the differentiable PyTorch composition runs
 whatever the backend, so the graph is never cut silently.
+
+Every estimator is registered once in ``ADVANTAGE_ESTIMATORS`` with its public function,
+its torch reference and the mode id the group kernel switches on (None: a kernel of its
+own, GAE).
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import math
 import torch
 
 from . import _native
-from ._backend import HAS_TRITON, on_tensor_device, resolve_backend
+from ._backend import dispatch
+from ._launch import HAS_TRITON, acc_dtype, on_tensor_device, tl_acc_dtype
 from ._validate import FLOAT_DTYPES, bool_mask, check_same_device, check_tensor
+from .registry import Registry
 
 if HAS_TRITON:
     import triton
@@ -73,11 +79,6 @@ def _unit_interval(name: str, value) -> float:
     if value > 1:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return value
-
-
-def _acc(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 when any input is float64, else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _recording(*tensors: torch.Tensor) -> bool:
@@ -139,8 +140,10 @@ if HAS_TRITON:
             divisor = tl.load(batch_std_ptr).to(ACC_DTYPE) + eps
         elif MODE == 2:
             divisor = tl.full([], 1.0, ACC_DTYPE)
-        else:  # leave-one-out: G / (G - 1) * (R - mean)
+        elif MODE == 3:  # leave-one-out: G / (G - 1) * (R - mean)
             divisor = (group_size - 1) / tl.full([], group_size, ACC_DTYPE)
+        else:
+            tl.static_assert(False, "MODE is not a mode id of the group advantage kernel")
         zero = constant | (divisor == 0)
 
         for start in range(0, group_size, BLOCK):
@@ -189,7 +192,7 @@ if HAS_TRITON:
 
 @on_tensor_device
 def _triton_group(rewards, group_size, mode, unbiased, eps, batch_std):
-    acc = _acc(rewards)
+    acc = acc_dtype(rewards)
     out = torch.empty(rewards.shape, dtype=acc, device=rewards.device)
     n_groups = rewards.numel() // group_size
     if n_groups:
@@ -198,7 +201,7 @@ def _triton_group(rewards, group_size, mode, unbiased, eps, batch_std):
             rewards.contiguous(), out, batch_std if batch_std is not None else out,
             group_size, eps,
             MODE=mode, UNBIASED=bool(unbiased),
-            ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
+            ACC_DTYPE=tl_acc_dtype(acc),
             BLOCK=block,
         )
     return out
@@ -206,7 +209,7 @@ def _triton_group(rewards, group_size, mode, unbiased, eps, batch_std):
 
 @on_tensor_device
 def _triton_gae(rewards, values, valid, gamma, lam):
-    acc = _acc(rewards, values)
+    acc = acc_dtype(rewards, values)
     n_rows, n_steps = rewards.shape
     advantages = torch.empty((n_rows, n_steps), dtype=acc, device=rewards.device)
     returns = torch.empty_like(advantages)
@@ -215,7 +218,7 @@ def _triton_gae(rewards, values, valid, gamma, lam):
             rewards, values, valid.contiguous().view(torch.uint8), advantages, returns,
             n_steps, rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1),
             gamma, gamma * lam,
-            ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
+            ACC_DTYPE=tl_acc_dtype(acc),
             num_warps=1,
         )
     return advantages, returns
@@ -235,7 +238,7 @@ def _safe_sqrt(x: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
 
 
 def _torch_group(rewards, group_size, mode, unbiased, eps, batch_std):
-    acc = _acc(rewards)
+    acc = acc_dtype(rewards)
     groups = rewards.to(acc).view(-1, group_size)
     mean = groups.mean(dim=1, keepdim=True)
     centered = groups - mean
@@ -257,7 +260,7 @@ def _torch_group(rewards, group_size, mode, unbiased, eps, batch_std):
 
 def _batch_std(rewards: torch.Tensor, unbiased: bool) -> torch.Tensor:
     """Std of all rewards, 0 for fewer than two with Bessel's correction (no NaN)."""
-    values = rewards.to(_acc(rewards))
+    values = rewards.to(acc_dtype(rewards))
     n = values.numel()
     centered = values - values.mean() if n else values
     dof = max(n - 1, 1) if unbiased else max(n, 1)
@@ -267,7 +270,7 @@ def _batch_std(rewards: torch.Tensor, unbiased: bool) -> torch.Tensor:
 
 
 def _torch_gae(rewards, values, valid, gamma, lam):
-    acc = _acc(rewards, values)
+    acc = acc_dtype(rewards, values)
     rewards = rewards.to(acc)
     values = values.to(acc)
     n_rows, n_steps = rewards.shape
@@ -294,10 +297,10 @@ def _torch_gae(rewards, values, valid, gamma, lam):
 # ------------------------------------------------------------------------ public
 
 
-def _group_op(rewards, group_size, mode, unbiased, eps, batch_std, backend):
-    if backend == "triton" and not _recording(rewards):
-        return _triton_group(rewards, group_size, mode, unbiased, eps, batch_std)
-    return _torch_group(rewards, group_size, mode, unbiased, eps, batch_std)
+def _group_op(op, rewards, group_size, mode, unbiased, eps, batch_std, backend):
+    run = dispatch(op, rewards.device, backend, torch=_torch_group,
+                   triton=None if _recording(rewards) else _triton_group)
+    return run(rewards, group_size, mode, unbiased, eps, batch_std)
 
 
 def group_advantages(
@@ -339,9 +342,8 @@ def group_advantages(
     if scale not in SCALES:
         raise ValueError(f"scale={scale!r} is not one of {SCALES}")
     eps = _nonnegative_scalar("eps", eps)
-    backend = resolve_backend(backend, rewards.device, "group_advantages")
     batch_std = _batch_std(rewards, unbiased) if scale == "batch" else None
-    return _group_op(rewards, group_size, _SCALE_MODES[scale], unbiased, eps, batch_std, backend)
+    return _group_op("group_advantages", rewards, group_size, _SCALE_MODES[scale], unbiased, eps, batch_std, backend)
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int, *, backend: str | None = None) -> torch.Tensor:
@@ -364,8 +366,7 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int, *, backend: str | No
     if group_size < 2:
         raise ValueError(f"rloo_advantages needs group_size >= 2 (a leave-one-out baseline), got {group_size}")
     _check_rewards(rewards, group_size)
-    backend = resolve_backend(backend, rewards.device, "rloo_advantages")
-    return _group_op(rewards, group_size, _LEAVE_ONE_OUT, True, 0.0, None, backend)
+    return _group_op("rloo_advantages", rewards, group_size, _LEAVE_ONE_OUT, True, 0.0, None, backend)
 
 
 def whiten(
@@ -399,12 +400,11 @@ def whiten(
     check_tensor("x", x, FLOAT_DTYPES)
     valid = bool_mask("mask", mask, x.shape, x.device)
     eps = _nonnegative_scalar("eps", eps)
-    resolve_backend(backend, x.device, "whiten")
-    return _whiten(x, valid, shift_mean, unbiased, eps)
+    return dispatch("whiten", x.device, backend, torch=_whiten)(x, valid, shift_mean, unbiased, eps)
 
 
 def _whiten(x, valid, shift_mean, unbiased, eps):
-    acc = _acc(x)
+    acc = acc_dtype(x)
     x = x.to(acc)
     count = valid.sum().to(acc)
     mean = torch.where(valid, x, 0.0).sum() / count.clamp(min=1)
@@ -457,10 +457,21 @@ def reinforce_pp_advantages(
         raise ValueError(f"mask must be (B, T) with B = rewards.numel() = {rewards.numel()}, got {shape}")
     valid = bool_mask("mask", mask, mask.shape, rewards.device)
     eps = _nonnegative_scalar("eps", eps)
-    backend = resolve_backend(backend, rewards.device, "reinforce_pp_advantages")
-    sequence_advantages = _group_op(rewards, group_size, _NO_DIVISION, True, 0.0, None, backend)
+    sequence_advantages = _group_op(
+        "reinforce_pp_advantages", rewards, group_size, _NO_DIVISION, True, 0.0, None, backend
+    )
+    return _spread_and_whiten(sequence_advantages, valid, unbiased, eps)
+
+
+def _spread_and_whiten(sequence_advantages, valid, unbiased, eps):
     token_advantages = torch.where(valid, sequence_advantages[:, None], 0.0)
     return _whiten(token_advantages, valid, True, unbiased, eps)
+
+
+def _torch_reinforce_pp(rewards, group_size, valid, unbiased, eps):
+    """REINFORCE++ baseline, all in torch: the group mean subtracted, then whitened."""
+    sequence_advantages = _torch_group(rewards, group_size, _NO_DIVISION, True, 0.0, None)
+    return _spread_and_whiten(sequence_advantages, valid, unbiased, eps)
 
 
 def gae(
@@ -509,9 +520,335 @@ def gae(
     valid = bool_mask("mask", mask, rewards.shape, rewards.device)
     gamma = _unit_interval("gamma", gamma)
     lam = _unit_interval("lam", lam)
-    backend = resolve_backend(backend, rewards.device, "gae")
-    if backend == "triton" and not _recording(rewards, values):
-        return _triton_gae(rewards, values, valid, gamma, lam)
-    if backend in ("cpp", "cuda") and not _recording(rewards, values):
-        return _native.gae(rewards, values, valid, gamma, lam)
-    return _torch_gae(rewards, values, valid, gamma, lam)
+    recording = _recording(rewards, values)
+    run = dispatch("gae", rewards.device, backend, torch=_torch_gae,
+                   triton=None if recording else _triton_gae, native=None if recording else _native.gae)
+    return run(rewards, values, valid, gamma, lam)
+
+
+# ------------------------------------------------- estimators of verl's registry
+# Torch only (no Triton kernel of their own): each is a handful of reductions over
+# (n_groups, G) or (n_groups, G, T) views, run once per rollout, with no host sync.
+# GDPO's per-component group z-scores use group_advantages, and so its kernel.
+
+
+def _check_token_tensor(name: str, value, shape: tuple) -> None:
+    check_tensor(name, value, FLOAT_DTYPES)
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name}.shape {tuple(value.shape)} does not match mask.shape {shape}")
+
+
+def _sequence_mask(mask, batch: int, device) -> torch.Tensor:
+    """A (B, T) response mask whose B is the number of rewards, as bool."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be (B, T) with B = rewards.shape[0] = {batch}, got {shape}")
+    return bool_mask("mask", mask, mask.shape, device)
+
+
+def grpo_passk_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    scale: str = "group",
+    eps: float = 1e-6,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Pass@k advantages (verl ``grpo_passk``): in each group only the best completion
+    gets an advantage, ``max_g - second_max_g``, divided by ``std_g + eps`` (unbiased
+    std) with ``scale="group"`` (verl ``norm_adv_by_std_in_grpo=True``) or not with
+    ``"none"``; every other completion gets 0.
+
+    Args:
+        rewards: (n_groups * group_size,) float rewards laid out group by group.
+        group_size: G >= 2.
+        scale: ``"group"`` or ``"none"``.
+        eps: added to the std, >= 0 (verl 1e-6).
+        backend: accepted and validated; torch on every backend.
+
+    Returns:
+        float32 advantages of ``rewards.shape`` (float64 for float64 rewards). On a tie
+        for the best reward the advantage is 0 whichever completion holds it.
+    """
+    group_size = _check_group_size(group_size)
+    if group_size < 2:
+        raise ValueError(f"grpo_passk_advantages needs group_size >= 2 (a second-best reward), got {group_size}")
+    _check_rewards(rewards, group_size)
+    if scale not in ("group", "none"):
+        raise ValueError(f"scale={scale!r} is not one of ('group', 'none')")
+    eps = _nonnegative_scalar("eps", eps)
+    return dispatch("grpo_passk_advantages", rewards.device, backend, torch=_torch_passk)(
+        rewards, group_size, scale, eps
+    )
+
+
+def _torch_passk(rewards, group_size, scale, eps):
+    groups = rewards.detach().to(acc_dtype(rewards)).view(-1, group_size)
+    top = groups.topk(2, dim=1)
+    gap = top.values[:, 0] - top.values[:, 1]
+    if scale == "group":
+        # a tie for the best gives 0, even with eps = 0 and a constant group (std 0)
+        divisor = groups.std(dim=1) + eps
+        gap = torch.where(gap == 0, 0.0, gap / torch.where(divisor == 0, 1.0, divisor))
+    out = torch.zeros_like(groups).scatter(1, top.indices[:, :1], gap[:, None])
+    return out.reshape(-1)
+
+
+def opo_advantages(
+    rewards: torch.Tensor, group_size: int, mask: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """OPO advantages (verl ``opo``): each reward minus its group's length-weighted mean
+    reward ``sum_j n_j R_j / sum_j n_j`` (``n_j`` the response's valid-token count); a
+    group of one has baseline 0.
+
+    Args:
+        rewards: (B,) float rewards, B = n_groups * group_size, laid out group by group.
+        group_size: G, dividing B.
+        mask: (B, T) response mask (bool, or 0/1 integers or floats).
+        backend: accepted and validated; torch on every backend.
+
+    Returns:
+        (B,) float32 sequence advantages (float64 for float64 rewards); spread them over
+        the tokens as ``A[:, None] * mask`` (verl's layout). A group whose responses are
+        all empty has baseline 0 (verl divides 0 by 0).
+    """
+    group_size = _check_group_size(group_size)
+    _check_rewards(rewards, group_size)
+    valid = _sequence_mask(mask, rewards.numel(), rewards.device)
+    return dispatch("opo_advantages", rewards.device, backend, torch=_torch_opo)(rewards, group_size, valid)
+
+
+def _torch_opo(rewards, group_size, valid):
+    acc = acc_dtype(rewards)
+    groups = rewards.detach().to(acc).view(-1, group_size)
+    lengths = valid.sum(-1).to(acc).view(-1, group_size)
+    baseline = (lengths * groups).sum(1, keepdim=True) / lengths.sum(1, keepdim=True).clamp(min=1.0)
+    if group_size == 1:
+        baseline = torch.zeros_like(baseline)
+    return (groups - baseline).reshape(-1)
+
+
+def _reward_to_go(token_rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``G_t = sum_{t' >= t} m_t' * r_t'`` along each row."""
+    masked = torch.where(valid, token_rewards, 0.0)
+    return masked.flip(-1).cumsum(-1).flip(-1)
+
+
+def remax_advantages(
+    token_rewards: torch.Tensor,
+    baseline_rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReMax advantages (verl ``remax``): the reward-to-go ``G_t`` of each token minus
+    the reward of the greedy response to the same prompt (the baseline).
+
+    Args:
+        token_rewards: (B, T) float per-token rewards (an outcome reward on the last
+            valid token, as verl's ``token_level_rewards``).
+        baseline_rewards: (B,) the greedy response's reward for each row's prompt.
+        mask: (B, T) response mask.
+        backend: accepted and validated; torch on every backend.
+
+    Returns:
+        ``(advantages, returns)``, (B, T) float32 (float64 with a float64 input):
+        ``returns = G``, ``advantages = G - baseline * m``, as verl's: 0 after the last
+        valid token, the reward to go at a masked hole inside a response (the loss's mask
+        drops it).
+    """
+    check_tensor("token_rewards", token_rewards, FLOAT_DTYPES)
+    if token_rewards.dim() != 2:
+        raise ValueError(f"token_rewards must be (B, T), got shape {tuple(token_rewards.shape)}")
+    valid = bool_mask("mask", mask, token_rewards.shape, token_rewards.device)
+    check_tensor("baseline_rewards", baseline_rewards, FLOAT_DTYPES)
+    if tuple(baseline_rewards.shape) != token_rewards.shape[:1]:
+        raise ValueError(
+            f"baseline_rewards.shape {tuple(baseline_rewards.shape)} must be (B,) = {tuple(token_rewards.shape[:1])}"
+        )
+    check_same_device(token_rewards=token_rewards, baseline_rewards=baseline_rewards)
+    return dispatch("remax_advantages", token_rewards.device, backend, torch=_torch_remax)(
+        token_rewards, baseline_rewards, valid
+    )
+
+
+def _torch_remax(token_rewards, baseline_rewards, valid):
+    acc = acc_dtype(token_rewards, baseline_rewards)
+    returns = _reward_to_go(token_rewards.detach().to(acc), valid)
+    advantages = returns - torch.where(valid, baseline_rewards.detach().to(acc)[:, None], 0.0)
+    return advantages, returns
+
+
+def gdpo_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    mask: torch.Tensor,
+    *,
+    weights: tuple[float, ...] | None = None,
+    scale: str = "group",
+    eps: float = 1e-6,
+    whiten_eps: float = 1e-8,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """GDPO advantages (verl ``gdpo``): each reward component is normalized within its
+    group on its own (GRPO's z-score, :func:`group_advantages`), the normalized
+    components are summed with ``weights``, spread over each response's valid tokens and
+    whitened over the batch's valid tokens.
+
+    Args:
+        rewards: (B, K) float reward components (verl's ``gdpo_reward_keys``), B =
+            n_groups * group_size laid out group by group; a (B,) tensor is one component.
+        group_size: G, dividing B.
+        mask: (B, T) response mask.
+        weights: K floats (verl ``gdpo_reward_weights``), default all 1.
+        scale: ``"group"`` (verl ``norm_adv_by_std_in_grpo=True``) or ``"none"``.
+        eps: added to each group std (verl 1e-6); whiten_eps: added to the variance of
+            the whitening (verl 1e-8).
+        backend: the backend of the group z-scores; the whitening is torch on all.
+
+    Returns:
+        (B, T) float32 token advantages (float64 for float64 rewards), 0 at masked
+        positions. As in :func:`group_advantages`, a group of one gets 0 before the
+        whitening (verl keeps its raw reward).
+    """
+    check_tensor("rewards", rewards, FLOAT_DTYPES)
+    if rewards.dim() == 1:
+        rewards = rewards[:, None]
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (B, K) reward components or (B,), got shape {tuple(rewards.shape)}")
+    group_size = _check_group_size(group_size)
+    if rewards.shape[0] % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide the number of rewards ({rewards.shape[0]}): "
+            f"rewards must hold whole groups"
+        )
+    valid = _sequence_mask(mask, rewards.shape[0], rewards.device)
+    n_components = rewards.shape[1]
+    if weights is None:
+        weights = (1.0,) * n_components
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != n_components or not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be {n_components} finite floats (one per reward component), got {weights!r}")
+    if scale not in ("group", "none"):
+        raise ValueError(f"scale={scale!r} is not one of ('group', 'none')")
+    whiten_eps = _nonnegative_scalar("whiten_eps", whiten_eps)
+    combined = sum(
+        weight * group_advantages(rewards[:, k].contiguous(), group_size, scale=scale, eps=eps, backend=backend)
+        for k, weight in enumerate(weights)
+    )
+    return _spread_and_whiten(combined, valid, True, whiten_eps)
+
+
+def optimal_token_baseline_advantages(
+    token_rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    old_logprobs: torch.Tensor,
+    log_sum_sq_probs: torch.Tensor,
+    *,
+    rollout_is_weights: torch.Tensor | None = None,
+    handle_zero_tail: bool = True,
+    eps: float = 1e-8,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimal token baseline (verl ``optimal_token_baseline``): a baseline per group and
+    per position, ``B_t = sum_j G_jt W_jt / (sum_j W_jt + eps)`` over the group's
+    responses j valid at t, with ``G`` the reward to go and ``W_t = sum_{t' <= t} m w_t'``
+    the cumulative path variance of ``w_t = 1 - 2 p_t + sum_v p_v^2`` (``p_t`` the sampled
+    token's probability under ``old_logprobs``; times ``rollout_is_weights**2`` when
+    given); ``A = (G - B) * m``.
+
+    Args:
+        token_rewards: (B, T) float per-token rewards, B = n_groups * group_size laid
+            out group by group.
+        mask: (B, T) response mask.
+        group_size: G, dividing B; a group of one has baseline 0.
+        old_logprobs: (B, T) log-probs of the sampled tokens under the rollout policy.
+        log_sum_sq_probs: (B, T) ``log sum_v p_v^2`` per token, from ``token_logprobs(...,
+            statistics=("log_sum_sq_probs",))`` (computed in the log-prob pass, no (N, V)
+            tensor).
+        rollout_is_weights: optional (B, T) truncated IS weights.
+        handle_zero_tail: zero the baseline of a group's single longest response past the
+            second-longest one's length (verl's default).
+        eps: added to the denominator, >= 0.
+        backend: accepted and validated; torch on every backend.
+
+    Returns:
+        ``(advantages, returns)``, (B, T) float32 (float64 for a float64 input).
+    """
+    check_tensor("token_rewards", token_rewards, FLOAT_DTYPES)
+    if token_rewards.dim() != 2:
+        raise ValueError(f"token_rewards must be (B, T), got shape {tuple(token_rewards.shape)}")
+    shape = tuple(token_rewards.shape)
+    valid = bool_mask("mask", mask, shape, token_rewards.device)
+    group_size = _check_group_size(group_size)
+    if shape[0] % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide the number of rows ({shape[0]}): rows must hold whole groups"
+        )
+    _check_token_tensor("old_logprobs", old_logprobs, shape)
+    _check_token_tensor("log_sum_sq_probs", log_sum_sq_probs, shape)
+    if rollout_is_weights is not None:
+        _check_token_tensor("rollout_is_weights", rollout_is_weights, shape)
+    check_same_device(token_rewards=token_rewards, old_logprobs=old_logprobs, log_sum_sq_probs=log_sum_sq_probs,
+                      rollout_is_weights=rollout_is_weights)
+    eps = _nonnegative_scalar("eps", eps)
+    return dispatch("optimal_token_baseline_advantages", token_rewards.device, backend, torch=_torch_otb)(
+        token_rewards, valid, group_size, old_logprobs, log_sum_sq_probs, rollout_is_weights, handle_zero_tail, eps
+    )
+
+
+def _torch_otb(token_rewards, valid, group_size, old_logprobs, log_sum_sq_probs, rollout_is_weights,
+               handle_zero_tail, eps):
+    acc = acc_dtype(token_rewards, old_logprobs, log_sum_sq_probs)
+    rows, steps = token_rewards.shape
+    returns = _reward_to_go(token_rewards.detach().to(acc), valid)
+    zero = torch.zeros((), dtype=acc, device=returns.device)
+    p = torch.where(valid, old_logprobs.detach().to(acc), zero).exp()
+    w = 1.0 - 2.0 * p + torch.where(valid, log_sum_sq_probs.detach().to(acc), zero).exp()
+    if rollout_is_weights is not None:
+        w = w * torch.where(valid, rollout_is_weights.detach().to(acc), zero) ** 2
+    path = torch.where(valid, w, zero).cumsum(-1)
+    # (n_groups, G, T) views: the sums over j run over a group's responses
+    m = valid.to(acc).view(-1, group_size, steps)
+    weighted = (path.view_as(m) * m)
+    baseline = (returns.view_as(m) * weighted).sum(1, keepdim=True) / (weighted.sum(1, keepdim=True) + eps)
+    baseline = baseline.expand_as(m)
+    if group_size == 1:
+        baseline = torch.zeros_like(baseline)
+    elif handle_zero_tail:
+        lengths = m.sum(-1)  # (n_groups, G)
+        top = lengths.topk(2, dim=1).values
+        longest, second = top[:, :1], top[:, 1:]
+        single_longest = ((lengths == longest).sum(1, keepdim=True) == 1) & (longest > second)
+        is_longest = (lengths == longest) & single_longest  # (n_groups, G)
+        positions = torch.arange(steps, device=returns.device, dtype=acc)
+        tail = is_longest[:, :, None] & (positions >= second[:, :, None])
+        baseline = torch.where(tail, zero, baseline)
+    advantages = torch.where(valid, returns - baseline.reshape(rows, steps), zero)
+    return advantages, returns
+
+
+# --------------------------------------------------------------------- registry
+
+ADVANTAGE_ESTIMATORS = Registry("ADVANTAGE_ESTIMATORS", "advantage")
+# params: ``function`` (the public op), ``needs_values`` (a critic's values, per token).
+ADVANTAGE_ESTIMATORS.register(
+    "group", kernel_id=_DIVIDE_BY_GROUP_STD, doc="GRPO: `(R_i - mean_g) / (std + eps)` (scale: group, batch, none)",
+    peers="TRL GRPO `scale_rewards`; verl `grpo`; OpenRLHF `group_norm`", function=group_advantages,
+    needs_values=False,
+)(_torch_group)
+ADVANTAGE_ESTIMATORS.register(
+    "rloo", kernel_id=_LEAVE_ONE_OUT, doc="RLOO: `R_i - mean_{j != i} R_j`",
+    peers="TRL RLOOTrainer; verl `rloo`; OpenRLHF `rloo`", function=rloo_advantages, needs_values=False,
+)(_torch_group)
+ADVANTAGE_ESTIMATORS.register(
+    "reinforce_pp", kernel_id=_NO_DIVISION,
+    doc="REINFORCE++ baseline: `R_i - mean_g` on every token, whitened over the batch",
+    peers="verl `reinforce_plus_plus_baseline`; OpenRLHF `reinforce_baseline`", function=reinforce_pp_advantages,
+    needs_values=False,
+)(_torch_reinforce_pp)
+ADVANTAGE_ESTIMATORS.register(
+    "gae", kernel_id=None, doc="GAE over each sequence's valid tokens, `returns = A + V`",
+    peers="verl `gae`; OpenRLHF `gae`; TRL PPO", function=gae, needs_values=True,
+)(_torch_gae)

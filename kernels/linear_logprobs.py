@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import resolve_backend
+from ._launch import acc_dtype
 from ._validate import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -56,7 +56,20 @@ from ._validate import (
     positive_scalar,
     row_temperature,
 )
-from .logprobs import _IMPLEMENTATIONS, _row_layout
+from ._backend import resolve_backend
+from .logprobs import (
+    _IMPLEMENTATIONS,
+    _row_layout,
+    _world_size,
+    check_sampling,
+    check_statistics,
+    check_vocab_parallel,
+    combine_shards,
+    resolve_row_backend,
+    shape_outputs,
+    shard_targets,
+    target_logits,
+)
 from .policy import policy_loss
 from .sequence import sequence_logprobs
 
@@ -105,43 +118,72 @@ def _add_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temp, options):
-        softcap, ignore_index, compute_entropy, chunk, backend = options
+        softcap, ignore_index, compute_entropy, chunk, backend, statistics, sampling, group = options
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         row_forward = _IMPLEMENTATIONS[backend][0]
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(hidden)
         logprobs = torch.empty(n_rows, dtype=acc, device=hidden.device)
-        entropy = torch.empty(n_rows, dtype=acc, device=hidden.device) if compute_entropy else None
+        # a vocabulary shard's entropy is always needed, to combine the shards'
+        local_entropy = compute_entropy or group is not None
+        entropy = torch.empty(n_rows, dtype=acc, device=hidden.device) if local_entropy else None
         stats = None  # the foundation's per-row softmax statistics, a tuple of (N,) tensors
+        extra = None  # the requested statistics, in the order of ``statistics``
+        row_targets = targets
+        if group is not None:
+            # this shard's targets; the rows of another shard's token read token 0, unused
+            ignored = targets == ignore_index
+            present = (targets >= 0) & (targets < vocab) & ~ignored
+            row_targets = targets.masked_fill(~present & ~ignored, 0)
+            z_target = torch.empty(n_rows, dtype=acc, device=hidden.device)
+            stats = tuple(torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(2))
         buffer = torch.empty((min(chunk, n_rows), vocab), dtype=hidden.dtype, device=hidden.device)
         for start in range(0, n_rows, chunk):
             rows = slice(start, min(start + chunk, n_rows))
             logits = _chunk_logits(buffer, hidden[rows], weight, bias)
-            lp, ent, chunk_stats = row_forward(
-                _row_layout(logits), targets[rows], temp[rows], softcap, ignore_index, compute_entropy
+            lp, ent, chunk_stats, chunk_extra = row_forward(
+                _row_layout(logits), row_targets[rows], temp[rows], softcap, ignore_index, local_entropy, statistics,
+                sampling,
             )
+            if group is not None:
+                z_target[rows] = target_logits(logits, targets[rows], temp[rows], softcap, present[rows])
+            chunk_extra = tuple(chunk_extra[name] for name in statistics)
             if stats is None:
                 stats = tuple(torch.empty(n_rows, dtype=s.dtype, device=s.device) for s in chunk_stats)
-            for full, part in zip(stats, chunk_stats):
+            if extra is None:
+                extra = tuple(torch.empty(n_rows, dtype=s.dtype, device=s.device) for s in chunk_extra)
+            for full, part in zip((*stats, *extra), (*chunk_stats, *chunk_extra)):
                 full[rows] = part
             logprobs[rows] = lp
-            if compute_entropy:
+            if local_entropy:
                 entropy[rows] = ent
+        if group is not None:
+            logprobs, entropy, *stats = combine_shards(*stats, entropy, z_target, group)
+            logprobs.masked_fill_(ignored, 0.0)
+            entropy = entropy.masked_fill_(ignored, 0.0) if compute_entropy else None
+        if extra is None:  # no rows
+            extra = tuple(
+                torch.empty(0, dtype=torch.bool if name == "is_top1" else acc, device=hidden.device)
+                for name in statistics
+            )
         ctx.set_materialize_grads(False)
         ctx.options = options
         ctx.save_for_backward(hidden, weight, bias, targets, temp, entropy, *(stats or ()))
-        return logprobs, entropy
+        ctx.mark_non_differentiable(*extra)
+        return logprobs, entropy, *extra
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logprobs, grad_entropy):
+    def backward(ctx, grad_logprobs, grad_entropy, *_):
         hidden, weight, bias, targets, temp, entropy, *stats = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if (grad_logprobs is None and grad_entropy is None) or not stats:
+        if grad_logprobs is None and grad_entropy is None:
             return (None,) * 6
-        softcap, ignore_index, _, chunk, backend = ctx.options
+        # with no rows the loop below does nothing: zero gradients, which keep a caller's
+        # all-padding micro-batch connected to the parameters
+        softcap, ignore_index, _, chunk, backend, _, _, group = ctx.options
         row_backward = _IMPLEMENTATIONS[backend][1]
         n_rows, vocab = hidden.shape[0], weight.shape[0]
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(hidden)
 
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         # sums across chunks in fp32 (fp64 for fp64 inputs), cast once at the end
@@ -170,6 +212,9 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             if need_bias:
                 grad_bias.add_(grad_logits.sum(dim=0, dtype=grad_bias.dtype))
             del grad_logits  # freed before the next chunk allocates its own
+        if group is not None and need_hidden:
+            # hidden is replicated over the vocabulary shards: its gradient is the sum of theirs
+            torch.distributed.all_reduce(grad_hidden, group=group)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
@@ -225,6 +270,10 @@ def linear_token_logprobs(
     softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    statistics: tuple[str, ...] = (),
+    top_k: int | None = None,
+    top_p: float | None = None,
+    process_group=None,
     chunk_size: int | None = None,
     backend: str | None = None,
 ):
@@ -246,6 +295,20 @@ def linear_token_logprobs(
             the temperature (Gemma-2 style).
         ignore_index: targets equal to it give 0 for both outputs and zero gradient.
         return_entropy: also return the entropy of each position's distribution.
+        statistics: extra per-position statistics from the same pass, as in
+            ``token_logprobs`` (``"log_sum_sq_probs"``, ``"mean_logit"``, ``"is_top1"``,
+            ``"top1_logprob"``; no gradient; not on the native backends).
+        top_k, top_p: log-probs and entropy under the sampler's truncated
+            distribution, as in ``token_logprobs`` (a target outside the kept set gets
+            -inf; not with ``statistics``; not on the native backends).
+        process_group: a ``torch.distributed`` group over which the LM head is sharded
+            by vocabulary (tensor parallelism): ``weight`` (V / world, H) and ``bias``
+            are rank r's rows [r * V / world, (r + 1) * V / world) (equal shards, rank
+            order), ``hidden`` the same on every rank, ``targets`` global ids. The row
+            statistics are combined in one all-gather; every rank returns the full
+            vocabulary's outputs. Backward: the gradients of ``weight``/``bias`` are this
+            shard's; the gradient of ``hidden`` is summed over the group (one
+            all-reduce), so every rank gets the whole of it. As in ``token_logprobs``.
         chunk_size: tokens per chunk (the workspace is one (chunk_size, V) buffer);
             None picks about 2^23 logits per chunk on the CPU and 2^28 on CUDA.
         backend: the row kernels: ``"triton"``, ``"torch"``, ``"cpp"``, ``"cuda"`` or None
@@ -256,26 +319,32 @@ def linear_token_logprobs(
         float32 log-probs of ``targets.shape`` (float64 for float64 inputs), and with
         ``return_entropy=True`` the pair ``(logprobs, entropy)``. Both are
         differentiable with respect to ``hidden``, ``weight`` and ``bias``; the
-        gradients have their inputs' dtypes.
+        gradients have their inputs' dtypes. With ``statistics``, always the triple
+        ``(logprobs, entropy or None, stats)`` as ``token_logprobs`` returns it.
     """
     _check_inputs(hidden, weight, targets, bias, chunk_size)
     _check_ignore_index(ignore_index)
     if softcap is not None:
         softcap = positive_scalar("softcap", softcap)
-    backend = resolve_backend(backend, hidden.device, "linear_token_logprobs")
-    temp = row_temperature(temperature, targets.shape, hidden.device)
+    statistics = check_statistics(statistics)
+    sampling = check_sampling(top_k, top_p, statistics)
+    temp = row_temperature(temperature, targets.shape, hidden.device, dtype=acc_dtype(hidden))
     vocab = weight.shape[0]
-    check_targets(targets, vocab, ignore_index)
+    flat_targets = targets.reshape(-1).contiguous()
+    if process_group is None:
+        backend = resolve_row_backend(backend, hidden.device, "linear_token_logprobs", statistics, sampling)
+        check_targets(targets, vocab, ignore_index)
+    else:
+        check_vocab_parallel(process_group, statistics, sampling)
+        backend = resolve_backend(backend, hidden.device, "linear_token_logprobs with process_group")
+        check_targets(targets, vocab * _world_size(process_group), ignore_index)
+        flat_targets, _ = shard_targets(flat_targets, vocab, process_group, ignore_index)
 
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_targets = targets.reshape(-1).contiguous()
     chunk = _chunk_rows(chunk_size, flat_targets.numel(), vocab, hidden.device)
-    options = (softcap, ignore_index, bool(return_entropy), chunk, backend)
-    logprobs, entropy = _LinearTokenLogprobs.apply(flat_hidden, weight, bias, flat_targets, temp, options)
-    logprobs = logprobs.view(targets.shape)
-    if return_entropy:
-        return logprobs, entropy.view(targets.shape)
-    return logprobs
+    options = (softcap, ignore_index, bool(return_entropy), chunk, backend, statistics, sampling, process_group)
+    logprobs, entropy, *extra = _LinearTokenLogprobs.apply(flat_hidden, weight, bias, flat_targets, temp, options)
+    return shape_outputs(targets.shape, logprobs, entropy, statistics, extra)
 
 
 # ------------------------------------------------------------------ composed losses

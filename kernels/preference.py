@@ -22,7 +22,8 @@ The Triton backend evaluates every loss in one kernel, selected by a compile-tim
 constant: one program per block of rows computes the per-example loss and its
 gradient with respect to each input score; the backward only scales that saved
 gradient by the incoming one. The torch backend composes the same formulas with
-autograd.
+autograd. ``dpo_loss``'s loss types are registered in ``PREFERENCE_LOSSES`` with their
+torch reference and their kernel id.
 """
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._backend import HAS_TRITON, on_tensor_device, resolve_backend
+from ._backend import dispatch
+from ._launch import HAS_TRITON, acc_dtype, on_tensor_device, tl_acc_dtype
 from ._validate import FLOAT_DTYPES, check_same_device, check_tensor, positive_scalar
+from .registry import Registry
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-# Compile-time loss selectors of the fused kernel.
+# Compile-time loss selectors of the fused kernel (the first four: PREFERENCE_LOSSES).
 _SIGMOID, _HINGE, _IPO, _ROBUST, _PLACKETT_LUCE, _BRADLEY_TERRY, _RANKING, _KTO = range(8)
-_DPO_LOSS_TYPES = {"sigmoid": _SIGMOID, "hinge": _HINGE, "ipo": _IPO, "robust": _ROBUST}
 
 # Largest tile (rows x responses) of one program on CPU tensors (the interpreter):
 # small enough that the tests cover batches split over several programs.
@@ -164,20 +166,18 @@ if HAS_TRITON:
                 scale = 1.0 / (1.0 - 2.0 * param_a)
                 loss = scale * (-(1.0 - param_a) * _log_sigmoid(u) + param_a * _log_sigmoid(-u))
                 d_h = scale * beta * (-(1.0 - param_a) * _sigmoid(-u) - param_a * _sigmoid(u))
-            else:  # Bradley-Terry with margin and centering coefficient param_a
+            elif LOSS == 5:  # Bradley-Terry with margin and centering coefficient param_a
                 h = h - tl.load(aux_ptr + rows * aux_stride, mask=row_ok, other=0.0).to(ACC_DTYPE)
                 center = x0 + x1
                 loss = -_log_sigmoid(h) + param_a * center * center
                 d_h = -_sigmoid(-h)
+            else:
+                tl.static_assert(False, "LOSS is not a loss id of the preference kernel")
             grad = tl.where(cols[None, :] == 0, d_h[:, None], -d_h[:, None])
             if LOSS == 5:
                 grad += 2.0 * param_a * center[:, None]
         tl.store(loss_ptr + rows, loss, mask=row_ok)
         tl.store(grad_ptr + offs, grad, mask=tile_ok)
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 @on_tensor_device
@@ -209,7 +209,7 @@ def _triton_launch(loss_id, policy, ref, aux, z0, beta, param_a, param_b, store_
             LOSS=loss_id,
             HAS_REF=ref is not None,
             STORE_REWARDS=store_rewards,
-            ACC_DTYPE=_tl_dtype(acc),
+            ACC_DTYPE=tl_acc_dtype(acc),
             BLOCK_B=block_b,
             BLOCK_K=block_k,
         )
@@ -248,22 +248,49 @@ class _FusedPreference(torch.autograd.Function):
 # --------------------------------------------------------------------- pure PyTorch
 
 
-def _torch_pairwise(loss_id, x, beta, param_a, margin):
+PREFERENCE_LOSSES = Registry("PREFERENCE_LOSSES", "loss_type")
+# Each reference maps the margin h = x_chosen - x_rejected to the per-pair loss, with the
+# label smoothing eps; param ``label_smoothing``: the allowed range of eps as
+# (upper bound, whether it is excluded), or None where eps must be 0.
+
+
+@PREFERENCE_LOSSES.register(
+    "sigmoid", kernel_id=_SIGMOID, doc="`-(1-eps) log sigmoid(beta*h) - eps log sigmoid(-beta*h)` (DPO; cDPO)",
+    peers="TRL `sigmoid`; OpenRLHF; verl", label_smoothing=(1.0, False),
+)
+def _dpo_sigmoid(h, beta, eps):
+    u = beta * h
+    return -(1.0 - eps) * F.logsigmoid(u) - eps * F.logsigmoid(-u)
+
+
+@PREFERENCE_LOSSES.register(
+    "hinge", kernel_id=_HINGE, doc="`max(0, 1 - beta*h)` (SLiC)", peers="TRL `hinge`; OpenRLHF", label_smoothing=None,
+)
+def _dpo_hinge(h, beta, eps):
+    return torch.relu(1.0 - beta * h)
+
+
+@PREFERENCE_LOSSES.register(
+    "ipo", kernel_id=_IPO, doc="`(h - 1/(2*beta))**2` (IPO)", peers="TRL `ipo`; OpenRLHF `ipo`", label_smoothing=None,
+)
+def _dpo_ipo(h, beta, eps):
+    return (h - 0.5 / beta) ** 2
+
+
+@PREFERENCE_LOSSES.register(
+    "robust", kernel_id=_ROBUST,
+    doc="`(-(1-eps) log sigmoid(beta*h) + eps log sigmoid(-beta*h)) / (1 - 2*eps)` (rDPO)",
+    peers="TRL `robust`", label_smoothing=(0.5, True),
+)
+def _dpo_robust(h, beta, eps):
+    u = beta * h
+    return (-(1.0 - eps) * F.logsigmoid(u) + eps * F.logsigmoid(-u)) / (1.0 - 2.0 * eps)
+
+
+def _torch_bradley_terry(x, center_coef, margin):
     x0, x1 = x[:, 0], x[:, 1]
-    h = x0 - x1
-    if loss_id == _SIGMOID:
-        u = beta * h
-        return -(1.0 - param_a) * F.logsigmoid(u) - param_a * F.logsigmoid(-u)
-    if loss_id == _HINGE:
-        return torch.relu(1.0 - beta * h)
-    if loss_id == _IPO:
-        return (h - 0.5 / beta) ** 2
-    if loss_id == _ROBUST:
-        u = beta * h
-        return (-(1.0 - param_a) * F.logsigmoid(u) + param_a * F.logsigmoid(-u)) / (1.0 - 2.0 * param_a)
-    if margin is not None:
-        h = h - margin
-    return -F.logsigmoid(h) + param_a * (x0 + x1) ** 2
+    h = x0 - x1 if margin is None else x0 - x1 - margin
+    return -F.logsigmoid(h) + center_coef * (x0 + x1) ** 2
 
 
 def _torch_losses(loss_id, policy, ref, margin, desirable, z0, beta, param_a, param_b):
@@ -280,14 +307,13 @@ def _torch_losses(loss_id, policy, ref, margin, desirable, z0, beta, param_a, pa
     if loss_id == _KTO:
         u = beta * (x[:, 0] - z0)
         return torch.where(desirable, param_a * torch.sigmoid(-u), param_b * torch.sigmoid(u))
-    return _torch_pairwise(loss_id, x, beta, param_a, margin)
+    if loss_id == _BRADLEY_TERRY:
+        return _torch_bradley_terry(x, param_a, margin)
+    dpo = next(variant for variant in PREFERENCE_LOSSES if variant.kernel_id == loss_id)
+    return dpo.reference(x[:, 0] - x[:, 1], beta, param_a)
 
 
 # ------------------------------------------------------------------------ shared
-
-
-def _acc_dtype(*tensors) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_scores(shape_name: str, ndim: int, **named) -> torch.Size:
@@ -334,18 +360,25 @@ def _run(op, loss_id, policy, ref, *, beta=1.0, param_a=0.0, param_b=0.0,
          margin=None, desirable=None, z0=None, store_rewards=False, backend=None):
     """Dispatch a (B, K) policy / ref pair (already in the accumulation dtype) to a
     backend. Returns (losses, rewards (B, K) detached or None)."""
-    backend = resolve_backend(backend, policy.device, op)
-    if backend == "torch":
+
+    def run_torch():
         losses = _torch_losses(loss_id, policy, ref, margin, desirable, z0, beta, param_a, param_b)
         rewards = None
         if store_rewards:
             rewards = (beta * (policy - ref if ref is not None else policy)).detach()
         return losses, rewards
-    aux = desirable.view(torch.uint8) if desirable is not None else None
-    return _FusedPreference.apply(
-        policy.contiguous(), ref.contiguous() if ref is not None else None,
-        margin, aux, z0, loss_id, beta, param_a, param_b, store_rewards,
-    )
+
+    def run_triton():
+        aux = desirable.view(torch.uint8) if desirable is not None else None
+        fused_margin = margin
+        if loss_id == _BRADLEY_TERRY and margin is None:  # the kernel always reads a margin
+            fused_margin = torch.zeros((1,), dtype=policy.dtype, device=policy.device).expand(policy.shape[0])
+        return _FusedPreference.apply(
+            policy.contiguous(), ref.contiguous() if ref is not None else None,
+            fused_margin, aux, z0, loss_id, beta, param_a, param_b, store_rewards,
+        )
+
+    return dispatch(op, policy.device, backend, torch=run_torch, triton=run_triton)()
 
 
 # ------------------------------------------------------------------------- public
@@ -390,18 +423,16 @@ def dpo_loss(
         any input is float64). ``losses`` is differentiable with respect to every
         input; the implicit rewards ``beta*(policy - ref)`` are detached.
     """
-    if loss_type not in _DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {tuple(_DPO_LOSS_TYPES)}, got {loss_type!r}")
-    loss_id = _DPO_LOSS_TYPES[loss_type]
+    variant = PREFERENCE_LOSSES.get(loss_type)
     beta = _check_beta(beta)
-    if loss_type == "sigmoid":
-        label_smoothing = _check_fraction("label_smoothing", label_smoothing, 1.0, upper_open=False)
-    elif loss_type == "robust":
-        label_smoothing = _check_fraction("label_smoothing", label_smoothing, 0.5, upper_open=True)
+    smoothing_range = variant.params["label_smoothing"]
+    if smoothing_range is not None:
+        label_smoothing = _check_fraction("label_smoothing", label_smoothing, *smoothing_range)
     elif label_smoothing != 0:
+        smoothed = [v.name for v in PREFERENCE_LOSSES if v.params["label_smoothing"] is not None]
         raise ValueError(
             f"label_smoothing={label_smoothing!r} has no meaning for loss_type={loss_type!r}; "
-            "it applies to 'sigmoid' (cDPO) and 'robust'"
+            f"it applies to {' and '.join(repr(name) for name in smoothed)}"
         )
     if (ref_chosen is None) != (ref_rejected is None):
         raise ValueError(
@@ -412,13 +443,13 @@ def dpo_loss(
         "(B,)", 1, policy_chosen=policy_chosen, policy_rejected=policy_rejected,
         ref_chosen=ref_chosen, ref_rejected=ref_rejected,
     )
-    acc = _acc_dtype(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    acc = acc_dtype(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     policy = torch.stack([policy_chosen.to(acc), policy_rejected.to(acc)], dim=1)
     ref = None
     if ref_chosen is not None:
         ref = torch.stack([ref_chosen.to(acc), ref_rejected.to(acc)], dim=1)
     losses, rewards = _run(
-        "dpo_loss", loss_id, policy, ref, beta=beta, param_a=label_smoothing,
+        "dpo_loss", variant.kernel_id, policy, ref, beta=beta, param_a=label_smoothing,
         store_rewards=True, backend=backend,
     )
     return losses, rewards[:, 0], rewards[:, 1]
@@ -504,7 +535,7 @@ def kto_loss(
             f"desirable.shape {tuple(desirable.shape)} does not match policy_logps.shape {tuple(shape)}"
         )
     check_same_device(policy_logps=policy_logps, desirable=desirable, policy_kl_logps=policy_kl_logps)
-    acc = _acc_dtype(policy_logps, ref_logps, policy_kl_logps, ref_kl_logps)
+    acc = acc_dtype(policy_logps, ref_logps, policy_kl_logps, ref_kl_logps)
     with torch.no_grad():
         z0 = (policy_kl_logps.to(acc) - ref_kl_logps.to(acc)).mean().clamp(min=0)
     losses, rewards = _run(
@@ -590,7 +621,7 @@ def plackett_luce_loss(
     shape = _check_scores("(B, K)", 2, policy_logps=policy_logps, ref_logps=ref_logps)
     if shape[1] < 2:
         raise ValueError(f"policy_logps needs K >= 2 ranked responses, got shape {tuple(shape)}")
-    acc = _acc_dtype(policy_logps, ref_logps)
+    acc = acc_dtype(policy_logps, ref_logps)
     losses, _ = _run(
         "plackett_luce_loss", _PLACKETT_LUCE, policy_logps.to(acc),
         ref_logps.to(acc) if ref_logps is not None else None, beta=beta, backend=backend,
@@ -623,7 +654,7 @@ def bradley_terry_loss(
     """
     shape = _check_scores("(B,)", 1, chosen_scores=chosen_scores, rejected_scores=rejected_scores)
     center_coef = _check_nonnegative("center_coef", center_coef)
-    acc = _acc_dtype(chosen_scores, rejected_scores, margin if isinstance(margin, torch.Tensor) else None)
+    acc = acc_dtype(chosen_scores, rejected_scores, margin if isinstance(margin, torch.Tensor) else None)
     if isinstance(margin, torch.Tensor):
         _check_scores("(B,)", 1, chosen_scores=chosen_scores, margin=margin)
         margin = margin.to(acc)
@@ -632,9 +663,6 @@ def bradley_terry_loss(
             raise ValueError(f"margin must be None, a finite float or a (B,) tensor, got {margin!r}")
         margin = torch.full((1,), float(margin), dtype=acc, device=chosen_scores.device).expand(shape)
     scores = torch.stack([chosen_scores.to(acc), rejected_scores.to(acc)], dim=1)
-    backend = resolve_backend(backend, scores.device, "bradley_terry_loss")
-    if backend == "triton" and margin is None:
-        margin = torch.zeros((1,), dtype=acc, device=scores.device).expand(shape)
     losses, _ = _run(
         "bradley_terry_loss", _BRADLEY_TERRY, scores, None, param_a=center_coef,
         margin=margin, backend=backend,
@@ -659,7 +687,7 @@ def ranking_loss(scores: torch.Tensor, *, backend: str | None = None) -> torch.T
     shape = _check_scores("(B, K)", 2, scores=scores)
     if shape[1] < 2:
         raise ValueError(f"scores needs K >= 2 ranked responses, got shape {tuple(shape)}")
-    acc = _acc_dtype(scores)
+    acc = acc_dtype(scores)
     losses, _ = _run(
         "ranking_loss", _RANKING, scores.to(acc), None, param_a=1.0 / math.comb(shape[1], 2),
         backend=backend,

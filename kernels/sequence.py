@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import HAS_TRITON, on_tensor_device, resolve_backend
+from ._backend import dispatch
+from ._launch import HAS_TRITON, acc_dtype, on_tensor_device, tl_acc_dtype
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, bool_mask, check_same_device, check_tensor
 
 if HAS_TRITON:
@@ -128,16 +129,12 @@ def _block_t(longest: int, device: torch.device) -> int:
     return 1024
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class _SequenceLogprobsTriton(torch.autograd.Function):
     @staticmethod
     @on_tensor_device
     def forward(ctx, x, mask, cu_seqlens, n_seqs, average):
         packed = cu_seqlens is not None
-        acc = _acc_dtype(x.dtype)
+        acc = acc_dtype(x)
         out = torch.empty(n_seqs, dtype=acc, device=x.device)
         count = torch.empty(n_seqs, dtype=acc, device=x.device)
         # For packed input the widest block is bounded by the stream length; a
@@ -151,7 +148,7 @@ class _SequenceLogprobsTriton(torch.autograd.Function):
             _sequence_logprobs_fwd_kernel[(n_seqs,)](
                 x, mask if not packed else x, cu_seqlens if packed else x, out, count,
                 n_cols, stride_xb, stride_xt, stride_mb, stride_mt,
-                PACKED=packed, AVERAGE=average, ACC_DTYPE=_tl_dtype(acc), BLOCK_T=block,
+                PACKED=packed, AVERAGE=average, ACC_DTYPE=tl_acc_dtype(acc), BLOCK_T=block,
             )
         ctx.save_for_backward(mask, cu_seqlens, count)
         ctx.meta = (x.shape, x.dtype, packed, average, block)
@@ -172,20 +169,16 @@ class _SequenceLogprobsTriton(torch.autograd.Function):
                 grad_out.contiguous(), count, mask if not packed else count,
                 cu_seqlens if packed else count, grad_x,
                 shape[-1], stride_mb, stride_mt,
-                PACKED=packed, AVERAGE=average, ACC_DTYPE=_tl_dtype(count.dtype), BLOCK_T=block,
+                PACKED=packed, AVERAGE=average, ACC_DTYPE=tl_acc_dtype(count), BLOCK_T=block,
             )
         return grad_x, None, None, None, None
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 # --------------------------------------------------------------------- pure PyTorch
 
 
 def _torch_padded(x: torch.Tensor, valid: torch.Tensor, average: bool) -> torch.Tensor:
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x)
     x = x.to(acc)
     total = torch.where(valid, x, torch.zeros((), dtype=acc, device=x.device)).sum(dim=-1)
     if average:
@@ -194,7 +187,7 @@ def _torch_padded(x: torch.Tensor, valid: torch.Tensor, average: bool) -> torch.
 
 
 def _torch_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, average: bool) -> torch.Tensor:
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x)
     n_seqs = cu_seqlens.numel() - 1
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     # output_size avoids a host sync to learn the total length.
@@ -293,17 +286,21 @@ def sequence_logprobs(
                 f"{tuple(token_logprobs.shape)}"
             )
         _check_cu_seqlens(cu_seqlens, token_logprobs.numel())
-    backend = resolve_backend(backend, token_logprobs.device, "sequence_logprobs")
-
     if mask is not None:
-        if backend == "torch":
-            return _torch_padded(token_logprobs, valid, average)
-        # Triton reads the bool mask as bytes.
-        return _SequenceLogprobsTriton.apply(
-            token_logprobs, valid.view(torch.uint8), None, token_logprobs.shape[0], average
+        run = dispatch(
+            "sequence_logprobs", token_logprobs.device, backend,
+            torch=lambda: _torch_padded(token_logprobs, valid, average),
+            # Triton reads the bool mask as bytes.
+            triton=lambda: _SequenceLogprobsTriton.apply(
+                token_logprobs, valid.view(torch.uint8), None, token_logprobs.shape[0], average
+            ),
         )
-    if backend == "torch":
-        return _torch_packed(token_logprobs, cu_seqlens, average)
-    return _SequenceLogprobsTriton.apply(
-        token_logprobs, None, cu_seqlens.contiguous(), cu_seqlens.numel() - 1, average
-    )
+    else:
+        run = dispatch(
+            "sequence_logprobs", token_logprobs.device, backend,
+            torch=lambda: _torch_packed(token_logprobs, cu_seqlens, average),
+            triton=lambda: _SequenceLogprobsTriton.apply(
+                token_logprobs, None, cu_seqlens.contiguous(), cu_seqlens.numel() - 1, average
+            ),
+        )
+    return run()

@@ -2,6 +2,7 @@
 Triton's interpreter, which must be switched on before triton is imported."""
 
 import collections
+import itertools
 import os
 
 import torch
@@ -45,6 +46,22 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+_cache_ids = itertools.count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_fastpo_cache(tmp_path_factory):
+    """The engine caches warm starts across runs in FASTPO_CACHE (engine/warm_start.py):
+    never the user's cache in a test; module-scoped runs share this one."""
+    os.environ["FASTPO_CACHE"] = str(tmp_path_factory.getbasetemp() / "fastpo-cache" / "session")
+
+
+@pytest.fixture(autouse=True)
+def _fastpo_cache(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty warm-start cache (created on first use)."""
+    monkeypatch.setenv("FASTPO_CACHE", str(tmp_path_factory.getbasetemp() / "fastpo-cache" / str(next(_cache_ids))))
 
 
 @pytest.fixture(params=CPU_BACKENDS)

@@ -88,3 +88,32 @@ def check_against_reference(logits, targets, backend, temperature=1.0, softcap=N
         for ours, ref in ((lp, ref_lp), (ent, ref_ent), (grad, ref_grad)):
             scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
             assert max_err(ours, ref) <= 1e-5 * scale
+
+
+def reference_statistics(logits, targets, temperature=1.0, softcap=None, ignore_index=-100):
+    """The ``statistics=`` of token_logprobs by per-element float64 loops: a dict of
+    float64 tensors (``is_top1`` bool) of ``targets.shape``; 0 / False where ignored."""
+    rows = logits.reshape(-1, logits.shape[-1]).double().tolist()
+    tgts = targets.reshape(-1).tolist()
+    temps = torch.as_tensor(temperature, dtype=torch.float64).expand(targets.shape).reshape(-1).tolist()
+    out = {"log_sum_sq_probs": [], "mean_logit": [], "is_top1": [], "top1_logprob": []}
+    for row, tgt, temp in zip(rows, tgts, temps):
+        if tgt == ignore_index:
+            for values in out.values():
+                values.append(0.0)
+            continue
+        z = [(softcap * math.tanh(x / softcap) if softcap else x) / temp for x in row]
+        top = max(z)
+        if top == -math.inf:  # every logit -inf: a uniform distribution, token 0 first
+            p = [1.0 / len(z)] * len(z)
+        else:
+            total = sum(math.exp(v - top) for v in z)
+            p = [math.exp(v - top) / total for v in z]
+        first_max = next(i for i, v in enumerate(z) if v == top)
+        out["log_sum_sq_probs"].append(math.log(sum(q * q for q in p)))
+        out["mean_logit"].append(sum(z) / len(z))
+        out["is_top1"].append(float(tgt == first_max))
+        out["top1_logprob"].append(math.log(max(p)))
+    result = {name: torch.tensor(values, dtype=torch.float64).view(targets.shape) for name, values in out.items()}
+    result["is_top1"] = result["is_top1"].bool()
+    return result

@@ -1,12 +1,25 @@
 """Advantage estimators against per-element float64 Python-loop references, on every
-CPU-runnable backend."""
+CPU-runnable backend, and the estimators of verl's registry against verl's own functions
+(imported through tests/peer_modules.py)."""
 
 import math
 
 import pytest
 import torch
 
-from fastpo.kernels import gae, group_advantages, reinforce_pp_advantages, rloo_advantages, whiten
+from fastpo.kernels import (
+    ADVANTAGE_ESTIMATORS,
+    gae,
+    gdpo_advantages,
+    group_advantages,
+    grpo_passk_advantages,
+    opo_advantages,
+    optimal_token_baseline_advantages,
+    reinforce_pp_advantages,
+    remax_advantages,
+    rloo_advantages,
+    whiten,
+)
 
 # ------------------------------------------------------------------ references
 
@@ -310,6 +323,31 @@ def test_gae_empty(backend):
     assert advantages.shape == returns.shape == (3, 0)
 
 
+# ------------------------------------------------------------------ registry
+
+# For each registered estimator: its public function's arguments and its independent
+# reference, on inputs of 4 groups of 3 (a registration without an entry here fails).
+ESTIMATOR_CASES = {
+    "group": (lambda r, tr, v, m: (r, 3), lambda r, tr, v, m: ref_group_advantages(r, 3)),
+    "rloo": (lambda r, tr, v, m: (r, 3), lambda r, tr, v, m: ref_rloo(r, 3)),
+    "reinforce_pp": (lambda r, tr, v, m: (r, 3, m), lambda r, tr, v, m: ref_reinforce_pp(r, 3, m)),
+    "gae": (lambda r, tr, v, m: (tr, v, m), lambda r, tr, v, m: ref_gae(tr, v, m, 1.0, 1.0)),
+}
+
+
+@pytest.mark.parametrize("name", ADVANTAGE_ESTIMATORS.names())
+def test_every_estimator_is_registered_with_its_function(name, backend):
+    variant = ADVANTAGE_ESTIMATORS.get(name)
+    assert name in ESTIMATOR_CASES, f"add {name!r} to ESTIMATOR_CASES"
+    arguments, reference = ESTIMATOR_CASES[name]
+    inputs = torch.randn(12), torch.randn(12, 5), torch.randn(12, 5), ragged_mask(12, 5)
+    out = variant.params["function"](*arguments(*inputs), backend=backend)
+    expected = reference(*inputs)
+    for actual, wanted in zip(out, expected) if isinstance(out, tuple) else [(out, expected)]:
+        close(actual, wanted)
+    assert variant.params["needs_values"] == (name == "gae")
+
+
 # ------------------------------------------------------------------ autograd
 
 
@@ -395,3 +433,127 @@ def test_bad_input():
         whiten(torch.randn(2, 3), torch.ones(3))
     with pytest.raises(ValueError, match="backend='cuda'"):
         whiten(torch.randn(2, 3), torch.ones(2, 3), backend="cuda")
+
+
+# ------------------------------------------------------------------ verl's registry estimators
+
+B_GROUPS, G = 4, 5
+
+
+def _verl_inputs(seed, steps=6, holes=True):
+    """Float64 rewards of 4 groups of 5 (ties and a constant group included), a ragged
+    mask without empty rows and the (B, T) token rewards with each outcome reward on its
+    row's last valid token (verl's token_level_rewards)."""
+    generator = torch.Generator().manual_seed(seed)
+    rewards = torch.randint(0, 4, (B_GROUPS * G,), generator=generator).double() / 4
+    rewards[5:10] = 0.5  # a constant group
+    lengths = torch.randint(1, steps + 1, (B_GROUPS * G,), generator=generator)
+    mask = torch.arange(steps)[None, :] < lengths[:, None]
+    if holes:
+        mask &= (torch.rand(B_GROUPS * G, steps, generator=generator) > 0.2) | (torch.arange(steps) == 0)
+    last = torch.where(mask, torch.arange(steps), -1).amax(-1)
+    token_rewards = torch.zeros(B_GROUPS * G, steps, dtype=torch.float64)
+    token_rewards[torch.arange(B_GROUPS * G), last] = rewards
+    index = torch.arange(B_GROUPS * G).numpy() // G
+    return rewards, mask, token_rewards, index
+
+
+@pytest.fixture(scope="module")
+def verl():
+    import peer_modules
+
+    return peer_modules.verl_core_algos()
+
+
+@pytest.mark.parametrize("scale", ["group", "none"])
+def test_grpo_passk_matches_verl(verl, scale, backend):
+    rewards, mask, token_rewards, index = _verl_inputs(0)
+    expected, _ = verl.compute_grpo_passk_outcome_advantage(
+        token_rewards, mask.double(), index, epsilon=1e-6, config={"norm_adv_by_std_in_grpo": scale == "group"}
+    )
+    out = grpo_passk_advantages(rewards, G, scale=scale, backend=backend)
+    assert out.dtype == torch.float64 and (out != 0).sum() <= B_GROUPS and (out != 0).any()
+    close(out[:, None] * mask, expected, tol=1e-12)
+
+
+def test_opo_matches_verl(verl, backend):
+    rewards, mask, token_rewards, index = _verl_inputs(1)
+    expected, _ = verl.compute_opo_outcome_advantage(token_rewards, mask.double(), index)
+    close(opo_advantages(rewards, G, mask, backend=backend)[:, None] * mask, expected, tol=1e-12)
+    # a group of one: baseline 0
+    single, _ = verl.compute_opo_outcome_advantage(token_rewards[:3], mask[:3].double(), torch.arange(3).numpy())
+    close(opo_advantages(rewards[:3], 1, mask[:3], backend=backend)[:, None] * mask[:3], single, tol=1e-12)
+
+
+def test_remax_matches_verl(verl, backend):
+    rewards, mask, token_rewards, _ = _verl_inputs(2)
+    token_rewards = token_rewards + 0.1 * torch.randn_like(token_rewards) * mask  # dense rewards too
+    baselines = torch.randn(rewards.numel(), dtype=torch.float64)
+    expected_adv, expected_ret = verl.compute_remax_outcome_advantage(token_rewards, baselines, mask.double())
+    advantages, returns = remax_advantages(token_rewards, baselines, mask, backend=backend)
+    close(advantages, expected_adv, tol=1e-12)
+    close(returns, expected_ret, tol=1e-12)
+
+
+@pytest.mark.parametrize("weights", [None, (0.5, 2.0)])
+def test_gdpo_matches_verl(verl, weights, backend):
+    """verl reads the components from its batch: each on the row's last response token
+    (right-padded rows), in float32."""
+    _, mask, _, index = _verl_inputs(3, holes=False)
+    generator = torch.Generator().manual_seed(4)
+    components = torch.randint(0, 5, (B_GROUPS * G, 2), generator=generator).double() / 4
+    prompt = 3
+    batch = {"prompts": torch.zeros(B_GROUPS * G, prompt, dtype=torch.long),
+             "attention_mask": torch.cat([torch.ones(B_GROUPS * G, prompt, dtype=torch.long), mask.long()], 1)}
+    non_tensor = {"format": components[:, 0].numpy(), "accuracy": components[:, 1].numpy()}
+    config = {"gdpo_reward_keys": ["format", "accuracy"], "gdpo_reward_weights": weights}
+    expected, _ = verl.compute_gdpo_outcome_advantage(
+        torch.zeros(mask.shape), mask.float(), index, epsilon=1e-6, config=config, non_tensor_batch=non_tensor,
+        batch=batch,
+    )
+    out = gdpo_advantages(components, G, mask, weights=weights, backend=backend)
+    assert out.shape == mask.shape and out.dtype == torch.float64
+    close(out, expected.double(), tol=2e-6)  # verl computes in float32
+
+
+@pytest.mark.parametrize("handle_zero_tail", [True, False])
+@pytest.mark.parametrize("with_is_weights", [False, True])
+def test_optimal_token_baseline_matches_verl(verl, handle_zero_tail, with_is_weights, backend):
+    rewards, mask, token_rewards, index = _verl_inputs(5, steps=8)
+    generator = torch.Generator().manual_seed(6)
+    old = torch.rand(mask.shape, generator=generator, dtype=torch.float64).clamp(min=0.05).log()
+    p = old.exp()
+    sum_sq = p * p + (1 - p * p) * torch.rand(mask.shape, generator=generator, dtype=torch.float64) * 0.5
+    is_weights = 0.5 + torch.rand(mask.shape, generator=generator, dtype=torch.float64) if with_is_weights else None
+    expected_adv, expected_ret = verl.compute_optimal_token_baseline_advantage(
+        token_rewards, mask.double(), index, old, sum_sq, rollout_is_weights=is_weights,
+        handle_zero_tail=handle_zero_tail,
+    )
+    advantages, returns = optimal_token_baseline_advantages(
+        token_rewards, mask, G, old, sum_sq.log(), rollout_is_weights=is_weights, handle_zero_tail=handle_zero_tail,
+        backend=backend,
+    )
+    close(advantages, expected_adv, tol=1e-12)
+    close(returns, expected_ret, tol=1e-12)
+    lengths = mask.sum(-1).view(B_GROUPS, G)
+    top = lengths.topk(2, dim=1).values
+    assert ((top[:, 0] > top[:, 1]).any()), "no group exercises the zero tail"
+
+
+def test_verl_registry_estimators_bad_input():
+    with pytest.raises(ValueError, match="grpo_passk_advantages needs group_size >= 2"):
+        grpo_passk_advantages(torch.randn(4), 1)
+    with pytest.raises(ValueError, match=r"scale='batch' is not one of \('group', 'none'\)"):
+        grpo_passk_advantages(torch.randn(4), 2, scale="batch")
+    with pytest.raises(ValueError, match=r"mask must be \(B, T\) with B = rewards.shape\[0\] = 4, got \(3, 2\)"):
+        opo_advantages(torch.randn(4), 2, torch.ones(3, 2))
+    with pytest.raises(ValueError, match=r"baseline_rewards.shape \(3,\) must be \(B,\) = \(2,\)"):
+        remax_advantages(torch.randn(2, 3), torch.randn(3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"weights must be 2 finite floats"):
+        gdpo_advantages(torch.randn(4, 2), 2, torch.ones(4, 3), weights=(1.0,))
+    with pytest.raises(ValueError, match=r"log_sum_sq_probs.shape \(4, 2\) does not match mask.shape \(4, 3\)"):
+        optimal_token_baseline_advantages(torch.randn(4, 3), torch.ones(4, 3), 2, torch.randn(4, 3),
+                                          torch.randn(4, 2))
+    with pytest.raises(ValueError, match=r"group_size=3 does not divide the number of rows \(4\)"):
+        optimal_token_baseline_advantages(torch.randn(4, 3), torch.ones(4, 3), 3, torch.randn(4, 3),
+                                          torch.randn(4, 3))

@@ -162,7 +162,10 @@ def test_case_rows_in_the_suite_format(tmp_path):
             e2e.case_row(GRPO, "trl", _result(median_s=3.0)),
             e2e.case_row(DPO, "fastpo", _result()),
             e2e.case_row(DPO, "trl", {"error": "trl skipped: not importable"})]
-    e2e.add_ratios(rows)
+    with_fastpo = e2e.case_row(GRPO, "trl+fastpo", _result(median_s=2.0, peak=1.5 * 2**30))
+    e2e.add_ratios(rows + [with_fastpo])
+    assert with_fastpo["kind"] == "fastpo"
+    assert with_fastpo["note"].endswith("TRL stock/with fastpo.integrations.trl: time 1.50x, extra memory 4.00x")
     first = rows[0]
     assert first["suite"] == "e2e" and first["kind"] == "fastpo" and first["pass"] == "step"
     assert first["shape"] == ("algo=grpo,batch=8,group=4,prompt=32,completion=32,lr=1e-05,beta=0,"
@@ -199,6 +202,8 @@ def test_compare_catches_different_configs_and_lengths():
     differ = {"fastpo": _result(config={"batch": 8}), "trl": _result(config={"batch": 16}, prompt=33)}
     assert e2e.compare(DPO, differ) == ["config batch: 8 != 16", "prompt_tokens: fastpo 32 != trl 33"]
     assert e2e.compare(DPO, {"fastpo": _result(), "trl": {"error": "x"}}) == []
+    three = {"fastpo": _result(), "trl": _result(), "trl+fastpo": _result(prompt=31)}
+    assert e2e.compare(DPO, three) == ["prompt_tokens: fastpo 32 != trl+fastpo 31"]
 
 
 def test_selected_in_full_runs_and_by_name_not_in_quick_runs():
@@ -240,12 +245,28 @@ def test_run_without_trl_times_fastpo_and_notes_the_skip(monkeypatch, tmp_path):
         return _result()
 
     monkeypatch.setattr(e2e.harness, "run_child", fake_child)
-    monkeypatch.setattr(e2e, "build_model_dir", lambda folder: folder)  # no model needed
+    monkeypatch.setattr(e2e, "build_model_dir", lambda folder, vocab_size: folder)  # no model needed
     rows, notes = e2e.run("cpu", reps=2)
     assert children == [("fastpo.bench.e2e", "fastpo", case.algorithm) for case in e2e.CASES]
-    assert [(r["impl"], "median_ms" in r) for r in rows] == [("fastpo", True), ("trl", False)] * len(e2e.CASES)
-    assert all(r["note"].startswith("trl skipped: not importable") for r in rows if r["impl"] == "trl")
+    assert [(r["impl"], "median_ms" in r) for r in rows] == [
+        ("fastpo", True), ("trl", False), ("trl+fastpo", False)] * len(e2e.CASES)
+    assert all(r["note"].startswith("trl skipped: not importable") for r in rows if r["impl"] != "fastpo")
     assert len(notes) == 1 and notes[0].startswith("e2e: trl skipped: not importable") and "pip install trl" in notes[0]
+
+
+def test_quick_runs_the_small_cases_once(monkeypatch):
+    children = []
+
+    def fake_child(module, args):
+        children.append((args["impl"], args["case"]["vocab_size"], args["reps"]))
+        return _result()
+
+    monkeypatch.setattr(e2e.harness, "run_child", fake_child)
+    monkeypatch.setattr(e2e, "build_model_dir", lambda folder, vocab_size: folder)
+    monkeypatch.setattr(e2e, "trl_status", lambda peers=None: (True, "trl 1.0"))
+    rows, _ = e2e.run("cpu", quick=True)
+    assert children == [(impl, 4096, e2e.QUICK_REPS) for _ in e2e.QUICK_CASES for impl in e2e.IMPLEMENTATIONS]
+    assert all("vocab=4096" in row["shape"] for row in rows)
 
 
 def test_a_crashed_child_is_a_note_row(monkeypatch):
@@ -253,10 +274,10 @@ def test_a_crashed_child_is_a_note_row(monkeypatch):
         raise RuntimeError("benchmark child failed:\nTraceback ...\nMemoryError: out of memory")
 
     monkeypatch.setattr(e2e.harness, "run_child", crash)
-    monkeypatch.setattr(e2e, "build_model_dir", lambda folder: folder)
+    monkeypatch.setattr(e2e, "build_model_dir", lambda folder, vocab_size: folder)
     monkeypatch.setattr(e2e, "trl_status", lambda peers=None: (True, "trl 1.0"))
     rows, notes = e2e.run("cpu", reps=1, cases=(DPO,))
-    assert [r["note"] for r in rows] == ["child process failed: MemoryError: out of memory"] * 2 and notes == []
+    assert [r["note"] for r in rows] == ["child process failed: MemoryError: out of memory"] * 3 and notes == []
 
 
 def test_other_devices_get_a_note():

@@ -49,11 +49,35 @@ def _non_default(value, tp):
     return tp(value + 1) if tp is int else value * 1.5 + 0.25
 
 
+def _obeying_the_rules(changed: dict, defaults) -> dict:
+    """``changed`` with the values that a rule between options (``validate``) would
+    refuse together replaced by other non-default values that it accepts."""
+    fixed = dict(changed)
+    rules = {
+        "data": "train.jsonl",  # with warm_start_steps > 0: not the built-in task
+        "warm_start_steps": 0 if defaults.warm_start_steps is None else None,  # a data file has no warm start
+        "target_accuracy": 0.5, "entropy_quantile": 0.5, "top_p": 0.5, "gamma": 0.5, "lam": 0.5,  # in [0, 1]
+        "backtrack_factor": 0.25,  # in (0, 1)
+        "loss_type": "robust" if "label_smoothing" in changed else fixed.get("loss_type"),  # takes label noise < 0.5
+    }
+    fixed.update({name: value for name, value in rules.items() if name in changed})
+    if "judge" in changed:
+        fixed["data"] = changed["data"]  # a judge folder serves any data
+    if "prompts_per_rollout" in changed and "num_iterations" in changed:  # whole optimizer steps per rollout
+        per_step = fixed["grad_accum_steps"]
+        fixed["prompts_per_rollout"] = changed["prompts_per_rollout"] * per_step
+        fixed["batch_size"] = changed["prompts_per_rollout"] * changed["num_generations"]
+    if "reward_weights" in changed:
+        fixed["reward_weights"] = [0.5] * len(changed["rewards"])
+    return fixed
+
+
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_yaml_round_trip_of_every_option(algorithm, tmp_path):
     cls = ALGORITHMS[algorithm]
     hints = typing.get_type_hints(cls)
     changed = {f.name: _non_default(getattr(cls(), f.name), hints[f.name]) for f in dataclasses.fields(cls)}
+    changed = _obeying_the_rules(changed, cls())
     config = from_dict(cls, changed)
     for name, value in changed.items():
         assert getattr(config, name) == value, name
@@ -66,7 +90,7 @@ def test_list_options_take_comma_separated_overrides_and_yaml_lists(tmp_path):
     assert config.stop_strings == ["\\n", ";"] and config.reward_weights == [1.0, 0.5]
     assert config.rewards == ["builtin:addition", "m:f"]
     assert load_config("grpo", None, ["stop_strings="]).stop_strings == []
-    (tmp_path / "c.yaml").write_text("reward_weights: [2, 3.5]\n")
+    (tmp_path / "c.yaml").write_text("reward_weights: [2, 3.5]\nrewards: [builtin:addition, m:f]\n")
     assert load_config("grpo", tmp_path / "c.yaml").reward_weights == [2.0, 3.5]
     with pytest.raises(ConfigError, match=r"'reward_weights\[1\]': got 'x'.*expected float"):
         load_config("grpo", None, ["reward_weights=1,x"])

@@ -125,6 +125,44 @@ def test_grpo_runs_and_logs_its_metrics(tmp_path):
     assert records[1]["ratio_mean"] != pytest.approx(1.0, abs=1e-7)
 
 
+def test_every_critic_free_advantage_estimator_trains(tmp_path, monkeypatch):
+    """GRPO's advantage choices are the registry's estimators without a critic; each one's
+    advantages are what the loss gets (reinforce_pp's per token)."""
+    from fastpo.engine.algorithms import grpo
+    from fastpo.kernels import ADVANTAGE_ESTIMATORS
+
+    seen = []
+    real_split = grpo.split_micro_batches
+
+    def recording_split(tensors, *args):
+        seen.append(tensors)
+        return real_split(tensors, *args)
+
+    monkeypatch.setattr(grpo, "split_micro_batches", recording_split)
+    eval_file = tmp_path / "heldout.jsonl"  # two prompts: a cheap evaluation
+    eval_file.write_text('{"prompt": "12+34="}\n{"prompt": "1+2="}\n')
+    names = [v.name for v in ADVANTAGE_ESTIMATORS if not v.params["needs_values"]]
+    for name in names:
+        summary = train("grpo", {**QUICK, "steps": 1, "advantage": name, "rewards": "online_rewards:digit_share",
+                                 "eval_data": str(eval_file), "output_dir": str(tmp_path / name)})
+        assert summary["status"] == "completed", name
+        rollout = seen[-1]
+        rewards, mask, got = rollout["metric/reward"].double(), rollout["mask"], rollout["advantages"].double()
+        groups = rewards.view(-1, QUICK["num_generations"])
+        g = groups.shape[1]
+        # Written out per group: z-score (unbiased std, TRL's eps), leave-one-out, centred.
+        want = {
+            "group": (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4),
+            "rloo": groups - (groups.sum(1, keepdim=True) - groups) / (g - 1),
+        }
+        if name == "reinforce_pp":  # group-centred on every token, whitened over the rollout's tokens
+            tokens = (groups - groups.mean(1, keepdim=True)).flatten()[:, None].expand(mask.shape)[mask]
+            torch.testing.assert_close(got[mask], (tokens - tokens.mean()) / (tokens.std() + 1e-8), rtol=1e-4, atol=1e-5)
+        else:
+            torch.testing.assert_close(got, want[name].flatten(), rtol=1e-4, atol=1e-5)
+    assert names == ["group", "rloo", "reinforce_pp"] and len(seen) == 3
+
+
 def test_grpo_raises_a_dense_reward_from_a_random_model(tmp_path):
     summary = train("grpo", {**QUICK, "steps": 30, "learning_rate": 3e-3, "prompts_per_rollout": 8,
                              "batch_size": 32, "rewards": "online_rewards:digit_share",

@@ -221,18 +221,3 @@ def test_nan_losses_in_a_row_stop_the_run_with_the_checkpoint_intact(tmp_path, m
     saved = type(seen["model"]).from_pretrained(tmp_path / "checkpoints" / "step-00000002" / "model")
     for (name, a), b in zip(seen["model"].state_dict().items(), saved.state_dict().values()):
         assert torch.equal(a, b), name
-
-
-def test_progress_prints_every_log_every_steps_without_tqdm(monkeypatch, capsys):
-    import sys
-
-    from fastpo.engine.loop import _Progress
-
-    monkeypatch.setitem(sys.modules, "tqdm", None)
-    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
-    progress = _Progress(total=5, initial=0, log_every=2)
-    for step in range(1, 6):
-        progress.update(step, {"step": step, "loss": 1.0 / step, "lr": 0.1, "grad_norm": None})
-    progress.close()
-    lines = capsys.readouterr().err.splitlines()
-    assert lines == ["step 2/5 loss=0.5 lr=0.1", "step 4/5 loss=0.25 lr=0.1", "step 5/5 loss=0.2 lr=0.1"]

@@ -15,7 +15,8 @@ from fastpo.engine import loop as loop_module
 from fastpo.engine.algorithms import _common
 from fastpo.engine.config import SFTConfig
 from fastpo.engine.forward import IGNORE_INDEX, encode_responses, response_logprobs
-from fastpo.engine.loop import METRICS_PLOT, autocast_dtype, metrics_figure, train_loop
+from fastpo.engine.loop import METRICS_PLOT, autocast_dtype, train_loop
+from fastpo.engine.plots import metrics_figure
 from fastpo.engine.models import load_causal_lm
 
 RUN = {"steps": 4, "batch_size": 4, "grad_accum_steps": 1, "warmup_steps": 1, "learning_rate": 3e-3,
@@ -231,8 +232,8 @@ def test_metrics_plot_is_written_when_a_run_completes_only(run, tmp_path, monkey
     assert not plot.exists()
     monkeypatch.undo()
     assert run("plotted", resume=True)["status"] == "completed"
-    # loss, lr, grad_norm and eval/heldout_accuracy: 3 panels a row, 2 rows of 4.5 x 3.2 inches at 100 dpi
-    assert _png_size(plot) == (1350, 640)
+    # sft's loss and held-out accuracy: 2 panels of 4.5 x 3.2 inches under a 0.4-inch title, at 100 dpi
+    assert _png_size(plot) == (900, 360)
 
 
 # ---------------------------------------------------------------- resume consistency

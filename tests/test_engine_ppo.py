@@ -3,6 +3,7 @@ value head in checkpoints, the separate critic, and learning on the built-in tas
 
 import copy
 import json
+import math
 import shutil
 
 import pytest
@@ -100,7 +101,9 @@ def test_bad_options_are_config_errors(tmp_path, options, message):
         train("ppo", {**QUICK, "steps": 2, "output_dir": str(tmp_path), **options})
 
 
-def test_shaped_rewards_fed_to_gae_match_a_per_element_reference(tmp_path, monkeypatch):
+# k1 is the InstructGPT shaping; any other registered estimator reaches it by kl_kind.
+@pytest.mark.parametrize("kl_kind", ["k1", "k3"])
+def test_shaped_rewards_fed_to_gae_match_a_per_element_reference(tmp_path, monkeypatch, kl_kind):
     beta = 0.3
     seen = {}
     real_gae, real_split = ppo.gae, ppo.split_micro_batches
@@ -116,7 +119,7 @@ def test_shaped_rewards_fed_to_gae_match_a_per_element_reference(tmp_path, monke
     monkeypatch.setattr(ppo, "gae", recording_gae)
     monkeypatch.setattr(ppo, "split_micro_batches", recording_split)
     run = _captured_run(monkeypatch, {**QUICK, "steps": 4, "beta": beta, "whiten_advantages": False,
-                                      "rewards": [LENGTH_REWARD], "output_dir": str(tmp_path)})
+                                      "kl_kind": kl_kind, "rewards": [LENGTH_REWARD], "output_dir": str(tmp_path)})
     model = run["model"]
     reference = copy.deepcopy(model)  # the reference is the model at the start of the run
     with torch.no_grad():  # move the policy away from it, so that k1 is not 0
@@ -132,7 +135,8 @@ def test_shaped_rewards_fed_to_gae_match_a_per_element_reference(tmp_path, monke
     for i in range(mask.shape[0]):
         valid = [t for t in range(mask.shape[1]) if mask[i, t]]
         for t in valid:
-            expected[i, t] = -beta * (old[i, t] - ref[i, t])
+            d = float(old[i, t] - ref[i, t])
+            expected[i, t] = -beta * (d if kl_kind == "k1" else math.exp(-d) + d - 1)  # k3 written out
         expected[i, valid[-1]] += scores[i]
     assert scores.abs().sum() > 0 and (old - ref)[mask].abs().max() > 1e-3
     torch.testing.assert_close(seen["rewards"].double(), expected, rtol=0, atol=2e-5)

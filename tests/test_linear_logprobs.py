@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from logprob_reference import max_err
+from logprob_reference import max_err, reference_statistics
 from logprob_reference import reference as token_reference
 from logprob_reference import reference_loop as token_reference_loop
 
@@ -248,6 +248,55 @@ def test_empty_inputs_give_empty_outputs(logprobs_backend):
     assert lp.shape == (0,) and ent.shape == (0,)
     (lp.sum() + ent.sum()).backward()
     assert weight.grad is None or not weight.grad.any()
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 97])
+def test_statistics_match_float64_loops_across_chunks(backend, vocab):
+    statistics = ("log_sum_sq_probs", "mean_logit", "is_top1", "top1_logprob")
+    hidden, weight, bias, targets = make_inputs((3, 5), 8, vocab, torch.float64)
+    targets[1, 2] = (hidden[1, 2] @ weight.T + bias).argmax()  # a top-1 hit
+    kw = dict(temperature=0.7, softcap=4.0)
+    x = hidden.clone().requires_grad_()
+    lp, ent, stats = linear_token_logprobs(
+        x, weight, targets, bias=bias, return_entropy=True, statistics=statistics, chunk_size=4,
+        backend=backend, **kw,
+    )
+    ref = reference_statistics(hidden @ weight.T + bias, targets, **kw)
+    assert set(stats) == set(statistics)
+    for name in statistics:
+        assert stats[name].shape == targets.shape and not stats[name].requires_grad
+        if name == "is_top1":
+            assert stats[name].dtype == torch.bool and torch.equal(stats[name], ref[name])
+        else:
+            torch.testing.assert_close(stats[name], ref[name], rtol=1e-12, atol=1e-12, msg=name)
+    # the log-probs, the entropy and their gradient are those computed without statistics
+    ref_lp, ref_ent = linear_token_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
+                                            backend=backend, **kw)
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=0)
+    torch.testing.assert_close(ent, ref_ent, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(lp.sum() + ent.sum(), x)
+    x2 = hidden.clone().requires_grad_()
+    lp2, ent2 = linear_token_logprobs(x2, weight, targets, bias=bias, return_entropy=True, chunk_size=4,
+                                      backend=backend, **kw)
+    (grad2,) = torch.autograd.grad(lp2.sum() + ent2.sum(), x2)
+    torch.testing.assert_close(grad, grad2, rtol=0, atol=0)
+
+
+def test_statistics_without_entropy_and_on_the_native_backend():
+    hidden, weight, _, targets = make_inputs((6,), 4, 11, torch.float32, with_bias=False)
+    lp, ent, stats = linear_token_logprobs(hidden, weight, targets, statistics=("is_top1",))
+    assert ent is None and list(stats) == ["is_top1"]
+    torch.testing.assert_close(lp, linear_token_logprobs(hidden, weight, targets))
+    with pytest.raises(ValueError, match="linear_token_logprobs with statistics: backend='cpp'"):
+        linear_token_logprobs(hidden, weight, targets, statistics=("is_top1",), backend="cpp")
+
+
+def test_float64_temperature_keeps_float64_precision(backend):
+    hidden, weight, bias, targets = make_inputs((4, 6), 8, 50, torch.float64, n_ignored=0)
+    weight = weight * 12  # logits ~ 40
+    lp = linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=0.7, backend=backend)
+    log_p = torch.log_softmax((hidden @ weight.T + bias) / 0.7, dim=-1)
+    torch.testing.assert_close(lp, log_p.gather(-1, targets[..., None]).squeeze(-1), rtol=0, atol=1e-12)
 
 
 def test_gradcheck_float64():

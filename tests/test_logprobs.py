@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from logprob_reference import check_against_reference, reference, reference_loop
+from logprob_reference import check_against_reference, reference, reference_loop, reference_statistics
 
 from fastpo.kernels import token_logprobs
 
@@ -237,6 +237,111 @@ def test_int32_targets_match_int64(logprobs_backend):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+# ------------------------------------------------------------------ extra statistics
+
+ALL_STATISTICS = ("log_sum_sq_probs", "mean_logit", "is_top1", "top1_logprob")
+
+
+def check_statistics_against_reference(logits, targets, backend, **kw):
+    lp, ent, stats = token_logprobs(logits, targets, statistics=ALL_STATISTICS, backend=backend, **kw)
+    assert ent is None and set(stats) == set(ALL_STATISTICS)
+    ref = reference_statistics(logits, targets, **kw)
+    for name, value in stats.items():
+        assert value.shape == targets.shape and not value.requires_grad
+        if name == "is_top1":
+            assert value.dtype == torch.bool
+            assert torch.equal(value, ref[name]), name
+        else:
+            assert value.dtype == lp.dtype
+            tol = 1e-12 if logits.dtype == torch.float64 else 2e-5
+            torch.testing.assert_close(value.double(), ref[name], rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_statistics_match_float64_loops(backend, vocab, dtype):
+    logits = (torch.randn(3, 5, vocab) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (3, 5))
+    targets[0, 1] = -100
+    targets[2, 4] = logits[2, 4].argmax()  # at least one top-1 hit
+    temp = torch.tensor([[0.7], [1.0], [1.3]], dtype=dtype)
+    check_statistics_against_reference(logits, targets, backend, temperature=temp)
+    check_statistics_against_reference(logits, targets, backend, temperature=0.6, softcap=3.0)
+
+
+def test_statistics_with_inf_logits_and_ties(backend):
+    logits = torch.randn(6, 7)
+    logits[0, 2] = float("-inf")  # one masked-out token: mean -inf, the rest finite
+    logits[1] = float("-inf")  # all masked out: uniform, token 0 is the argmax
+    logits[2] = 1.5  # all tied: only token 0 is top-1
+    logits[3, [1, 4]] = 9.0  # a tie for the max: the first one wins
+    targets = torch.tensor([2, 0, 3, 4, -100, 1])
+    targets[5] = logits[5].argmax()
+    lp, _, stats = token_logprobs(logits, targets, statistics=ALL_STATISTICS, backend=backend)
+    ref = reference_statistics(logits, targets)
+    assert stats["mean_logit"][0] == float("-inf") and torch.isfinite(stats["mean_logit"][1:]).sum() == 4
+    assert stats["is_top1"].tolist() == [False, True, False, False, False, True]
+    assert torch.equal(stats["is_top1"], ref["is_top1"])
+    finite = torch.isfinite(ref["mean_logit"])
+    for name in ("log_sum_sq_probs", "top1_logprob"):
+        torch.testing.assert_close(stats[name].double(), ref[name], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(stats["mean_logit"].double()[finite], ref["mean_logit"][finite])
+    assert torch.isfinite(lp[2:]).all()
+
+
+def test_statistics_leave_logprobs_entropy_and_gradients_unchanged(backend):
+    logits = torch.randn(4, 9, 101)
+    targets = torch.randint(0, 101, (4, 9))
+    targets[1, :3] = -100
+    g_lp, g_ent = torch.randn(2, 4, 9).unbind(0)
+    outs = []
+    for statistics in ((), ALL_STATISTICS):
+        x = logits.clone().requires_grad_()
+        out = token_logprobs(x, targets, temperature=0.8, return_entropy=True, statistics=statistics,
+                             backend=backend)
+        lp, ent = out[:2]
+        (grad,) = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), x)
+        outs.append((lp, ent, grad))
+    for plain, with_stats in zip(*outs):
+        torch.testing.assert_close(with_stats, plain, rtol=0, atol=0)
+
+
+def test_statistics_on_the_native_backend():
+    logits, targets = torch.randn(2, 5), torch.tensor([1, 3])
+    with pytest.raises(ValueError, match="token_logprobs with statistics: backend='cpp' is not implemented"):
+        token_logprobs(logits, targets, statistics=("is_top1",), backend="cpp")
+
+
+def test_statistics_fall_back_from_an_environment_native_backend(monkeypatch):
+    monkeypatch.setenv("FASTPO_BACKEND", "cpp")
+    logits, targets = torch.randn(2, 5), torch.tensor([1, 3])
+    _, _, stats = token_logprobs(logits, targets, statistics=("top1_logprob",))
+    torch.testing.assert_close(stats["top1_logprob"], logits.log_softmax(-1).amax(-1))
+
+
+def test_bad_statistics_raise():
+    logits, targets = torch.randn(2, 5), torch.tensor([1, 3])
+    with pytest.raises(ValueError, match="unknown statistic 'mean_logits'"):
+        token_logprobs(logits, targets, statistics=("mean_logits",))
+    with pytest.raises(TypeError, match="statistics must be a tuple"):
+        token_logprobs(logits, targets, statistics="is_top1")
+
+
+# ------------------------------------------------------------------ temperature precision
+
+
+@pytest.mark.parametrize("temperature", [0.7, "tensor"])
+def test_float64_temperature_keeps_float64_precision(backend, temperature):
+    # |logits| ~ 40 at T = 0.7: rounding T to float32 would move the log-probs by ~4e-6
+    logits = torch.randn(4, 6, 50, dtype=torch.float64) * 40
+    targets = torch.randint(0, 50, (4, 6))
+    temp = 0.7 if temperature == 0.7 else torch.full((4, 1), 0.7, dtype=torch.float64)
+    lp, ent = token_logprobs(logits, targets, temperature=temp, return_entropy=True, backend=backend)
+    log_p = torch.log_softmax(logits / 0.7, dim=-1)
+    torch.testing.assert_close(lp, log_p.gather(-1, targets[..., None]).squeeze(-1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ent, -(log_p.exp() * log_p).sum(-1), rtol=0, atol=1e-12)
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -326,6 +431,30 @@ def test_cuda_matrix_matches_reference(backend_name, dtype, case):
         logits, targets = torch.randn(6, 777), torch.full((6,), -100)
         targets[2] = 5
     check_against_reference(logits.to(dtype).cuda(), targets.cuda(), backend_name, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_cuda_statistics_match_float64_loops(backend_name, dtype):
+    logits = (torch.randn(3, 5, 1001) * 4).to(dtype)
+    logits[1, 1, 7] = float("-inf")
+    logits[2, 2] = 0.5  # ties: the first token is the argmax
+    targets = torch.randint(0, 1001, (3, 5))
+    targets[0, 1] = -100
+    targets[2, 2] = 0
+    targets[1, 3] = logits[1, 3].argmax()
+    _, _, stats = token_logprobs(logits.cuda(), targets.cuda(), temperature=0.7, statistics=ALL_STATISTICS,
+                                 backend=backend_name)
+    ref = reference_statistics(logits, targets, temperature=0.7)
+    assert stats["is_top1"].dtype == torch.bool and torch.equal(stats["is_top1"].cpu(), ref["is_top1"])
+    finite = torch.isfinite(ref["mean_logit"])
+    assert (stats["mean_logit"].cpu()[~finite] == float("-inf")).all()
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for name in ("log_sum_sq_probs", "top1_logprob"):
+        torch.testing.assert_close(stats[name].cpu().double(), ref[name], rtol=tol, atol=tol)
+    torch.testing.assert_close(stats["mean_logit"].cpu().double()[finite], ref["mean_logit"][finite],
+                               rtol=tol, atol=tol)
 
 
 @pytest.mark.gpu

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastpo.kernels import (
+    PREFERENCE_LOSSES,
     bradley_terry_loss,
     dpo_loss,
     ipo_loss,
@@ -50,6 +51,7 @@ def ref_dpo(pc, pr, rc, rr, beta, loss_type, eps):
         elif loss_type == "ipo":
             loss = (h - 1 / (2 * beta)) ** 2
         else:
+            assert loss_type == "robust", f"write an independent reference of {loss_type!r} here"
             loss = (-(1 - eps) * log_sigmoid(u) + eps * log_sigmoid(-u)) / (1 - 2 * eps)
         losses.append(loss)
     return torch.stack(losses)
@@ -140,7 +142,10 @@ def check_losses(fast_fn, ref_fn, inputs, tol=2e-5, dtype=torch.float32):
 
 # ------------------------------------------------------------------------- DPO
 
-DPO_CASES = [("sigmoid", 0.0), ("sigmoid", 0.1), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2)]
+# Every registered loss type, and with label smoothing those that take it.
+DPO_CASES = [(name, 0.0) for name in PREFERENCE_LOSSES.names()] + [
+    (variant.name, 0.1) for variant in PREFERENCE_LOSSES if variant.params["label_smoothing"] is not None
+]
 
 
 @pytest.mark.parametrize("loss_type,eps", DPO_CASES)

@@ -1,4 +1,5 @@
-// CPU kernels: fused token log-probs / entropy (forward and backward) and GAE.
+// CPU kernels: fused token log-probs / entropy (forward and backward), GAE, and the
+// Fisher-vector product of softmax (kernels/kl.py).
 //
 // One pass over each row's logits forward and one backward, rows spread over torch's
 // OpenMP threads. The inner loops are written so that the compiler vectorizes them
@@ -468,6 +469,119 @@ void gae_cpu(const GaeArgs& args, int num_threads) {
   } else {
     gae_all<float>(args, num_threads);
   }
+}
+
+// ------------------------------------------------------------ Fisher-vector product
+
+namespace {
+
+template <typename scalar_t, typename acc_t>
+struct FisherParams {
+  const scalar_t* logits;
+  const scalar_t* u;
+  int64_t vocab, n_inner, stride_outer, stride_inner, u_n_inner, u_stride_outer, u_stride_inner;
+  const acc_t* temperature;
+  int64_t temp_stride;
+  const uint8_t* mask;  // null: every row valid
+  acc_t* out;
+};
+
+// out = p * (u - <p, u>) / T^2 for one row, p = softmax(z), z = x / T. Pass 1 is online over
+// blocks: max m, s = sum exp(z - m) and w = sum exp(z - m) * u, so that <p, u> = w / s;
+// pass 2 recomputes exp(z - m) and writes the product.
+template <typename scalar_t, typename acc_t>
+FASTPO_INLINE void fisher_row(const FisherParams<scalar_t, acc_t>& p, int64_t r) {
+  acc_t* out = p.out + r * p.vocab;
+  if (p.mask != nullptr && p.mask[r] == 0) {  // masked out: zeros, the row is not read
+    std::fill(out, out + p.vocab, static_cast<acc_t>(0));
+    return;
+  }
+  const scalar_t* x = p.logits + (r / p.n_inner) * p.stride_outer + (r % p.n_inner) * p.stride_inner;
+  const scalar_t* u = p.u + (r / p.u_n_inner) * p.u_stride_outer + (r % p.u_n_inner) * p.u_stride_inner;
+  const acc_t inv_temp = static_cast<acc_t>(1) / p.temperature[r * p.temp_stride];
+  const auto clamped_z = [inv_temp](acc_t v) {
+    const acc_t z = v * inv_temp;
+    return z < kLowest<acc_t> ? kLowest<acc_t> : z;
+  };
+  alignas(64) acc_t z[kBlock];
+  acc_t m = kLowest<acc_t>, s = 0, w = 0;
+  for (int64_t start = 0; start < p.vocab; start += kBlock) {
+    const int64_t n = std::min(kBlock, p.vocab - start);
+    const int64_t n_lanes = n - n % kLanes;
+    acc_t lane_max[kLanes];
+    for (int l = 0; l < kLanes; ++l) lane_max[l] = kLowest<acc_t>;
+    for (int64_t i = 0; i < n_lanes; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const acc_t v = clamped_z(to_acc(x[start + i + l]));
+        z[i + l] = v;
+        lane_max[l] = v > lane_max[l] ? v : lane_max[l];
+      }
+    }
+    acc_t block_max = kLowest<acc_t>;
+    for (int64_t i = n_lanes; i < n; ++i) {
+      z[i] = clamped_z(to_acc(x[start + i]));
+      block_max = z[i] > block_max ? z[i] : block_max;
+    }
+    for (int l = 0; l < kLanes; ++l) block_max = lane_max[l] > block_max ? lane_max[l] : block_max;
+    if (block_max > m) {  // rescale what was summed against the old max
+      const acc_t alpha = std::exp(m - block_max);
+      s *= alpha;
+      w *= alpha;
+      m = block_max;
+    }
+    // p == 0 contributes nothing, even where u is not finite.
+    acc_t lane_s[kLanes] = {}, lane_w[kLanes] = {};
+    for (int64_t i = 0; i < n_lanes; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const acc_t e = fast_exp(z[i + l] - m);
+        lane_s[l] += e;
+        lane_w[l] += e > 0 ? e * to_acc(u[start + i + l]) : static_cast<acc_t>(0);
+      }
+    }
+    for (int64_t i = n_lanes; i < n; ++i) {
+      const acc_t e = fast_exp(z[i] - m);
+      s += e;
+      w += e > 0 ? e * to_acc(u[start + i]) : static_cast<acc_t>(0);
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      s += lane_s[l];
+      w += lane_w[l];
+    }
+  }
+  const acc_t mean_u = w / s;
+  const acc_t scale = inv_temp * inv_temp / s;
+  for (int64_t i = 0; i < p.vocab; ++i) {
+    const acc_t e = fast_exp(clamped_z(to_acc(x[i])) - m);
+    out[i] = e > 0 ? (e * scale) * (to_acc(u[i]) - mean_u) : static_cast<acc_t>(0);
+  }
+}
+
+}  // namespace
+
+// One non-template entry per dtype, for target_clones (see FASTPO_ROW_ENTRIES).
+#define FASTPO_FISHER_ENTRY(suffix, scalar_t, acc_t)                                                  \
+  FASTPO_CLONES void fisher_rows_##suffix(const FisherParams<scalar_t, acc_t>& p, int64_t b, int64_t e) { \
+    for (int64_t r = b; r < e; ++r) fisher_row(p, r);                                                 \
+  }                                                                                                   \
+  void run_fisher(const FisherParams<scalar_t, acc_t>& p, int64_t b, int64_t e) { fisher_rows_##suffix(p, b, e); }
+
+FASTPO_FISHER_ENTRY(f32, float, float)
+FASTPO_FISHER_ENTRY(bf16, BFloat16, float)
+FASTPO_FISHER_ENTRY(f16, Float16, float)
+FASTPO_FISHER_ENTRY(f64, double, double)
+#undef FASTPO_FISHER_ENTRY
+
+void fisher_vector_product_cpu(const FisherArgs& a, int num_threads) {
+  dispatch_dtype(a.dtype, [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    const FisherParams<scalar_t, acc_t> p{
+        static_cast<const scalar_t*>(a.logits), static_cast<const scalar_t*>(a.u), a.vocab,
+        a.n_inner > 0 ? a.n_inner : 1, a.stride_outer, a.stride_inner, a.u_n_inner > 0 ? a.u_n_inner : 1,
+        a.u_stride_outer, a.u_stride_inner, static_cast<const acc_t*>(a.temperature), a.temp_stride, a.mask,
+        static_cast<acc_t*>(a.out)};
+    parallel_rows(a.n_rows, a.vocab, num_threads, [&](int64_t b, int64_t e) { run_fisher(p, b, e); });
+  });
 }
 
 }  // namespace fastpo

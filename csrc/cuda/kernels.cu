@@ -1,4 +1,5 @@
-// CUDA kernels: fused token log-probs / entropy (forward and backward) and GAE.
+// CUDA kernels: fused token log-probs / entropy (forward and backward), GAE, and the
+// Fisher-vector product of softmax.
 //
 // One thread block per row. Forward: each thread keeps an online (max, sum exp, sum
 // exp * (z - max)) over its share of the row, read with 16-byte vector loads; the states
@@ -142,18 +143,19 @@ struct State {
   }
 };
 
-template <typename acc_t>
-__device__ __forceinline__ State<acc_t> block_reduce(State<acc_t> st) {
-  __shared__ State<acc_t> partial[kWarps];
+// StateT: State or FisherState, three acc_t fields (m, s, u) and a merge().
+template <typename StateT>
+__device__ __forceinline__ StateT block_reduce(StateT st) {
+  __shared__ StateT partial[kWarps];
   for (int offset = 16; offset > 0; offset >>= 1) {
-    State<acc_t> other{__shfl_xor_sync(0xffffffffu, st.m, offset), __shfl_xor_sync(0xffffffffu, st.s, offset),
-                       __shfl_xor_sync(0xffffffffu, st.u, offset)};
+    StateT other{__shfl_xor_sync(0xffffffffu, st.m, offset), __shfl_xor_sync(0xffffffffu, st.s, offset),
+                 __shfl_xor_sync(0xffffffffu, st.u, offset)};
     st.merge(other);
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) partial[warp] = st;
   __syncthreads();
-  State<acc_t> total = partial[0];
+  StateT total = partial[0];
   for (int w = 1; w < kWarps; ++w) total.merge(partial[w]);
   return total;  // every thread reads the same partials, so all agree
 }
@@ -250,6 +252,62 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_backward_kernel(Logpr
   for (int64_t i = head + n_vec * kVec + threadIdx.x; i < vocab; i += blockDim.x) out[i] = grad(i, x[i]);
 }
 
+// Fisher-vector product, out = p * (u - <p, u>) / T^2 (kernels/kl.py): each thread keeps an
+// online (max m, sum exp(z - m), sum exp(z - m) * u) over its share of the row, merged as in
+// the log-prob forward; then a second pass writes the product (acc_t output).
+template <typename acc_t>
+struct FisherState {
+  acc_t m, s, u;  // u: sum exp(z - m) * u_v, so <p, u> = u / s
+  __device__ __forceinline__ void add(acc_t z, acc_t u_v) {
+    if (z > m) {
+      const acc_t alpha = acc_exp(m - z);
+      s *= alpha;
+      u *= alpha;
+      m = z;
+    }
+    const acc_t e = acc_exp(z - m);
+    s += e;
+    if (e > 0) u += e * u_v;  // p == 0 contributes nothing, even where u is not finite
+  }
+  __device__ __forceinline__ void merge(const FisherState& o) {
+    const acc_t top = m > o.m ? m : o.m;
+    const acc_t a1 = acc_exp(m - top), a2 = acc_exp(o.m - top);
+    s = a1 * s + a2 * o.s;
+    u = a1 * u + a2 * o.u;
+    m = top;
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) fisher_vector_product_kernel(FisherArgs a) {
+  const int64_t row = blockIdx.x;
+  const int64_t vocab = a.vocab;
+  acc_t* out = static_cast<acc_t*>(a.out) + row * vocab;
+  if (a.mask != nullptr && a.mask[row] == 0) {  // masked out: zeros, without reading the row
+    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) out[i] = acc_t(0);
+    return;
+  }
+  const int64_t n_inner = a.n_inner > 0 ? a.n_inner : 1, u_n_inner = a.u_n_inner > 0 ? a.u_n_inner : 1;
+  const auto* x = static_cast<const scalar_t*>(a.logits) + (row / n_inner) * a.stride_outer +
+                  (row % n_inner) * a.stride_inner;
+  const auto* u = static_cast<const scalar_t*>(a.u) + (row / u_n_inner) * a.u_stride_outer +
+                  (row % u_n_inner) * a.u_stride_inner;
+  const acc_t inv_temp = acc_t(1) / static_cast<const acc_t*>(a.temperature)[row * a.temp_stride];
+  const auto z_of = [inv_temp](scalar_t v) {
+    const acc_t z = to_acc(v) * inv_temp;
+    return z < Limits<acc_t>::lowest() ? Limits<acc_t>::lowest() : z;
+  };
+  FisherState<acc_t> st{Limits<acc_t>::lowest(), 0, 0};
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) st.add(z_of(x[i]), to_acc(u[i]));
+  st = block_reduce(st);
+  const acc_t mean_u = st.u / st.s;
+  const acc_t scale = inv_temp * inv_temp / st.s;
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const acc_t e = acc_exp(z_of(x[i]) - st.m);
+    out[i] = e > 0 ? (e * scale) * (to_acc(u[i]) - mean_u) : acc_t(0);
+  }
+}
+
 // One thread per sequence; the recursion and its masking rule are those of the CPU
 // version (csrc/cpu/kernels.cpp, gae_row).
 template <typename acc_t>
@@ -339,6 +397,21 @@ const char* token_logprobs_forward_cuda(const LogprobsArgs& args, void* stream) 
 
 const char* token_logprobs_backward_cuda(const LogprobsArgs& args, void* stream) {
   return dispatch<Backward>(args, stream);
+}
+
+const char* fisher_vector_product_cuda(const FisherArgs& args, void* stream) {
+  if (args.n_rows == 0 || args.vocab == 0) return nullptr;
+  const dim3 grid(static_cast<unsigned>(args.n_rows));
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (args.dtype) {
+    case kFloat32: fisher_vector_product_kernel<float, float><<<grid, kThreads, 0, s>>>(args); break;
+    case kBFloat16: fisher_vector_product_kernel<__nv_bfloat16, float><<<grid, kThreads, 0, s>>>(args); break;
+    case kFloat16: fisher_vector_product_kernel<__half, float><<<grid, kThreads, 0, s>>>(args); break;
+    case kFloat64: fisher_vector_product_kernel<double, double><<<grid, kThreads, 0, s>>>(args); break;
+    default: return "unknown dtype code";
+  }
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 const char* gae_cuda(const GaeArgs& args, void* stream) {

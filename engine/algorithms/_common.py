@@ -4,20 +4,19 @@ exact-match accuracy."""
 
 from __future__ import annotations
 
-import json
 import random
-import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from ..config import ConfigError
+from ..config import BUILTIN_DATA, ConfigError
 from ..data import load_dataset
 from ..forward import greedy_completions
-from ..distributed import resolve_device
-from ..loop import train_loop, write_run_config
+from ..distributed import launched_world, resolve_device
+from ..loop import latest_checkpoint, load_model_weights, micro_batches_per_step, train_loop, write_run_config
 from ..models import BUILTIN_MODELS, load_causal_lm
+from ..plots import write_run_plot
 from ..task import AdditionTask
 
 __all__ = [
@@ -30,103 +29,58 @@ __all__ = [
     "heldout_rows",
     "micro_batches",
     "prepare_run",
+    "run_folder",
     "train_and_evaluate",
     "training_rows",
     "warm_start_steps",
 ]
 
-BUILTIN_DATA = "builtin:addition"
 HELDOUT_SIZE = 200  # held-out problems evaluated before and after training
 DEFAULT_WARM_START_STEPS = 1500  # the cap; the accuracy target usually ends it at 300-800
-WARM_START_DIR = "warm_start"
-WARM_START_DONE = "done.json"  # written when the warm start finished: the cache's marker
-WARM_START_PROMPTS = 200
-WARM_START_CHECK_EVERY = 50
 MAX_BUILTIN_ROWS = 20_000  # built-in training rows at most; the stream cycles over them
 _DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def prepare_run(algorithm: str, config, load_model: Callable = load_causal_lm):
+def run_folder(algorithm: str, config) -> Path:
+    """The run folder: ``output_dir`` with ``{algorithm}`` replaced."""
+    return Path(config.output_dir.replace("{algorithm}", algorithm))
+
+
+def prepare_run(algorithm: str, config, load_model: Callable = load_causal_lm, warm_start=None):
     """``(run_dir, model, tokenizer, device)``: the run folder (with ``config.yaml``) and
-    the initial model on its device, warm-started when ``warm_start_steps`` says so (the
-    checkpoint of a resumed run is loaded later, by the loop). ``load_model(name, seed=,
-    dtype=) -> (model, tokenizer)`` builds the model (a causal LM unless the algorithm
-    trains something else, as reward does)."""
-    run_dir = Path(config.output_dir.replace("{algorithm}", algorithm))
+    the initial model on its device, with the weights of ``warm_start`` (a
+    ``fastpo.engine.warm_start.WarmStart``, made by ``train`` before the run starts) when
+    given (the checkpoint of a resumed run is loaded later, by the loop).
+    ``load_model(name, seed=, dtype=) -> (model, tokenizer)`` builds the model (a causal
+    LM unless the algorithm trains something else, as reward does)."""
+    if warm_start is None and warm_start_steps(algorithm, config):
+        raise ValueError(
+            f"{algorithm}: the config asks for a warm start (warm_start_steps); run it through "
+            f"fastpo.engine.train, which makes it first, or pass warm_start=fastpo.engine.warm_start.prepare(...)"
+        )
+    run_dir = run_folder(algorithm, config)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)  # under torchrun: this rank's device, process group started
     write_run_config(config, run_dir, device)  # checks a resumed run's config against the old one first
     model, tokenizer = load_model(config.model, seed=config.seed, dtype=_DTYPES[config.dtype])
     model = model.to(device)
-    steps = warm_start_steps(algorithm, config)
-    if steps:
-        _load_shared_weights(model, _warm_start_checkpoint(config, run_dir, steps) / "model")
+    if warm_start is not None:
+        _load_shared_weights(model, warm_start.model_dir)
     return run_dir, model, tokenizer, device
 
 
 def warm_start_steps(algorithm: str, config) -> int:
-    """The most SFT steps that precede ``algorithm``'s run: ``config.warm_start_steps``,
-    or when it is none ``DEFAULT_WARM_START_STEPS`` for the built-in model on the
-    built-in task (a random model has nothing for preference or RL training to sharpen)
-    and 0 otherwise. Always 0 for sft itself."""
+    """The most SFT steps of the warm start that precedes ``algorithm``'s run
+    (``fastpo.engine.warm_start``): ``config.warm_start_steps``, or when it is none
+    ``DEFAULT_WARM_START_STEPS`` for the built-in model on the built-in task (a random
+    model has nothing for preference or RL training to sharpen) and 0 otherwise. Always
+    0 for sft itself."""
     if algorithm == "sft":
-        if config.warm_start_steps:
-            raise ConfigError("option 'warm_start_steps': sft is the warm start; leave it none or 0")
         return 0
     if config.warm_start_steps is not None:
         return config.warm_start_steps
     builtin = config.model in BUILTIN_MODELS and config.data == BUILTIN_DATA
     return DEFAULT_WARM_START_STEPS if builtin else 0
-
-
-def _warm_start_checkpoint(config, run_dir: Path, steps: int) -> Path:
-    """The SFT checkpoint of the warm start, trained on the built-in task unless
-    ``run_dir/warm_start`` already holds a finished one made with the same settings.
-
-    The warm start runs until greedy exact match on ``WARM_START_PROMPTS`` training
-    prompts reaches ``config.warm_start_accuracy`` (checked every
-    ``WARM_START_CHECK_EVERY`` steps) or ``steps`` steps pass, at a constant learning
-    rate. A target rather than a step count: how many steps SFT needs to reach a given
-    accuracy varies several-fold with the seed, and what follows (preference or RL
-    training) needs a policy that is right sometimes, not always. Training prompts, so
-    the held-out split stays unseen by every decision of the run.
-    """
-    from ..config import SFTConfig, load_config
-    from . import sft
-
-    if config.data != BUILTIN_DATA:
-        raise ConfigError(
-            f"option 'warm_start_steps': got {steps}, but the warm start trains on {BUILTIN_DATA} "
-            f"and data is {config.data!r}; warm-start with `fastpo sft` on your data and pass model=PATH"
-        )
-    folder = run_dir / WARM_START_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    check_rows = folder / "check_prompts.jsonl"
-    sft_config = SFTConfig(
-        model=config.model, seed=config.seed, device=config.device, dtype=config.dtype,
-        max_length=config.max_length, steps=steps, batch_size=64, learning_rate=2e-3, warmup_steps=20,
-        lr_schedule="constant", eval_every=WARM_START_CHECK_EVERY, eval_data=str(check_rows),
-        target_accuracy=config.warm_start_accuracy, output_dir=str(folder),
-    )
-    finished = folder / WARM_START_DONE
-    if finished.is_file() and load_config("sft", folder / "config.yaml") == sft_config:
-        checkpoint = Path(json.loads(finished.read_text())["checkpoint"])
-        print(f"fastpo: warm start: reusing {checkpoint}", file=sys.stderr)
-        return checkpoint
-    finished.unlink(missing_ok=True)
-    rows = builtin_task(config).sft_examples(WARM_START_PROMPTS, "train")
-    check_rows.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    print(
-        f"fastpo: warm start: SFT on the built-in task until {config.warm_start_accuracy:.0%} exact match "
-        f"on {WARM_START_PROMPTS} training prompts (at most {steps} steps), saved in {folder}",
-        file=sys.stderr,
-    )
-    outcome = sft.run(sft_config)
-    if outcome["result"].interrupted:
-        raise KeyboardInterrupt("the warm start was interrupted; run again to redo it")
-    checkpoint = outcome["result"].checkpoint
-    finished.write_text(json.dumps({"checkpoint": str(checkpoint), **outcome["metrics"]}) + "\n")
-    return checkpoint
 
 
 def _load_shared_weights(model, model_dir: Path) -> None:
@@ -154,11 +108,12 @@ def training_rows(algorithm: str, config, schema: str) -> list[dict]:
     ``MAX_BUILTIN_ROWS``)."""
     if config.data == BUILTIN_DATA:
         # Online runs draw prompts_per_rollout prompts per rollout, at most one rollout a step.
-        per_step = getattr(config, "prompts_per_rollout", config.grad_accum_steps * config.batch_size)
+        if hasattr(config, "prompts_per_rollout"):
+            per_step = config.prompts_per_rollout
+        else:
+            per_step = micro_batches_per_step(config) * config.batch_size
         needed = config.steps * per_step
         return builtin_task(config).rows(schema, min(needed, MAX_BUILTIN_ROWS), "train")
-    if config.data.startswith("builtin:"):
-        raise ConfigError(f"option 'data': got {config.data!r}; expected {BUILTIN_DATA} or a .jsonl/.parquet file")
     found, rows = load_dataset(config.data, algorithm)
     if found != schema:
         raise NotImplementedError(f"{algorithm}: rows of schema {found!r} ({config.data}) are not supported yet")
@@ -222,16 +177,26 @@ def exact_match_accuracy(model, tokenizer, rows: list[dict]) -> float:
 
 
 def train_and_evaluate(
-    model, tokenizer, config, loss_fn: Callable, batches, run_dir, evaluate: Callable, done: Callable | None = None
+    model, tokenizer, config, loss_fn: Callable | None, batches, run_dir, evaluate: Callable,
+    done: Callable | None = None, update: Callable | None = None,
 ) -> dict:
-    """Evaluate, train with the shared loop (which also evaluates periodically), and
-    evaluate again unless the run was interrupted: the algorithm module's ``run`` result
-    (``metrics`` with ``<name>_before`` / ``<name>_after`` for each of ``evaluate``'s
-    metrics, ``result``, ``run_dir``)."""
+    """Evaluate the model this session starts from (a resumed run's checkpoint, loaded
+    for it), train with the shared loop (which also evaluates periodically), and
+    evaluate again unless the run was interrupted or had nothing left to train: the
+    algorithm module's ``run`` result (``metrics`` with ``<name>_before`` /
+    ``<name>_after`` for each of ``evaluate``'s metrics, ``result``, ``run_dir``).
+    ``update``: the loop's optimizer step, when not AdamW's."""
+    checkpoint = latest_checkpoint(run_dir) if config.resume else None
+    if checkpoint is not None:
+        load_model_weights(model, checkpoint / "model")  # the loop loads it again, with its trainer state
     before = evaluate(model)
+    options = {} if update is None else {"update": update}
     result = train_loop(model=model, tokenizer=tokenizer, config=config, loss_fn=loss_fn,
-                        batches=batches, run_dir=run_dir, evaluate=evaluate, done=done)
+                        batches=batches, run_dir=run_dir, evaluate=evaluate, done=done, **options)
     metrics = {f"{name}_before": value for name, value in before.items()}
     if not result.interrupted:
-        metrics.update({f"{name}_after": value for name, value in evaluate(model).items()})
+        after = before if result.already_done else evaluate(model)
+        metrics.update({f"{name}_after": value for name, value in after.items()})
+        if launched_world()[0] == 0:  # metrics.png: rank 0, with the evaluations before and after
+            write_run_plot(run_dir, config, before=before, after=after, start_step=result.start_step)
     return {"metrics": metrics, "result": result, "run_dir": run_dir}

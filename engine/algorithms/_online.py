@@ -26,17 +26,17 @@ from typing import Callable, Iterator
 import torch
 
 from .. import distributed
-from ..config import ConfigError
 from ..forward import greedy_completions
 from ..loop import autocast_dtype
 from ..rollout import Rollout, concatenate_rollouts, reward_function, sample_completions
+from ..step_metrics import maximum
 from ._common import BUILTIN_DATA, exact_match_accuracy, heldout_rows, micro_batches, training_rows
 
 __all__ = [
     "OnlineRun",
     "RolloutStream",
-    "check_rollout_shape",
     "per_completion_metrics",
+    "policy_loss_metrics",
     "split_micro_batches",
     "training_precision",
 ]
@@ -68,20 +68,6 @@ class RolloutStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.pending, self.rollouts = list(state["pending"]), state["rollouts"]
-
-
-def check_rollout_shape(config) -> int:
-    """The optimizer steps per pass over a rollout; a ConfigError unless the rollout's
-    completions split into whole optimizer steps."""
-    completions = config.prompts_per_rollout * config.num_generations
-    per_step = config.batch_size * config.grad_accum_steps
-    if completions % per_step:
-        raise ConfigError(
-            f"option 'prompts_per_rollout': {config.prompts_per_rollout} prompts x num_generations="
-            f"{config.num_generations} = {completions} completions per rollout, not a multiple of "
-            f"batch_size x grad_accum_steps = {per_step}"
-        )
-    return completions // per_step
 
 
 def split_micro_batches(tensors: dict[str, torch.Tensor], batch_size: int, passes: int) -> list[dict]:
@@ -165,3 +151,13 @@ def training_precision(config, device: torch.device):
 def per_completion_metrics(values: dict[str, torch.Tensor]) -> dict[str, tuple]:
     """``{name: (sum, count)}`` over a micro-batch's completions, for the loop's log."""
     return {name: (value.sum(), value.numel()) for name, value in values.items()}
+
+
+def policy_loss_metrics(stats: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict:
+    """``fastpo.kernels.policy_loss``'s metrics of a micro-batch of ``tokens`` valid
+    tokens, declared for the loop's step reduction: ``ratio_max`` the step's maximum,
+    every other one (a mean over the micro-batch's tokens) a mean over the step's tokens."""
+    return {
+        name: maximum(value) if name == "ratio_max" else (value * tokens, tokens)
+        for name, value in stats.items()
+    }

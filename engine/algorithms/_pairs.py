@@ -181,14 +181,16 @@ def implicit_reward_accuracy(model, tokenizer, rows, ref_logprobs, config, avera
 
 
 def train_on_pairs(
-    algorithm: str, config, data: tuple[str, list[dict]], pair_loss: Callable, ranking_loss: Callable | None = None
+    algorithm: str, config, data: tuple[str, list[dict]], pair_loss: Callable, ranking_loss: Callable | None = None,
+    warm_start=None,
 ) -> dict:
     """Train ``config.model`` on ``data`` (``preference_data``'s ``(schema, rows)``) with
     ``pair_loss``, or ``ranking_loss`` for ranked rows; the algorithm module's ``run``
     result (``metrics``, ``result``, ``run_dir``). ``config`` needs ``beta`` and
-    ``average`` besides the shared options."""
+    ``average`` besides the shared options; ``warm_start``: the weights it starts from
+    (``prepare_run``)."""
     schema, rows = data
-    run_dir, model, tokenizer, device = prepare_run(algorithm, config)
+    run_dir, model, tokenizer, device = prepare_run(algorithm, config, warm_start=warm_start)
     eval_pairs, exact_match_rows = preference_eval_data(algorithm, config)
 
     # The frozen reference: the initial policy's log-probs, once per dataset.
@@ -220,6 +222,10 @@ def train_on_pairs(
             "reward_margin": (chosen_rewards - rejected_rewards).sum(),
             "chosen_reward": chosen_rewards.sum(),
             "rejected_reward": rejected_rewards.sum(),
+            # The policy's own log-probs (summed, or averaged with average=true): DPO can raise the
+            # margin while both fall, which the rewards alone do not show.
+            "chosen_logprob": policy[:, 0].detach().sum(),
+            "rejected_logprob": policy[:, 1].detach().sum(),
         }
 
     def evaluate(model):

@@ -28,13 +28,7 @@ from ._pairs import preference_data, train_on_pairs
 __all__ = ["run"]
 
 
-def run(config: DPOConfig) -> dict:
-    if config.label_smoothing and config.loss_type in ("hinge", "ipo"):
-        raise ConfigError(f"option 'label_smoothing': must be 0 with loss_type={config.loss_type}")
-    if config.loss_type == "robust" and config.label_smoothing >= 0.5:
-        raise ConfigError(f"option 'label_smoothing': got {config.label_smoothing}; robust needs a value < 0.5")
-    if config.label_smoothing > 1:
-        raise ConfigError(f"option 'label_smoothing': got {config.label_smoothing}; expected a value <= 1")
+def run(config: DPOConfig, warm_start=None) -> dict:
     data = preference_data("dpo", config)
     if data[0] == "ranked" and (config.loss_type != "sigmoid" or config.label_smoothing):
         raise ConfigError(
@@ -56,4 +50,4 @@ def run(config: DPOConfig) -> dict:
     def ranking_loss(policy, reference):
         return plackett_luce_loss(policy, reference, beta=config.beta)
 
-    return train_on_pairs("dpo", config, data, pair_loss, ranking_loss)
+    return train_on_pairs("dpo", config, data, pair_loss, ranking_loss, warm_start=warm_start)

@@ -2,9 +2,11 @@
 ``loss_type``).
 
 Each rollout: ``prompts_per_rollout`` prompts, ``num_generations`` (G) samples each;
-the rewards of a prompt's G samples are normalized within the group
-(``fastpo.kernels.group_advantages``, or ``rloo_advantages``), and every token of a
-completion carries its completion's advantage. The policy then takes
+the rewards of a prompt's G samples are normalized within the group by the estimator
+``advantage`` of ``fastpo.kernels.ADVANTAGE_ESTIMATORS`` (``group_advantages``, with
+``scale_rewards`` and ``advantage_eps``; ``rloo_advantages``; ``reinforce_pp_advantages``,
+whitened over the rollout's tokens), and every token of a completion carries its
+completion's advantage. The policy then takes
 ``num_iterations`` passes of optimizer steps over the rollout with the clipped
 surrogate ``fastpo.kernels.policy_loss``: the ratio to the log-probs of the policy that
 sampled (stored at rollout time when the rollout spans several optimizer steps; the
@@ -18,11 +20,15 @@ with the ``seq-mean-*`` modes it is the completion, each micro-batch's per-compl
 mean multiplied back by its completion count, so micro-batches of any size average
 correctly.
 
+The ``policy_loss`` options are ``config.policy_loss_options()``: the kernel's
+``PolicyLossOptions``, built from the config's fields (and so validated by the kernel's
+rules when the config is built).
+
 Logged per step: ``reward`` (mean over completions), ``completion_length``,
 ``truncated``, ``logprob_mismatch`` (mean ``|lp_train - lp_rollout|`` over tokens: the
 sampler and the training forward disagree by this much), and ``policy_loss``'s
-metrics (``clip_frac_low``/``high``, ``ratio_mean``/``max``, ``approx_kl``, ``ref_kl``,
-``entropy_mean``).
+metrics (``clip_frac_low``/``high``, ``ratio_mean``, ``approx_kl``, ``ref_kl``,
+``entropy_mean``: means over the step's tokens; ``ratio_max``: the step's maximum).
 """
 
 from __future__ import annotations
@@ -31,8 +37,7 @@ import copy
 
 import torch
 
-from fastpo.kernels import group_advantages, policy_loss, rloo_advantages
-from fastpo.kernels.policy import PRESET_AGG
+from fastpo.kernels import ADVANTAGE_ESTIMATORS, policy_loss
 
 from ..config import GRPOConfig
 from ..forward import response_logprobs
@@ -40,8 +45,8 @@ from ._common import prepare_run, train_and_evaluate
 from ._online import (
     OnlineRun,
     RolloutStream,
-    check_rollout_shape,
     per_completion_metrics,
+    policy_loss_metrics,
     split_micro_batches,
     training_precision,
 )
@@ -49,18 +54,15 @@ from ._online import (
 __all__ = ["run"]
 
 
-def run(config: GRPOConfig) -> dict:
-    steps_per_pass = check_rollout_shape(config)
-    run_dir, model, tokenizer, device = prepare_run("grpo", config)
+def run(config: GRPOConfig, warm_start=None) -> dict:
+    run_dir, model, tokenizer, device = prepare_run("grpo", config, warm_start=warm_start)
     online = OnlineRun("grpo", config, tokenizer, device)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if config.beta > 0 else None
     # The sampling policy's log-probs are needed only when the rollout spans several
     # optimizer steps; with one, they equal the detached current log-probs.
-    store_old = steps_per_pass * config.num_iterations > 1
-    agg = config.agg or PRESET_AGG[config.loss_type]
-    token_mean = agg == "token-mean"
-    # Dr.GRPO's constant normalizer is the completion budget (TRL's max_completion_length).
-    max_len = config.max_new_tokens if agg == "seq-mean-token-sum-norm" else None
+    store_old = config.steps_per_pass * config.num_iterations > 1
+    loss_options = config.policy_loss_options()
+    token_mean = loss_options.resolved_agg == "token-mean"
     need_entropy = config.entropy_coef > 0 or config.entropy_quantile is not None
 
     def logprobs_of(policy, batch, **options):
@@ -72,12 +74,11 @@ def run(config: GRPOConfig) -> dict:
     def make_rollout(index: int) -> list[dict]:
         rows = online.prompt_rows(index)
         rollout, rewards = online.sample(model, rows)
-        if config.advantage == "rloo":
-            advantages = rloo_advantages(rewards, config.num_generations)
-        else:
-            advantages = group_advantages(
-                rewards, config.num_generations, scale=config.scale_rewards, eps=config.advantage_eps
-            )
+        estimator = ADVANTAGE_ESTIMATORS.get(config.advantage).params["function"]
+        # What an estimator takes beyond the rewards and the group size.
+        estimator_options = {"group": {"scale": config.scale_rewards, "eps": config.advantage_eps},
+                             "reinforce_pp": {"mask": rollout.mask}}.get(config.advantage, {})
+        advantages = estimator(rewards, config.num_generations, **estimator_options)
         tensors = {
             "input_ids": rollout.input_ids,
             "attention_mask": rollout.attention_mask,
@@ -104,21 +105,16 @@ def run(config: GRPOConfig) -> dict:
         logprobs, entropy = out if need_entropy else (out, None)
         old_logprobs = batch["old_logprobs"] if store_old else logprobs.detach()
         loss, stats = policy_loss(
-            logprobs, old_logprobs, batch["advantages"], batch["mask"],
-            loss_type=config.loss_type, agg=agg, max_len=max_len,
-            clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high,
-            delta=config.delta, dual_clip=config.dual_clip, importance_level=config.importance_level,
-            ref_logprobs=batch.get("ref_logprobs"), kl_coef=config.beta, kl_kind=config.kl_kind,
-            entropy=entropy, entropy_coef=config.entropy_coef, entropy_quantile=config.entropy_quantile,
+            logprobs, old_logprobs, batch["advantages"], batch["mask"], options=loss_options,
+            ref_logprobs=batch.get("ref_logprobs"), entropy=entropy,
             rollout_logprobs=batch["rollout_logprobs"] if config.rollout_is_cap is not None else None,
-            rollout_is=config.rollout_is, rollout_is_cap=config.rollout_is_cap,
         )
         mask = batch["mask"]
         tokens = mask.sum()
         # Sampler against training forward, both with the sampling policy's weights.
         mismatch = batch["mismatch"] if store_old else (old_logprobs - batch["rollout_logprobs"]).abs() * mask
         mismatch = mismatch.sum()
-        metrics = {name: (value * tokens, tokens) for name, value in stats.items()}
+        metrics = policy_loss_metrics(stats, tokens)
         metrics["logprob_mismatch"] = (mismatch, tokens)
         metrics.update(per_completion_metrics({k[7:]: v for k, v in batch.items() if k.startswith("metric/")}))
         return loss * batch["num_units"], metrics

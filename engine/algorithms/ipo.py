@@ -24,8 +24,8 @@ from ._pairs import preference_data, train_on_pairs
 __all__ = ["run"]
 
 
-def run(config: IPOConfig) -> dict:
+def run(config: IPOConfig, warm_start=None) -> dict:
     def pair_loss(chosen, rejected, ref_chosen, ref_rejected):
         return ipo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=config.beta)
 
-    return train_on_pairs("ipo", config, preference_data("ipo", config), pair_loss)
+    return train_on_pairs("ipo", config, preference_data("ipo", config), pair_loss, warm_start=warm_start)

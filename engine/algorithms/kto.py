@@ -32,7 +32,7 @@ import torch
 
 from fastpo.kernels import kto_loss, kto_mismatched_pairs
 
-from ..config import ConfigError, KTOConfig
+from ..config import KTOConfig
 from ..data import load_rows
 from ..forward import encode_responses
 from ._common import (
@@ -50,15 +50,8 @@ from ._pairs import implicit_reward_accuracy, pair_logprobs, sequence_logprobs_o
 __all__ = ["run"]
 
 
-def run(config: KTOConfig) -> dict:
-    if config.batch_size < 2:
-        raise ConfigError(
-            f"option 'batch_size': got {config.batch_size}; kto needs at least 2 (z0 pairs each prompt "
-            "with another row's completion)"
-        )
-    if config.desirable_weight == 0 and config.undesirable_weight == 0:
-        raise ConfigError("options 'desirable_weight' and 'undesirable_weight' are both 0: nothing would be trained")
-    run_dir, model, tokenizer, device = prepare_run("kto", config)
+def run(config: KTOConfig, warm_start=None) -> dict:
+    run_dir, model, tokenizer, device = prepare_run("kto", config, warm_start=warm_start)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     rows = training_rows("kto", config, "unary")
     if config.eval_data is None:

@@ -6,13 +6,15 @@ gradient, at every completion token ``t``: the log-probs of the sampling policy
 ``lp_old``, of the frozen reference ``lp_ref`` (the model at the start of the run) and
 the values ``V_old``. Then (docs/conventions.md):
 
-* shaped rewards (InstructGPT): ``r_t = -beta * k1_t`` on every completion token, with
-  ``k1_t = lp_old_t - lp_ref_t``, plus ``s_i`` on the completion's last token;
+* shaped rewards (InstructGPT): ``r_t = -beta * KL_t`` on every completion token, with
+  ``KL_t`` the estimator ``kl_kind`` (``fastpo.kernels.kl_penalty``; by default k1,
+  ``lp_old_t - lp_ref_t``, as InstructGPT and TRL) of ``lp_old_t - lp_ref_t``, plus
+  ``s_i`` on the completion's last token;
 * ``fastpo.kernels.gae`` (``gamma``, ``lam``): advantages, and returns ``A + V_old``;
   the advantages optionally whitened over the rollout's tokens (``fastpo.kernels.whiten``);
 * ``beta`` fixed, or with ``kl_target`` adapted after every rollout by the controller of
   Ziegler et al. (2019): ``beta *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * n / kl_horizon``,
-  ``KL`` the rollout's mean per-completion sum of ``k1``, ``n`` its completions.
+  ``KL`` the rollout's mean per-completion sum of ``KL_t``, ``n`` its completions.
 
 The policy takes ``num_iterations`` passes of optimizer steps over the rollout; per
 micro-batch the loss is ``policy_loss`` (the PPO clip, ``clip_eps``) plus ``vf_coef``
@@ -44,10 +46,11 @@ batches included) are part of every checkpoint: a resumed run reproduces the
 uninterrupted one.
 
 Logged per step: ``reward`` (mean score), ``completion_length``, ``truncated``, ``kl``
-(mean per-completion sum of ``k1`` at rollout time), ``kl_coef`` (the ``beta`` of the
+(mean per-completion sum of ``KL_t`` at rollout time), ``kl_coef`` (the ``beta`` of the
 shaping), ``policy_loss``, ``value_loss``, ``value_clip_frac``, ``policy_loss``'s metrics
-(``clip_frac_low``/``high``, ``ratio_mean``/``max``, ``approx_kl``, and ``entropy_mean``
-with the entropy bonus), and ``ptx_loss`` (mean ``-log p`` per pretraining token) with ptx.
+(``clip_frac_low``/``high``, ``ratio_mean``, ``approx_kl``, and ``entropy_mean`` with the
+entropy bonus; ``ratio_max`` the step's maximum), and ``ptx_loss`` (mean ``-log p`` per
+pretraining token) with ptx.
 """
 
 from __future__ import annotations
@@ -61,14 +64,14 @@ import torch
 from fastpo.kernels import gae, kl_penalty, policy_loss, value_loss, whiten
 
 from ..config import ConfigError, PPOConfig
-from ..data import load_rows
+from ..data import DataError, load_rows
 from ..forward import IGNORE_INDEX, encode_responses, response_logprobs
 from ._common import BUILTIN_DATA, MAX_BUILTIN_ROWS, builtin_task, micro_batches, prepare_run, train_and_evaluate
 from ._online import (
     OnlineRun,
     RolloutStream,
-    check_rollout_shape,
     per_completion_metrics,
+    policy_loss_metrics,
     split_micro_batches,
     training_precision,
 )
@@ -112,22 +115,6 @@ class _ShapingStream(RolloutStream):
         self.kl_coef = state["kl_coef"]
 
 
-def _check_options(config: PPOConfig) -> None:
-    for name in ("gamma", "lam"):
-        if not 0.0 <= getattr(config, name) <= 1.0:
-            raise ConfigError(f"option {name!r}: got {getattr(config, name)!r}; expected a value in [0, 1]")
-    if config.ptx_coef > 0 and config.ptx_data is None:
-        raise ConfigError(f"option 'ptx_coef': got {config.ptx_coef!r}, but ptx_data is none; set ptx_data too")
-    if config.ptx_data is not None and config.ptx_coef == 0:
-        raise ConfigError(f"option 'ptx_data': got {config.ptx_data!r}, but ptx_coef is 0; set ptx_coef > 0")
-    if config.ptx_data not in (None, BUILTIN_DATA) and not Path(config.ptx_data).is_file():
-        raise ConfigError(
-            f"option 'ptx_data': got {config.ptx_data!r}; expected {BUILTIN_DATA} or a .jsonl/.parquet file"
-        )
-    if config.critic is not None and not Path(config.critic).is_dir():
-        raise ConfigError(f"option 'critic': got {config.critic!r}; expected a checkpoint folder (fastpo reward's)")
-
-
 def _pretraining_texts(config: PPOConfig) -> list[str]:
     """The PPO-ptx texts: the built-in task's SFT demonstrations as prompt + completion,
     or the ``"text"`` field of every row of ``ptx_data``."""
@@ -137,7 +124,7 @@ def _pretraining_texts(config: PPOConfig) -> list[str]:
     path = Path(config.ptx_data)
     texts = [row["text"] for row in load_rows(path, "text")]
     if len(texts) < config.batch_size:
-        raise ConfigError(f"option 'ptx_data': {path} holds {len(texts)} rows, fewer than batch_size={config.batch_size}")
+        raise DataError(f"option 'ptx_data': {path} holds {len(texts)} rows, fewer than batch_size={config.batch_size}")
     return texts
 
 
@@ -168,16 +155,14 @@ def _last_hidden_state(decoder):
         handle.remove()
 
 
-def run(config: PPOConfig) -> dict:
-    _check_options(config)
-    steps_per_pass = check_rollout_shape(config)
-    run_dir, model, tokenizer, device = prepare_run("ppo", config)
+def run(config: PPOConfig, warm_start=None) -> dict:
+    run_dir, model, tokenizer, device = prepare_run("ppo", config, warm_start=warm_start)
     online = OnlineRun("ppo", config, tokenizer, device)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     _attach_critic(model, tokenizer, config)
     need_entropy = config.entropy_coef > 0
     micro_per_step = config.grad_accum_steps
-    micro_per_rollout = steps_per_pass * micro_per_step * config.num_iterations
+    micro_per_rollout = config.steps_per_pass * micro_per_step * config.num_iterations
     if config.ptx_data is not None:
         texts = _pretraining_texts(config)
 
@@ -221,7 +206,7 @@ def run(config: PPOConfig) -> dict:
             old_logprobs, _, old_values = forward(model, tensors)
             ref_logprobs = logprobs_of(reference, tensors)
         old_logprobs, old_values, ref_logprobs = old_logprobs.cpu(), old_values.cpu(), ref_logprobs.cpu()
-        kl = kl_penalty(old_logprobs, ref_logprobs, "k1") * mask
+        kl = kl_penalty(old_logprobs, ref_logprobs, config.kl_kind) * mask
         kl_coef = stream.kl_coef
         advantages, returns = gae(
             shaped_rewards(kl, scores, mask, kl_coef), old_values, mask, gamma=config.gamma, lam=config.lam
@@ -271,7 +256,7 @@ def run(config: PPOConfig) -> dict:
         value_term, value_stats = value_loss(values, batch["old_values"], batch["returns"], mask, clip_eps=config.value_clip)
         loss = (policy_term + config.vf_coef * value_term) * batch["num_units"]
         tokens = mask.sum()
-        metrics = {name: (value * tokens, tokens) for name, value in stats.items()}
+        metrics = policy_loss_metrics(stats, tokens)
         metrics["policy_loss"] = (policy_term * tokens, tokens)
         metrics["value_loss"] = (value_term * tokens, tokens)
         metrics["value_clip_frac"] = (value_stats["clip_frac"] * tokens, tokens)

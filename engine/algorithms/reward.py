@@ -102,7 +102,7 @@ def reward_scores(model, batch) -> torch.Tensor:
     return model.score(hidden[torch.arange(hidden.shape[0], device=device), last]).squeeze(-1).float()
 
 
-def run(config: RewardConfig) -> dict:
+def run(config: RewardConfig, warm_start=None) -> dict:
     schema, rows = preference_data("reward", config)
     if schema == "ranked":
         if not config.ranking:
@@ -111,7 +111,7 @@ def run(config: RewardConfig) -> dict:
             raise ConfigError("options 'margin' and 'center_coef' apply to pairs only; set them to 0 for ranked rows")
     eval_pairs, _ = preference_eval_data("reward", config)
     load_model = functools.partial(load_reward_model, head_std=config.head_init_std)
-    run_dir, model, tokenizer, _ = prepare_run("reward", config, load_model=load_model)
+    run_dir, model, tokenizer, _ = prepare_run("reward", config, load_model=load_model, warm_start=warm_start)
 
     def collate(batch_rows):
         if schema == "pairwise":

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import BaseConfig, ConfigError, DPOConfig, PPOConfig, RewardConfig, RLAIFConfig, SFTConfig, load_config
+from ..config import BaseConfig, DPOConfig, PPOConfig, RewardConfig, RLAIFConfig, SFTConfig, load_config
 from ..forward import greedy_completions
 from ..loop import latest_checkpoint
 from ..models import BUILTIN_MODELS, load_causal_lm
@@ -78,16 +78,8 @@ _JUDGE_HELDOUT_PAIRS = 200  # held-out pairs of the judge's evaluations
 _SAMPLE_BATCH = 64  # prompts per sampling call
 
 
-def run(config: RLAIFConfig) -> dict:
-    for field in ("{prompt}", "{a}", "{b}"):
-        if field not in config.judge_template:
-            raise ConfigError(f"option 'judge_template': got {config.judge_template!r}, which lacks {field}")
-    if config.judge is None and config.data != BUILTIN_DATA:
-        raise ConfigError(
-            f"option 'judge': none trains the built-in judge on {BUILTIN_DATA}, but data is {config.data!r}; "
-            "give a judge checkpoint folder"
-        )
-    run_dir, policy, tokenizer, device = prepare_run("rlaif", config)
+def run(config: RLAIFConfig, warm_start=None) -> dict:
+    run_dir, policy, tokenizer, device = prepare_run("rlaif", config, warm_start=warm_start)
     judge_dir = Path(config.judge) if config.judge is not None else builtin_judge(config, run_dir)
     judge, judge_tokenizer = load_causal_lm(str(judge_dir))
     judge = judge.to(device).eval()

@@ -24,7 +24,7 @@ import torch
 
 from fastpo.kernels import linear_token_logprobs
 
-from ..config import ConfigError, SFTConfig
+from ..config import SFTConfig
 from ..forward import IGNORE_INDEX, encode_responses, response_logprobs
 from ._common import (
     exact_match_accuracy,
@@ -112,10 +112,9 @@ def packed_logprobs(model, batch: dict) -> torch.Tensor:
     )
 
 
-def run(config: SFTConfig) -> dict:
-    if config.target_accuracy is not None and not config.eval_every:
-        raise ConfigError("option 'target_accuracy': needs periodic evaluation; set eval_every > 0")
-    run_dir, model, tokenizer, _ = prepare_run("sft", config)
+def run(config: SFTConfig, warm_start=None) -> dict:
+    # sft is the warm start of the others: it has none (its config refuses warm_start_steps).
+    run_dir, model, tokenizer, _ = prepare_run("sft", config, warm_start=warm_start)
     if config.packing and model.config._attn_implementation not in _PACKING_ATTENTION:
         raise NotImplementedError(
             f"sft: packing=true needs {' or '.join(_PACKING_ATTENTION)} attention (a 4D mask); "

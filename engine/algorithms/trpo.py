@@ -11,12 +11,13 @@ One optimizer step of the shared loop is one rollout and one TRPO update:
    ``r = exp(lp - lp_old)`` with ``lp_old`` the log-probs at the sampling weights
    ``theta_old`` (from the training forward, so ``r = 1`` there); ``g = grad L(theta_old)``.
 3. ``H``: the Hessian at ``theta_old`` of the mean over the completion tokens of the
-   full-vocabulary ``KL(pi_old || pi_theta)``. Products ``H v`` are exact: double backward
-   through an eager KL of the float32 logits, because ``fastpo.kernels.logits_kl`` has
-   no second derivative (and takes no gradient for its second distribution).
-   ``cg_iters`` steps of conjugate gradient give ``d ~ (H + cg_damping I)^-1 g``. The
-   KL's gradient is built once per update with its graph kept, so each product is one
-   backward pass; that graph holds the whole rollout's activations during the solve.
+   full-vocabulary ``KL(pi_old || pi_theta)``, which there is the Fisher matrix
+   ``J^T (diag(p) - p p^T) J / T^2`` per token. Products ``H v`` are exact and fused
+   (``kl_hessian_product``): a Jacobian-vector product below the LM head, the head and
+   the softmax's Fisher by ``fastpo.kernels.linear_fisher_vector_product`` without the
+   (N, V) logits, and a vector-Jacobian product back. ``cg_iters`` steps of conjugate
+   gradient give ``d ~ (H + cg_damping I)^-1 g``. The hidden states' graph is built once
+   per update and kept: it holds the whole rollout's activations during the solve.
 4. Full step ``s = sqrt(2 max_kl / d^T (H + cg_damping I) d) d``: where the quadratic
    model of the KL reaches ``max_kl``.
 5. Line search: ``theta_old + backtrack_factor**k s`` for ``k = 0 .. line_search_tries-1``;
@@ -27,39 +28,44 @@ One optimizer step of the shared loop is one rollout and one TRPO update:
 The update runs with dropout off (``model.eval()``), so that the line search compares
 deterministic functions of the parameters.
 
-In the shared loop, which owns AdamW: ``loss_fn`` makes the whole update on the
-parameters in place and returns ``-L`` of the kept parameters as a leaf tensor with no
-path to them. The loop's backward then gives no parameter a gradient, and AdamW skips
-parameters without one: the TRPO step is the only change to the weights (no AdamW step,
-no weight decay), and the logged ``grad_norm`` is 0. So ``learning_rate``,
-``warmup_steps``, ``lr_schedule`` and ``max_grad_norm`` do not apply, and
-``weight_decay`` must be 0. The micro-batch of a step is the whole rollout
-(``grad_accum_steps=1``), cut into forward passes of ``batch_size`` completions;
-``num_iterations`` must be 1. The unit of the loss is the rollout (``num_units`` 1): the
-logged ``loss`` is ``-L(theta_new)``. One process only (the update needs the full
+In the shared loop: TRPO's step is the loop's update hook (``TRPOUpdate``, in place of
+the default AdamW step), and it has no loss function. The loop keeps the data order,
+logging, evaluation, checkpoints and resume; the update takes the step's one
+micro-batch, the whole rollout (cut into forward passes of ``batch_size`` completions),
+and changes the weights by the steps above. There is no AdamW step, so its options
+(``learning_rate``, ``weight_decay``, ``warmup_steps``, ``lr_schedule``,
+``max_grad_norm``) and ``grad_accum_steps`` and ``num_iterations`` are not options of
+``TRPOConfig``, which refuses them by name. One process only (the update needs the full
 parameters).
 
-Logged per step: ``surrogate_improvement`` (``L(theta_new) - L(theta_old)``, 0 without a
-step), ``kl`` (measured KL of the kept step, 0 without), ``accepted`` (1 or 0),
-``backtracks`` (line-search tries rejected), ``reward``, ``completion_length`` and
-``truncated`` (means over the rollout's completions).
+Logged per step: ``surrogate`` (``L`` of the kept parameters), ``surrogate_improvement``
+(``L(theta_new) - L(theta_old)``, 0 without a step), ``kl`` (measured KL of the kept
+step, 0 without), ``accepted`` (1 or 0), ``backtracks`` (line-search tries rejected),
+``units`` (the rollout's completion tokens), ``reward``, ``completion_length`` and
+``truncated`` (means over the rollout's completions). No ``loss``, ``lr`` or
+``grad_norm``: TRPO has none.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fastpo.kernels import group_advantages, logits_kl, token_logprobs
+from fastpo.kernels import group_advantages, linear_fisher_vector_product, logits_kl, token_logprobs
 
 from .. import distributed
-from ..config import ConfigError, TRPOConfig
+from ..config import TRPOConfig
+from ..loop import StepOutcome, Update
+from ..step_metrics import StepMetrics
 from ._common import prepare_run, train_and_evaluate
 from ._online import OnlineRun, RolloutStream, per_completion_metrics
 
 __all__ = [
+    "TRPOUpdate",
     "completion_logits",
     "conjugate_gradient",
     "kl_hessian_product",
@@ -72,17 +78,8 @@ __all__ = [
 _CG_RELATIVE_TOLERANCE = 1e-10
 
 
-def run(config: TRPOConfig) -> dict:
-    for name in ("grad_accum_steps", "num_iterations"):
-        if getattr(config, name) != 1:
-            raise ConfigError(
-                f"option {name!r}: got {getattr(config, name)}; trpo takes one update per rollout, so it must be 1"
-            )
-    if not config.backtrack_factor < 1:
-        raise ConfigError(f"option 'backtrack_factor': got {config.backtrack_factor}; expected a value in (0, 1)")
-    if config.weight_decay:
-        raise ConfigError(f"option 'weight_decay': got {config.weight_decay}; trpo makes no AdamW step, so it must be 0")
-    run_dir, model, tokenizer, device = prepare_run("trpo", config)
+def run(config: TRPOConfig, warm_start=None) -> dict:
+    run_dir, model, tokenizer, device = prepare_run("trpo", config, warm_start=warm_start)
     if distributed.world(device).size > 1:
         raise NotImplementedError("trpo: the update needs the full parameters; run it in one process")
     online = OnlineRun("trpo", config, tokenizer, device)
@@ -96,16 +93,34 @@ def run(config: TRPOConfig) -> dict:
         return [{
             "chunks": rollout_chunks(rollout, advantages, config.batch_size),
             "metrics": online.rollout_metrics(rollout, rewards),
-            "num_units": 1,
+            "num_units": int(rollout.mask.sum()),
         }]
 
-    def loss_fn(model, batch):
-        model.eval()
-        stats, surrogate = trpo_update(model, batch["chunks"], config)
-        model.train()
-        return torch.tensor(-surrogate, requires_grad=True), {**stats, **per_completion_metrics(batch["metrics"])}
+    return train_and_evaluate(
+        model, tokenizer, config, None, RolloutStream(make_rollout), run_dir, online.evaluate, update=TRPOUpdate
+    )
 
-    return train_and_evaluate(model, tokenizer, config, loss_fn, RolloutStream(make_rollout), run_dir, online.evaluate)
+
+class TRPOUpdate(Update):
+    """The loop's step for trpo: ``trpo_update`` on the step's one micro-batch (a whole
+    rollout: ``chunks``, per-completion ``metrics`` and ``num_units``, its completion
+    tokens), with dropout off so that the line search compares deterministic functions
+    of the parameters. It keeps no state across steps (a checkpoint of an older fastpo,
+    whose TRPO ran beside an idle AdamW, holds an optimizer state that is ignored)."""
+
+    def __init__(self, *, model, params, config: TRPOConfig, world):
+        self.config = config
+
+    def step(self, model, loss_fn, micro_batches, *, world, autocast) -> StepOutcome:
+        (batch,) = micro_batches
+        model.eval()
+        with torch.autocast(world.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+            stats, surrogate = trpo_update(model, batch["chunks"], self.config)
+        model.train()
+        metrics = StepMetrics(world.device)
+        metrics.add(per_completion_metrics(batch["metrics"]))
+        record = {"surrogate": surrogate, **stats, "units": batch["num_units"], **metrics.reduce(batch["num_units"])}
+        return StepOutcome(record, None if math.isfinite(surrogate) else "non-finite surrogate")
 
 
 def rollout_chunks(rollout, advantages: torch.Tensor, batch_size: int) -> list[dict]:
@@ -126,26 +141,24 @@ def rollout_chunks(rollout, advantages: torch.Tensor, batch_size: int) -> list[d
     return chunks
 
 
-def completion_logits(model, chunk: dict) -> torch.Tensor:
-    """Logits ``(N, V)`` at the chunk's completion positions, as the model's head gives
-    them (bias and Gemma 2's softcap included), before the temperature; float32, or
-    float64 for a float64 model."""
+def _completion_hidden(model, chunk: dict) -> torch.Tensor:
+    """The last hidden states ``(N, H)`` at the chunk's completion positions: the input of
+    the LM head."""
     device = next(model.parameters()).device
     hidden = model.get_decoder()(
         input_ids=chunk["input_ids"].to(device), attention_mask=chunk["attention_mask"].to(device), use_cache=False
     ).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[chunk["mask"].to(device)])
+    return hidden[chunk["mask"].to(device)]
+
+
+def completion_logits(model, chunk: dict) -> torch.Tensor:
+    """Logits ``(N, V)`` at the chunk's completion positions, as the model's head gives
+    them (bias and Gemma 2's softcap included), before the temperature; float32, or
+    float64 for a float64 model."""
+    logits = model.get_output_embeddings()(_completion_hidden(model, chunk))
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     softcap = getattr(model.config, "final_logit_softcapping", None)
     return softcap * torch.tanh(logits / softcap) if softcap else logits
-
-
-def _full_kl(old_logits: torch.Tensor, logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-token ``KL(softmax(old/T) || softmax(new/T))``, eager and twice differentiable
-    in ``logits``."""
-    old = (old_logits / temperature).log_softmax(-1)
-    new = (logits / temperature).log_softmax(-1)
-    return (old.exp() * (old - new)).sum(-1)
 
 
 def _flat(tensors) -> torch.Tensor:
@@ -164,23 +177,61 @@ def _set_parameters(params: list, flat: torch.Tensor) -> None:
         offset += p.numel()
 
 
-def kl_hessian_product(model, params: list, chunks: list[dict], old_logits: list[torch.Tensor],
+def kl_hessian_product(model, params: list, chunks: list[dict],
                        temperature: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``v -> H v`` for flat vectors over ``params``: ``H`` the Hessian, at the current
-    parameters, of the mean over the chunks' completion tokens of
-    ``KL(softmax(old_logits/T) || pi_theta)``, by double backward. The KL's gradient is
-    built once, with its graph kept, and each product back-propagates ``grad . v``
-    through that graph: the parameters must not change while the products are taken."""
+    """``v -> F v`` for flat vectors over ``params``: ``F`` the Fisher matrix of the policy at
+    the current parameters, averaged over the chunks' completion tokens, which is the Hessian
+    of the mean ``KL(pi_old || pi_theta)`` at ``theta = theta_old``. The parameters must be
+    theta_old and must not change while the products are taken.
+
+    Per token ``F v = J^T (p * (J v - <p, J v>)) / T^2``, J the Jacobian of the logits, in
+    three parts. Below the LM head, ``J v`` by the double-vjp trick: the graph of the hidden
+    states is built once, with the graph of ``w -> J^T w`` for a dummy ``w``; differentiating
+    ``(J^T w) . v`` in ``w`` gives ``J v``. Through the head and the softmax,
+    ``fastpo.kernels.linear_fisher_vector_product``, chunk by chunk, without the (N, V)
+    logits. Back below the head, one vector-Jacobian product through the kept graph.
+
+    Forward-mode ``torch.func.jvp`` gives ``J v`` too, but it runs the whole forward again
+    at every product: about twice the time of the double-vjp on the built-in model
+    (``torch.func.linearize``, which would trace it once, fails on the data-dependent
+    control flow of Hugging Face's attention masks). The double-vjp needs what the double
+    backward through the eager KL that it replaced needed: the math attention kernel."""
     tokens = sum(int(chunk["mask"].sum()) for chunk in chunks)
-    kl_gradient = 0
-    # The fused attention kernels of CUDA have no second derivative; the math one has.
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    index = {id(p): i for i, p in enumerate(params)}
+    weight_index = index.get(id(head.weight))
+    bias_index = None if head.bias is None else index.get(id(head.bias))
+    graphs = []
+    # The fused attention kernels have no second derivative; the math one has.
     with sdpa_kernel(SDPBackend.MATH):
-        for chunk, old in zip(chunks, old_logits):
-            kl = _full_kl(old, completion_logits(model, chunk), temperature).sum() / tokens
-            kl_gradient = kl_gradient + _gradient(kl, params, create_graph=True)
+        for chunk in chunks:
+            hidden = _completion_hidden(model, chunk)
+            dummy = torch.zeros_like(hidden, requires_grad=True)
+            transposed = torch.autograd.grad(hidden, params, dummy, create_graph=True, allow_unused=True)
+            graphs.append((hidden, dummy, transposed))
 
     def product(vector: torch.Tensor) -> torch.Tensor:
-        return _gradient(kl_gradient @ vector, params, retain_graph=True)
+        # The mean over tokens, applied once to the tangent (F is linear).
+        pieces = (vector / tokens).split([p.numel() for p in params])
+        pieces = [piece.view_as(p).to(p.dtype) for piece, p in zip(pieces, params)]
+        total = torch.zeros_like(vector)
+        for hidden, dummy, transposed in graphs:
+            used = [(t, piece) for t, piece in zip(transposed, pieces) if t is not None]
+            d_hidden = torch.zeros_like(hidden) if not used else torch.autograd.grad(
+                [t for t, _ in used], dummy, [piece for _, piece in used], retain_graph=True, materialize_grads=True
+            )[0]
+            grad_hidden, grad_weight, grad_bias = linear_fisher_vector_product(
+                hidden.detach(), head.weight, d_hidden, None if weight_index is None else pieces[weight_index],
+                bias=head.bias, d_bias=None if bias_index is None else pieces[bias_index],
+                temperature=temperature, softcap=softcap,
+            )
+            grads = list(torch.autograd.grad(hidden, params, grad_hidden, retain_graph=True, materialize_grads=True))
+            for i, head_grad in ((weight_index, grad_weight), (bias_index, grad_bias)):
+                if i is not None:
+                    grads[i] = grads[i] + head_grad
+            total += _flat(grads)
+        return total
 
     return product
 
@@ -243,7 +294,7 @@ def trpo_update(model, chunks: list[dict], config) -> tuple[dict, float]:
     if not gradient.any():  # every advantage 0: no direction to improve in
         return no_step, old_surrogate
 
-    hessian_product = kl_hessian_product(model, params, chunks, old_logits, temperature)
+    hessian_product = kl_hessian_product(model, params, chunks, temperature)
 
     def damped_product(vector):
         return hessian_product(vector) + config.cg_damping * vector

@@ -1,0 +1,75 @@
+"""What a run checks before it loads a model: that every file, folder and callable its
+options name is there and holds what the run needs.
+
+The config checked its values and their combinations when it was built; this module
+checks what only the file system can tell, in milliseconds: the model is a built-in
+name or a checkpoint folder, each data file exists and its first rows
+(``data.CHECKED_ROWS``) follow a schema the algorithm trains on, each reward source
+imports, each folder option (a critic, a judge) exists. So a typo fails at once, with
+one line naming the option, the value and the file's line and field, and not after a
+model load and a warm start. The full data files are read later, by the algorithms,
+with the same checks on every row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import BUILTIN_DATA, ConfigError
+from .data import ALGORITHM_SCHEMAS, check_file
+from .models import BUILTIN_MODELS
+from .rollout import check_reward_source
+
+__all__ = ["EVAL_SCHEMAS", "check_inputs"]
+
+# The schemas an algorithm's eval_data may hold (its training schemas unless listed).
+EVAL_SCHEMAS = {"kto": ("pairwise",)}
+
+
+def _check_model(name: str) -> None:
+    if name in BUILTIN_MODELS:
+        return
+    expected = f"{' or '.join(BUILTIN_MODELS)} or a local Hugging Face checkpoint folder"
+    if name.startswith("builtin:"):
+        raise ConfigError(f"option 'model': got {name!r}; expected {expected}")
+    _check_folder("model", name, expected)
+
+
+def _check_folder(option: str, name: str, expected: str) -> None:
+    path = Path(name)
+    if not path.is_dir():
+        reason = "a file, not a folder" if path.exists() else "no such folder"
+        raise ConfigError(f"option {option!r}: got {name!r} ({reason}); expected {expected}")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"option {option!r}: got {name!r}, a folder without config.json; expected {expected}")
+
+
+def _eval_schemas(algorithm: str, config) -> tuple[str, ...]:
+    if algorithm == "rlaif":  # the training stage's held-out data
+        return ALGORITHM_SCHEMAS["dpo"] if config.then == "dpo" else ALGORITHM_SCHEMAS["ppo"]
+    return EVAL_SCHEMAS.get(algorithm, ALGORITHM_SCHEMAS[algorithm])
+
+
+def check_inputs(algorithm: str, config) -> None:
+    """ConfigError or ``data.DataError`` (both one line) for an option of ``config`` that
+    names a missing or unusable model, data file, reward source, critic or judge."""
+    _check_model(config.model)
+    if config.data.startswith("builtin:"):
+        if config.data != BUILTIN_DATA:
+            raise ConfigError(f"option 'data': got {config.data!r}; expected {BUILTIN_DATA} or a .jsonl/.parquet file")
+    else:
+        check_file(config.data, ALGORITHM_SCHEMAS[algorithm], "data")
+    if config.eval_data is not None:
+        check_file(config.eval_data, _eval_schemas(algorithm, config), "eval_data")
+    for spec in getattr(config, "rewards", ()):
+        try:
+            check_reward_source(spec)
+        except ValueError as error:
+            raise ConfigError(f"option 'rewards': {error}") from None
+    if getattr(config, "critic", None) is not None:
+        _check_folder("critic", config.critic, "a checkpoint folder (fastpo reward's)")
+    ptx_data = getattr(config, "ptx_data", None)
+    if ptx_data is not None and ptx_data != BUILTIN_DATA:
+        check_file(ptx_data, ("text",), "ptx_data")
+    if getattr(config, "judge", None) is not None:
+        _check_folder("judge", config.judge, "a causal LM checkpoint folder")

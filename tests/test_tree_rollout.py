@@ -1,0 +1,156 @@
+"""Tree rollouts: TreeRL's advantages against a hand-computed tree, the branch-point
+choice, and the sampler on a tiny random model (leaf budget, shared prefixes generated
+once, log-probs that match the training forward, reproducible from the seed)."""
+
+import math
+
+import pytest
+import torch
+
+from fastpo.engine.countdown import CountdownTask
+from fastpo.engine.forward import response_logprobs
+from fastpo.engine.rollout import rollout_from_tokens
+from fastpo.engine.tokenizer import build_char_tokenizer
+from fastpo.engine.tree_rollout import branch_points, sample_tree, tree_advantages, treerl_advantages
+
+# A hand-drawn tree of four leaves (tokens) and their rewards:
+#
+#   root (V = 1/2)
+#   |-- 1 (leaves 0, 1, 2; V = 2/3)
+#   |   |-- 2 (leaves 0, 1; V = 1/2)
+#   |   |   |-- 3 (leaf 0, r = 1)
+#   |   |   `-- 4 (leaf 1, r = 0)
+#   |   `-- 5 6 (leaf 2, r = 1)
+#   `-- 7 8 (leaf 3, r = 0)
+LEAVES = [[1, 2, 3], [1, 2, 4], [1, 5, 6], [7, 8]]
+REWARDS = [1.0, 0.0, 1.0, 0.0]
+# A(s) = ((V(s) - V(root)) + (V(s) - V(parent))) / sqrt(|L(s)|), worked by hand:
+NODE_1 = ((2 / 3 - 1 / 2) + (2 / 3 - 1 / 2)) / math.sqrt(3)  # = (1/3) / sqrt(3)
+NODE_12 = ((1 / 2 - 1 / 2) + (1 / 2 - 2 / 3)) / math.sqrt(2)  # = (-1/6) / sqrt(2)
+EXPECTED = [
+    [NODE_1, NODE_12, (1 - 1 / 2) + (1 - 1 / 2)],  # leaf 0's own token: +1
+    [NODE_1, NODE_12, (0 - 1 / 2) + (0 - 1 / 2)],  # leaf 1's: -1
+    [NODE_1, (1 - 1 / 2) + (1 - 2 / 3), (1 - 1 / 2) + (1 - 2 / 3)],  # 5/6 on both
+    [(0 - 1 / 2) + (0 - 1 / 2)] * 2,  # -1 on both
+]
+
+
+def test_treerl_advantages_of_a_hand_computed_tree():
+    got = treerl_advantages(LEAVES, REWARDS)
+    assert [len(a) for a in got] == [3, 3, 3, 2]
+    for row, expected in zip(got, EXPECTED):
+        assert row == pytest.approx(expected, abs=1e-12)
+
+
+def test_treerl_advantages_special_trees():
+    # No shared prefix: 2 * (r - mean) on every token (GRPO's advantage without the std).
+    flat = treerl_advantages([[1, 2], [3], [4, 5, 6]], [1.0, 0.0, 0.5])
+    assert flat == [pytest.approx([1.0, 1.0]), pytest.approx([-1.0]), pytest.approx([0.0] * 3)]
+    # Equal rewards: nothing to learn anywhere.
+    assert treerl_advantages(LEAVES, [0.3] * 4) == [[0.0] * 3, [0.0] * 3, [0.0] * 3, [0.0] * 2]
+    # A prefix shared by every leaf is the root's: advantage 0; then the leaves split.
+    shared = treerl_advantages([[9, 9, 1], [9, 9, 2]], [1.0, 0.0])
+    assert shared == [pytest.approx([0.0, 0.0, 1.0]), pytest.approx([0.0, 0.0, -1.0])]
+    # Two identical leaves are one node of two leaves.
+    twins = treerl_advantages([[1, 2], [1, 2], [3]], [1.0, 0.0, 1.0])
+    mean = 2 / 3
+    assert twins[0] == twins[1] == pytest.approx([2 * (0.5 - mean) / math.sqrt(2)] * 2)
+    with pytest.raises(ValueError, match="2 sequences but 1 rewards"):
+        treerl_advantages([[1], [2]], [1.0])
+
+
+def test_tree_advantages_lay_out_per_token_and_per_group():
+    tokenizer_pad = 0
+    rows = [([5, 6], leaf) for leaf in LEAVES] * 2  # two prompts' groups, the same tree
+    rollout = rollout_from_tokens(["p"] * 8, [""] * 8, rows, [torch.zeros(len(leaf)) for _, leaf in rows],
+                                  [False] * 8, tokenizer_pad)
+    rewards = torch.tensor(REWARDS + [1.0 - r for r in REWARDS])
+    advantages = tree_advantages(rollout, rewards, group_size=4)
+    assert advantages.shape == rollout.labels.shape and advantages.dtype == torch.float32
+    assert (advantages[~rollout.mask] == 0).all()
+    for i, expected in enumerate(EXPECTED):
+        assert advantages[i][rollout.mask[i]].tolist() == pytest.approx(expected, abs=1e-6)
+        # Flipped rewards flip every advantage (they are linear in the rewards around the mean).
+        assert advantages[4 + i][rollout.mask[4 + i]].tolist() == pytest.approx([-x for x in expected], abs=1e-6)
+    with pytest.raises(ValueError, match="group_size must be a positive divisor of the 8 rows"):
+        tree_advantages(rollout, rewards, group_size=3)
+    with pytest.raises(ValueError, match=r"rewards must have shape \(8,\)"):
+        tree_advantages(rollout, rewards[:4], group_size=4)
+
+
+def test_branch_points_highest_entropy_first_never_a_used_prefix():
+    leaves = [[1, 2, 3], [1, 5, 4]]
+    entropies = [[0.1, 0.9, 0.5], [0.1, 0.9, 0.7]]
+    # Position 1 of both leaves is the same prefix [1]: offered once (the first leaf's).
+    assert branch_points(leaves, entropies, 3, used={()}) == [(0, 1), (1, 2), (0, 2)]
+    assert branch_points(leaves, entropies, 2, used={(), (1,)}) == [(1, 2), (0, 2)]
+    # Line mode: only position 0 and positions right after a token that ends a line (2 here).
+    assert branch_points(leaves, entropies, 3, used=set(), line_ends={2}) == [(0, 2), (0, 0)]
+    assert branch_points(leaves, entropies, 3, used={()}, max_prefix=1) == [(0, 1)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_char_tokenizer(CountdownTask.characters)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config), tokenizer
+
+
+@pytest.mark.parametrize("split", ["entropy", "line"])
+def test_sample_tree_shares_prefixes_and_keeps_its_budget(tiny, split):
+    model, tokenizer = tiny
+    prompts = ["4 6 8 9 to 24\n", "1 2 3 4 to 24\n"]
+    torch.manual_seed(3)
+    tree = sample_tree(model, tokenizer, prompts, leaves=7, initial=2, branches=2, points=1, split=split,
+                       max_new_tokens=12)
+    rollout = tree.rollout
+    assert tree.group_size == 7 and rollout.labels.shape[0] == 14 and len(tree.prefix_lengths) == 14
+    assert rollout.prompts == [prompts[0]] * 7 + [prompts[1]] * 7
+    tails = [rollout.labels[i][rollout.mask[i]].tolist() for i in range(14)]
+    assert all(1 <= len(t) <= 12 for t in tails)
+    for g in range(2):
+        group = tails[7 * g : 7 * g + 7]
+        prefixes = tree.prefix_lengths[7 * g : 7 * g + 7]
+        assert prefixes[:2] == [0, 0]  # the initial chains
+        for leaf, prefix in zip(group[2:], prefixes[2:]):
+            # Each branched leaf continues the prefix of an earlier leaf of its tree.
+            assert any(other[:prefix] == leaf[:prefix] and len(other) >= prefix for other in group)
+        # The decoded tokens: each leaf's own tokens, its shared prefix counted once (by its source).
+        assert int(tree.generated_tokens[g]) == sum(len(t) - p for t, p in zip(group, prefixes))
+        assert int(tree.generated_tokens[g]) < sum(len(t) for t in group) or not any(prefixes)
+    assert any(tree.prefix_lengths[2:7]) or any(tree.prefix_lengths[9:])  # some leaf did branch mid-chain
+    if split == "line":
+        newline = tokenizer.convert_tokens_to_ids("\n")
+        assert all(p == 0 or tails[i][p - 1] == newline for i, p in enumerate(tree.prefix_lengths))
+    # The recorded log-probs (shared prefix's included) are the policy's: the training forward agrees.
+    with torch.no_grad():
+        logprobs = response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.labels)
+    assert torch.allclose(logprobs, rollout.rollout_logprobs, atol=1e-4)
+    # The completions' texts are their tokens'.
+    for i in range(14):
+        assert rollout.completions[i] == tokenizer.decode(tails[i], skip_special_tokens=True)
+
+
+def test_sample_tree_is_reproducible_and_checks_its_shape(tiny):
+    model, tokenizer = tiny
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        tree = sample_tree(model, tokenizer, ["1 2 3 4 to 24\n"], leaves=5, initial=1, branches=2, points=2,
+                           max_new_tokens=10)
+        draws.append((tree.rollout.input_ids, tree.prefix_lengths))
+    assert torch.equal(draws[0][0], draws[1][0]) and draws[0][1] == draws[1][1]
+    with pytest.raises(ValueError, match="initial=3 chains exceed the budget of leaves=2"):
+        sample_tree(model, tokenizer, ["x"], leaves=2, initial=3)
+    with pytest.raises(ValueError, match="split must be one of entropy, line"):
+        sample_tree(model, tokenizer, ["x"], leaves=2, split="token")
+    with pytest.raises(ValueError, match="plus max_new_tokens=10 exceeds max_length=12"):
+        sample_tree(model, tokenizer, ["1 2 3 4 to 24\n"], leaves=2, max_new_tokens=10, max_length=12)
+    with pytest.raises(ValueError, match="branches must be an integer >= 1"):
+        sample_tree(model, tokenizer, ["x"], leaves=2, branches=0)
