@@ -46,6 +46,7 @@ from fastpo.kernels import (
     PREFERENCE_LOSSES,
     PolicyLossOptions,
 )
+from fastpo.kernels.policy import PRESET_AGG
 
 __all__ = [
     "ALGORITHMS",
@@ -418,18 +419,15 @@ class GRPOConfig(OnlineConfig):
         super().validate()
         self.policy_loss_options()  # the kernel's own rules
 
-    @property
-    def resolved_agg(self) -> str:
-        """``agg``, or the loss type's preset."""
-        return self.agg or POLICY_LOSSES.get(self.loss_type).params["agg"]
-
     def policy_loss_options(self) -> PolicyLossOptions:
         """This config's ``fastpo.kernels.policy_loss`` options (``beta`` is ``kl_coef``,
         dr_grpo's length normalizer ``max_len`` the completion budget, TRL's
         ``max_completion_length``), validated by the kernel's own rules: a ConfigError
         naming the option when they refuse it."""
         own = {name: getattr(self, name) for name in PolicyLossOptions.field_names() if hasattr(self, name)}
-        max_len = self.max_new_tokens if self.resolved_agg == "seq-mean-token-sum-norm" else None
+        # max_len must be known before the options exist: the aggregation they resolve to.
+        agg = self.agg or PRESET_AGG[self.loss_type]
+        max_len = self.max_new_tokens if agg == "seq-mean-token-sum-norm" else None
         try:
             return PolicyLossOptions(**own, kl_coef=self.beta, max_len=max_len)
         except (TypeError, ValueError) as error:

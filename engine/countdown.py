@@ -56,6 +56,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
+from .task import _check_split
+
 __all__ = [
     "ANSWER_PREFIX",
     "CountdownTask",
@@ -73,7 +75,6 @@ VALUE_SUFFIX = " value:"
 # order is what matters to a search.
 VALUE_LABELS = {"sure": 1.0, "likely": 0.5, "impossible": 0.0}
 OPERATORS = "+-*/"
-_SPLITS = ("train", "heldout")
 _ENUMERATE_UP_TO = 200_000  # problems listed outright when picking distinct held-out ones
 # The mix of the SFT rows: chains of thought (the main skill), direct answers (the
 # ``direct`` strategy) and value judgements (the self-evaluation of the searches).
@@ -296,7 +297,7 @@ def _chain_lines(text: str) -> tuple[list[str], str | None]:
     text after the answer line is ignored (the completion has ended)."""
     steps = []
     for line in text.split("\n"):
-        if line.startswith(ANSWER_PREFIX.rstrip()):
+        if CountdownTask.is_answer(line):
             return steps, line[len(ANSWER_PREFIX.rstrip()) :].strip()
         steps.append(line)
     if steps and steps[-1] == "":  # a trailing newline ends the last step, it is no line
@@ -742,8 +743,3 @@ class CountdownTask:
             elif tries > 100 * (n + 10) and len(drawn) < n // 10:
                 raise ValueError(f"{self} finds too few held-out problems ({len(drawn)} in {tries} draws) for n={n}")
         return list(drawn)
-
-
-def _check_split(split: str) -> None:
-    if split not in _SPLITS:
-        raise ValueError(f"split must be one of {', '.join(_SPLITS)}, got {split!r}")

@@ -119,17 +119,27 @@ def load_rows(path: str | Path, schema: str) -> list[dict]:
     return rows
 
 
+def _first_fit(record, schemas: tuple[str, ...]) -> str | None:
+    """The first of ``schemas`` whose fields ``record`` carries, or None."""
+    for schema in schemas:
+        if isinstance(record, dict) and all(name in record for name in SCHEMAS[schema]):
+            return schema
+    return None
+
+
+def _wanted(schemas: tuple[str, ...]) -> str:
+    """``schemas``' fields for a message: ``(a, b) or (c)``."""
+    return " or ".join(f"({', '.join(SCHEMAS[s])})" for s in schemas)
+
+
 def schema_of(record, algorithm: str) -> str:
     """The schema of ``algorithm`` whose fields ``record`` carries (the first that fits)."""
     if algorithm not in ALGORITHM_SCHEMAS:
         raise ValueError(f"algorithm {algorithm!r} is not one of {', '.join(ALGORITHM_SCHEMAS)}")
-    for schema in ALGORITHM_SCHEMAS[algorithm]:
-        if isinstance(record, dict) and all(name in record for name in SCHEMAS[schema]):
-            return schema
-    raise DataError(
-        f"algorithm {algorithm!r} needs rows with "
-        + " or ".join(f"({', '.join(SCHEMAS[s])})" for s in ALGORITHM_SCHEMAS[algorithm])
-    )
+    schema = _first_fit(record, ALGORITHM_SCHEMAS[algorithm])
+    if schema is None:
+        raise DataError(f"algorithm {algorithm!r} needs rows with " + _wanted(ALGORITHM_SCHEMAS[algorithm]))
+    return schema
 
 
 def check_file(path: str | Path, schemas: tuple[str, ...], option: str = "data") -> str:
@@ -143,14 +153,12 @@ def check_file(path: str | Path, schemas: tuple[str, ...], option: str = "data")
     schema = None
     for number, (where, record) in enumerate(_read_records(path)):
         if schema is None:
-            fits = [s for s in schemas if isinstance(record, dict) and all(name in record for name in SCHEMAS[s])]
-            if not fits and len(schemas) == 1:
-                fits = schemas  # _check_row names the missing field
-            if not fits:
-                wanted = " or ".join(f"({', '.join(SCHEMAS[s])})" for s in schemas)
+            schema = _first_fit(record, schemas)
+            if schema is None and len(schemas) == 1:
+                schema = schemas[0]  # _check_row names the missing field
+            if schema is None:
                 got = f"fields ({', '.join(record)})" if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{path}: {where}: option {option!r} needs rows with {wanted}, got {got}")
-            schema = fits[0]
+                raise DataError(f"{path}: {where}: option {option!r} needs rows with {_wanted(schemas)}, got {got}")
         _check_row(record, schema, f"{path}: {where}")
         if number + 1 == CHECKED_ROWS:
             break

@@ -98,6 +98,28 @@ def response_logprobs(
     )
 
 
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Each prompt's generation tokens: ``[bos] prompt`` (bos when the tokenizer has one)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+
+
+def generation_pad_id(tokenizer) -> int:
+    """The id that left-pads prompts for generation: pad, else eos."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def prompt_width(encoded: list[list[int]], max_new_tokens: int, max_length: int | None = None) -> int:
+    """The longest of the ``encoded`` prompts' lengths; ValueError when it plus
+    ``max_new_tokens`` exceeds ``max_length`` (None: no bound)."""
+    width = max(len(ids) for ids in encoded)
+    if max_length is not None and width + max_new_tokens > max_length:
+        raise ValueError(
+            f"a prompt of {width} tokens plus max_new_tokens={max_new_tokens} exceeds max_length={max_length}"
+        )
+    return width
+
+
 @torch.no_grad()
 def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
     """The greedy completion of each prompt (``[bos] prompt`` left-padded, as in
@@ -105,12 +127,11 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = generation_pad_id(tokenizer)
     outputs = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts[start : start + batch_size]]
-        width = max(len(ids) for ids in encoded)
+        encoded = encode_prompts(tokenizer, prompts[start : start + batch_size])
+        width = prompt_width(encoded, max_new_tokens)
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
         generated = model.generate(

@@ -151,6 +151,8 @@ class LoopResult:
         skipped_steps: steps skipped for a non-finite loss or gradient in this session.
         start_step: the step this session started from: 0, or the resumed checkpoint's.
         already_done: it resumed a checkpoint at ``steps`` or beyond: nothing trained.
+        target_reached: ``done`` ended the run early; ``last_metrics`` holds (``eval/``)
+            the evaluation of the weights handed back.
     """
 
     step: int
@@ -160,6 +162,7 @@ class LoopResult:
     skipped_steps: int
     start_step: int = 0
     already_done: bool = False
+    target_reached: bool = False
 
 
 def learning_rate_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -502,9 +505,18 @@ def accumulate_gradients(model, loss_fn: Callable, group: list[dict], *, world: 
     (a plain one: its step sum over ``N``; a ``(sum, count)`` one: over its summed
     count), and ``N``. Every rank returns the same values (``loss_fn`` must return the
     same metric names on every rank)."""
-    metrics, total_units = backpropagate(model, loss_fn, group, world=world, autocast=autocast)
-    values = metrics.reduce(total_units, world)
+    values, total_units = _accumulate(model, loss_fn, group, world=world, autocast=autocast)
     return values.pop("loss") * total_units, values, total_units
+
+
+def _accumulate(model, loss_fn: Callable, group: list[dict], *, world: World, autocast: torch.dtype | None,
+                extra: Callable[[], dict[str, torch.Tensor]] | None = None) -> tuple[dict, int]:
+    """What ``accumulate_gradients`` and ``AdamWUpdate.step`` share: ``backpropagate``,
+    then ``(values, N)``, the reduced metrics with ``loss`` as its mean over ``N`` (the
+    value the step logs, not rebuilt from the sum) and ``extra()``'s 0-d tensors, called
+    once the gradients are in (a gradient norm), riding along in the same transfer."""
+    metrics, total_units = backpropagate(model, loss_fn, group, world=world, autocast=autocast)
+    return metrics.reduce(total_units, world, extra=extra() if extra is not None else None), total_units
 
 
 @dataclass
@@ -563,8 +575,10 @@ class AdamWUpdate(Update):
 
     def step(self, model, loss_fn, micro_batches, *, world, autocast) -> StepOutcome:
         self.optimizer.zero_grad(set_to_none=True)
-        metrics, total_units = backpropagate(model, loss_fn, micro_batches, world=world, autocast=autocast)
-        values = metrics.reduce(total_units, world, extra={"grad_norm": _grad_norm(self.params, self.max_norm)})
+        values, total_units = _accumulate(
+            model, loss_fn, micro_batches, world=world, autocast=autocast,
+            extra=lambda: {"grad_norm": _grad_norm(self.params, self.max_norm)},
+        )
         loss, grad_norm = values.pop("loss"), values.pop("grad_norm")
         record = {"lr": self.scheduler.get_last_lr()[0]}
         skipped = None
@@ -727,6 +741,7 @@ def train_loop(
     progress = Progress(folder_label(run_dir), config.steps, step, shown=world.is_main)
     tensorboard = _TensorBoard(run_dir, step) if world.is_main else None
     bad_in_row, skipped, interrupted = 0, 0, False
+    target_reached = False
     try:
         with _StopRequest() as stop, contextlib.ExitStack() as files:
             log = files.enter_context(metrics_path.open("a")) if world.is_main else None
@@ -787,6 +802,7 @@ def train_loop(
                         say(f"fastpo: stopped at step {step}; checkpoint {checkpoint}")
                         break
                     if finished_early:
+                        target_reached = True
                         progress.finish(f"target reached at step {step}")
                         say(f"fastpo: the run's target is reached at step {step}; checkpoint {checkpoint}")
                         break
@@ -796,4 +812,4 @@ def train_loop(
             tensorboard.close()
     if root is not None:
         distributed.unshard_all(root)
-    return LoopResult(step, interrupted, last_record, checkpoint, skipped, start_step, already_done)
+    return LoopResult(step, interrupted, last_record, checkpoint, skipped, start_step, already_done, target_reached)

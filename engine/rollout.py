@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from fastpo.kernels import token_logprobs as kernel_token_logprobs
-from .forward import IGNORE_INDEX
+from .forward import IGNORE_INDEX, encode_prompts, generation_pad_id, prompt_width
 from .task import AdditionTask
 
 __all__ = ["Rollout", "check_reward_source", "concatenate_rollouts", "reward_function", "rollout_from_tokens",
@@ -172,20 +172,15 @@ def sample_completions(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = generation_pad_id(tokenizer)
     if prompt_token_ids is None:
-        encoded = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        encoded = encode_prompts(tokenizer, prompts)
     elif len(prompt_token_ids) != len(prompts):
         raise ValueError(f"got {len(prompt_token_ids)} prompt_token_ids for {len(prompts)} prompts")
     else:
         encoded = [list(ids) for ids in prompt_token_ids]
-    width = max(len(ids) for ids in encoded)
-    if max_length is not None and width + max_new_tokens > max_length:
-        raise ValueError(
-            f"a prompt of {width} tokens plus max_new_tokens={max_new_tokens} exceeds max_length={max_length}"
-        )
+    width = prompt_width(encoded, max_new_tokens, max_length)
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
     from transformers import LogitsProcessorList
@@ -307,10 +302,10 @@ def _reward_model(path: str) -> Callable:
 
 
 def _reward_source(spec: str) -> Callable:
-    kind = check_reward_source(spec)
+    kind, function = _reward_kind(spec)
     if kind == "builtin":
         return AdditionTask().reward
-    return _reward_model(spec) if kind == "model" else _callable_reward(spec)
+    return _reward_model(spec) if kind == "model" else function
 
 
 def check_reward_source(spec: str) -> str:
@@ -318,13 +313,18 @@ def check_reward_source(spec: str) -> str:
     ``"callable"`` (``module:function``, imported to check it); a ValueError naming the
     spec otherwise. Loads no model: a run checks its rewards with it before its own
     model loads."""
+    return _reward_kind(spec)[0]
+
+
+def _reward_kind(spec: str) -> tuple[str, Callable | None]:
+    """``check_reward_source``'s kind and, for a ``"callable"``, the function it imported
+    (None for the others)."""
     if spec == "builtin:addition":
-        return "builtin"
+        return "builtin", None
     if Path(spec).is_dir():
-        return "model"
+        return "model", None
     if ":" in spec and not spec.startswith("builtin:"):
-        _callable_reward(spec)
-        return "callable"
+        return "callable", _callable_reward(spec)
     raise ValueError(
         f"reward {spec!r} is not builtin:addition, a module:function callable or a reward model folder"
     )

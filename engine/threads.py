@@ -13,6 +13,9 @@ is a one-minute mean, so right after a heavy step (the setup's pip install befor
 ``make train``, the previous process of a benchmark) it still counts cores that are
 idle again, and an idle machine would get one thread.
 
+The free cores never raise the count above torch's own default (read at the start of the
+run): the affinity counts logical CPUs, torch's default is the physical cores.
+
 ``threads=N`` sets the count; so does ``OMP_NUM_THREADS`` in the environment (read by
 torch at start-up; this module then leaves it alone). The count covers torch's
 intra-op threads and fastpo's native kernels, which take ``torch.get_num_threads()``.
@@ -104,6 +107,10 @@ def run_threads(requested: int | None, *, shown: bool = True) -> Iterator[int]:
     line on stderr unless ``shown`` is False); after it, the count it had before."""
     threads, why = choose_threads(requested)
     before = torch.get_num_threads()
+    if why not in ("threads option", "OMP_NUM_THREADS") and threads > before:
+        # The affinity counts logical CPUs; torch's default (MKL's) is the physical
+        # cores, which hyperthreads do not add to: never more threads than that.
+        threads, why = before, f"{why}, at most torch's default of {before}"
     torch.set_num_threads(threads)
     if shown:
         print(f"fastpo: {threads} CPU thread{'s' if threads > 1 else ''} ({why})", file=sys.stderr, flush=True)

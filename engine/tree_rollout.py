@@ -49,7 +49,7 @@ from typing import Sequence
 
 import torch
 
-from .forward import response_logprobs
+from .forward import encode_prompts, generation_pad_id, prompt_width, response_logprobs
 from .rollout import Rollout, _cut_at_stop, rollout_from_tokens, sample_completions
 
 __all__ = ["SPLITS", "TreeRollout", "branch_points", "sample_tree", "tree_advantages", "treerl_advantages"]
@@ -152,15 +152,10 @@ def sample_tree(
     options are ``rollout.sample_completions``'s; ``max_new_tokens`` bounds a whole leaf,
     shared prefix included. Draws from the global torch RNG, as flat rollouts do."""
     _check_tree_shape(leaves, initial, branches, points, split)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    heads = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(head) for head in heads)
-    if max_length is not None and width + max_new_tokens > max_length:
-        # Checked here for whole leaves: a continuation's own prompt holds its prefix.
-        raise ValueError(
-            f"a prompt of {width} tokens plus max_new_tokens={max_new_tokens} exceeds max_length={max_length}"
-        )
+    heads = encode_prompts(tokenizer, prompts)
+    pad = generation_pad_id(tokenizer)
+    # Checked here for whole leaves: a continuation's own prompt holds its prefix.
+    prompt_width(heads, max_new_tokens, max_length)
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, stop_strings=stop_strings)
     ends_line: dict[int, bool] = {}  # token -> its text ends with a newline, decoded once
     generated = torch.zeros(len(prompts), dtype=torch.long)
@@ -186,16 +181,20 @@ def sample_tree(
         return new
 
     def record_entropies(new: list[_Leaf]) -> None:
-        batch = layout(new)
+        batch = layout(new, decode=False)  # only the token layout is read
         _, entropy = response_logprobs(
             model, batch.input_ids, batch.attention_mask, batch.labels, temperature=temperature, return_entropy=True
         )
         for leaf, row_entropy, row_mask in zip(new, entropy.cpu(), batch.mask):
             leaf.entropy = row_entropy[row_mask]
 
-    def layout(items: list[_Leaf]) -> Rollout:
+    def layout(items: list[_Leaf], decode: bool = True) -> Rollout:
+        """The rollout of ``items``; with ``decode=False`` its completion texts are empty."""
         stops = list(stop_strings)
-        texts = [_cut_at_stop(tokenizer.decode(leaf.tokens, skip_special_tokens=True), stops) for leaf in items]
+        if decode:
+            texts = [_cut_at_stop(tokenizer.decode(leaf.tokens, skip_special_tokens=True), stops) for leaf in items]
+        else:
+            texts = [""] * len(items)
         return rollout_from_tokens(
             [prompts[leaf.prompt] for leaf in items], texts, [(heads[leaf.prompt], leaf.tokens) for leaf in items],
             [leaf.logprobs for leaf in items], [leaf.truncated for leaf in items], pad,
@@ -259,11 +258,14 @@ def treerl_advantages(sequences: Sequence[Sequence[int]], rewards: Sequence[floa
     for i, leaf in enumerate(sequences):
         # shared[j]: how many leading tokens leaf j shares with leaf i.
         shared = torch.tensor([_common_prefix(leaf, other) for other in sequences])
+        # The node changes only where t reaches one of the shared lengths: count there.
+        cuts = set(shared.tolist())
         node_value, node_size, parent_value = root, len(sequences), root
         advantages = []
         for t in range(len(leaf)):
-            below = shared > t
-            size = int(below.sum())
+            if t == 0 or t in cuts:
+                below = shared > t
+                size = int(below.sum())
             if size != node_size:  # a new node starts at t; the one before is its parent
                 parent_value, node_value, node_size = node_value, float(r[below].mean()), size
             advantages.append(((node_value - root) + (node_value - parent_value)) / math.sqrt(node_size))

@@ -9,3 +9,21 @@
 Each module imports its trainer only when called, so fastpo imports without any of
 them, and checks the installed version against the range it was tested with.
 """
+
+import importlib.metadata
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution``; None when it is not installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def version_supported(installed: str, supported: str) -> bool:
+    """Whether version ``installed`` lies in ``supported`` (a packaging SpecifierSet),
+    pre-releases included."""
+    from packaging.specifiers import SpecifierSet
+
+    return SpecifierSet(supported).contains(installed, prereleases=True)

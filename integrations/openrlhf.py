@@ -22,12 +22,11 @@ checks its version against ``SUPPORTED_VERSIONS``.
 
 from __future__ import annotations
 
-import importlib.metadata
-
 import torch
 from torch import nn
 
 from fastpo import kernels
+from fastpo.integrations import installed_version, version_supported
 
 # The OpenRLHF releases whose models/loss.py and models/utils.py these modules match
 # (tests/test_integrations_openrlhf.py runs them against 0.11.2's).
@@ -51,13 +50,10 @@ _IS_LEVELS = {"token": "token", "seq": "sequence"}
 def check_version() -> str | None:
     """The installed OpenRLHF version (None when it is not installed: the modules work
     without it); RuntimeError naming it when it is outside ``SUPPORTED_VERSIONS``."""
-    from packaging.specifiers import SpecifierSet
-
-    try:
-        installed = importlib.metadata.version("openrlhf")
-    except importlib.metadata.PackageNotFoundError:
+    installed = installed_version("openrlhf")
+    if installed is None:
         return None
-    if not SpecifierSet(SUPPORTED_VERSIONS).contains(installed, prereleases=True):
+    if not version_supported(installed, SUPPORTED_VERSIONS):
         raise RuntimeError(
             f"fastpo.integrations.openrlhf matches OpenRLHF{SUPPORTED_VERSIONS} (tested: "
             f"{', '.join(TESTED_VERSIONS)}); the installed openrlhf is {installed}"

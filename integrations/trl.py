@@ -72,11 +72,10 @@ def _import_trl():
             f"fastpo.integrations.trl needs TRL {SUPPORTED_VERSIONS} (tested: {', '.join(TESTED_VERSIONS)}); "
             f"it is not importable: {error}. Install it with pip install 'trl{SUPPORTED_VERSIONS}'"
         ) from error
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
+    from fastpo.integrations import version_supported
 
     installed = getattr(trl, "__version__", "unknown")
-    if installed == "unknown" or Version(installed) not in SpecifierSet(SUPPORTED_VERSIONS):
+    if installed == "unknown" or not version_supported(installed, SUPPORTED_VERSIONS):
         raise RuntimeError(
             f"fastpo.integrations.trl supports TRL {SUPPORTED_VERSIONS} (tested: {', '.join(TESTED_VERSIONS)}), "
             f"but TRL {installed} is installed: its fused LM head may be wired differently. Install "

@@ -29,12 +29,12 @@ verl is imported only by ``register()`` (fastpo imports without it).
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 from collections import defaultdict
 
 import torch
 
 from fastpo import kernels
+from fastpo.integrations import installed_version, version_supported
 
 # The verl releases this module is tested with (tests/test_integrations_verl.py); the
 # registries' signatures and ``ActorConfig.global_batch_info`` are 0.9's.
@@ -51,16 +51,13 @@ _SEQ_LOG_RATIO_CAP = 10.0
 def check_version() -> str:
     """The installed verl version; ImportError when verl is missing, RuntimeError naming
     the installed version when it is outside ``SUPPORTED_VERSIONS``."""
-    from packaging.specifiers import SpecifierSet
-
-    try:
-        installed = importlib.metadata.version("verl")
-    except importlib.metadata.PackageNotFoundError:
+    installed = installed_version("verl")
+    if installed is None:
         raise ImportError(
             f"fastpo.integrations.verl needs verl{SUPPORTED_VERSIONS}, which is not installed "
             f"(pip install 'verl{SUPPORTED_VERSIONS}')"
-        ) from None
-    if not SpecifierSet(SUPPORTED_VERSIONS).contains(installed, prereleases=True):
+        )
+    if not version_supported(installed, SUPPORTED_VERSIONS):
         raise RuntimeError(
             f"fastpo.integrations.verl supports verl{SUPPORTED_VERSIONS} (tested: {', '.join(TESTED_VERSIONS)}); "
             f"the installed verl is {installed}"

@@ -71,14 +71,10 @@ def _automatic(device: torch.device, op: str) -> str:
     if device.type == "cuda":
         if HAS_TRITON:
             return "triton"
-        return "cuda" if op in NATIVE_OPS and _native_available(device) else "torch"
-    if device.type == "cpu" and op in CPP_DEFAULT_OPS and _native_available(device):
+        return "cuda" if op in NATIVE_OPS and _native.available(device) else "torch"
+    if device.type == "cpu" and op in CPP_DEFAULT_OPS and _native.available(device):
         return "cpp"
     return "torch"
-
-
-def _native_available(device: torch.device) -> bool:
-    return _native.available(device)
 
 
 def _check_native(backend: str, device: torch.device, op: str) -> None:
@@ -91,7 +87,7 @@ def _check_native(backend: str, device: torch.device, op: str) -> None:
         raise ValueError(
             f"{op}: backend={backend!r} needs {NATIVE_BACKENDS[backend].upper()} tensors (got device {device})"
         )
-    if not _native_available(device):
+    if not _native.available(device):
         raise RuntimeError(
             f"{op}: backend={backend!r} requested but fastpo's native extension is unavailable: "
             f"{_native.unavailable_reason() or 'built without CUDA'}"

@@ -27,7 +27,7 @@ import torch
 from . import _native
 from ._backend import dispatch
 from ._launch import HAS_TRITON, acc_dtype, on_tensor_device, tl_acc_dtype
-from ._validate import FLOAT_DTYPES, bool_mask, check_same_device, check_tensor
+from ._validate import FLOAT_DTYPES, bool_mask, check_same_device, check_tensor, nonnegative_scalar
 from .registry import Registry
 
 if HAS_TRITON:
@@ -66,16 +66,8 @@ def _check_rewards(rewards, group_size: int) -> None:
         )
 
 
-def _nonnegative_scalar(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 def _unit_interval(name: str, value) -> float:
-    value = _nonnegative_scalar(name, value)
+    value = nonnegative_scalar(name, value)
     if value > 1:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return value
@@ -341,7 +333,7 @@ def group_advantages(
     _check_rewards(rewards, group_size)
     if scale not in SCALES:
         raise ValueError(f"scale={scale!r} is not one of {SCALES}")
-    eps = _nonnegative_scalar("eps", eps)
+    eps = nonnegative_scalar("eps", eps)
     batch_std = _batch_std(rewards, unbiased) if scale == "batch" else None
     return _group_op("group_advantages", rewards, group_size, _SCALE_MODES[scale], unbiased, eps, batch_std, backend)
 
@@ -399,7 +391,7 @@ def whiten(
     """
     check_tensor("x", x, FLOAT_DTYPES)
     valid = bool_mask("mask", mask, x.shape, x.device)
-    eps = _nonnegative_scalar("eps", eps)
+    eps = nonnegative_scalar("eps", eps)
     return dispatch("whiten", x.device, backend, torch=_whiten)(x, valid, shift_mean, unbiased, eps)
 
 
@@ -456,7 +448,7 @@ def reinforce_pp_advantages(
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask must be (B, T) with B = rewards.numel() = {rewards.numel()}, got {shape}")
     valid = bool_mask("mask", mask, mask.shape, rewards.device)
-    eps = _nonnegative_scalar("eps", eps)
+    eps = nonnegative_scalar("eps", eps)
     sequence_advantages = _group_op(
         "reinforce_pp_advantages", rewards, group_size, _NO_DIVISION, True, 0.0, None, backend
     )
@@ -576,7 +568,7 @@ def grpo_passk_advantages(
     _check_rewards(rewards, group_size)
     if scale not in ("group", "none"):
         raise ValueError(f"scale={scale!r} is not one of ('group', 'none')")
-    eps = _nonnegative_scalar("eps", eps)
+    eps = nonnegative_scalar("eps", eps)
     return dispatch("grpo_passk_advantages", rewards.device, backend, torch=_torch_passk)(
         rewards, group_size, scale, eps
     )
@@ -731,7 +723,7 @@ def gdpo_advantages(
         raise ValueError(f"weights must be {n_components} finite floats (one per reward component), got {weights!r}")
     if scale not in ("group", "none"):
         raise ValueError(f"scale={scale!r} is not one of ('group', 'none')")
-    whiten_eps = _nonnegative_scalar("whiten_eps", whiten_eps)
+    whiten_eps = nonnegative_scalar("whiten_eps", whiten_eps)
     combined = sum(
         weight * group_advantages(rewards[:, k].contiguous(), group_size, scale=scale, eps=eps, backend=backend)
         for k, weight in enumerate(weights)
@@ -792,7 +784,7 @@ def optimal_token_baseline_advantages(
         _check_token_tensor("rollout_is_weights", rollout_is_weights, shape)
     check_same_device(token_rewards=token_rewards, old_logprobs=old_logprobs, log_sum_sq_probs=log_sum_sq_probs,
                       rollout_is_weights=rollout_is_weights)
-    eps = _nonnegative_scalar("eps", eps)
+    eps = nonnegative_scalar("eps", eps)
     return dispatch("optimal_token_baseline_advantages", token_rewards.device, backend, torch=_torch_otb)(
         token_rewards, valid, group_size, old_logprobs, log_sum_sq_probs, rollout_is_weights, handle_zero_tail, eps
     )

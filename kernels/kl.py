@@ -37,8 +37,16 @@ import torch
 from . import _native
 from ._backend import resolve_backend
 from ._launch import HAS_TRITON, acc_dtype, on_tensor_device, tl_acc_dtype
-from ._validate import FLOAT_DTYPES, bool_mask, check_same_device, check_tensor, positive_scalar, row_temperature
-from .linear_logprobs import _add_weight_grad, _chunk_logits, _chunk_rows
+from ._validate import (
+    FLOAT_DTYPES,
+    bool_mask,
+    check_same_device,
+    check_tensor,
+    check_unit_vocab_stride,
+    positive_scalar,
+    row_temperature,
+)
+from .linear_logprobs import _add_weight_grad, _check_chunk_size, _chunk_logits, _chunk_rows
 from .logprobs import TORCH_CHUNK_ELEMENTS, _row_layout, _rows_view, _triton_config
 
 if HAS_TRITON:
@@ -509,12 +517,7 @@ def logits_kl(
         raise ValueError(
             f"logits.shape {tuple(logits.shape)} does not match ref_logits.shape {tuple(ref_logits.shape)}"
         )
-    for name, tensor in (("logits", logits), ("ref_logits", ref_logits)):
-        if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
-            raise ValueError(
-                f"{name} must have unit stride in the vocabulary dimension, got strides "
-                f"{tensor.stride()}; call .contiguous() first"
-            )
+    check_unit_vocab_stride(logits=logits, ref_logits=ref_logits)
     out_shape = logits.shape[:-1]
     mask_rows = _mask_rows(mask, out_shape, logits.device)
     backend = resolve_backend(backend, logits.device, "logits_kl")
@@ -592,12 +595,7 @@ def fisher_vector_product(
         raise ValueError(f"u.shape {tuple(u.shape)} does not match logits.shape {tuple(logits.shape)}")
     if u.dtype != logits.dtype:
         raise ValueError(f"dtype mismatch: logits is {logits.dtype} but u is {u.dtype}")
-    for name, tensor in (("logits", logits), ("u", u)):
-        if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
-            raise ValueError(
-                f"{name} must have unit stride in the vocabulary dimension, got strides "
-                f"{tensor.stride()}; call .contiguous() first"
-            )
+    check_unit_vocab_stride(logits=logits, u=u)
     out_shape = logits.shape[:-1]
     mask_rows = _mask_rows(mask, out_shape, logits.device)
     backend = resolve_backend(backend, logits.device, "fisher_vector_product")
@@ -634,11 +632,7 @@ def _check_linear_fisher_inputs(hidden, weight, bias, d_hidden, d_weight, d_bias
         if tensor.dtype != hidden.dtype:
             raise ValueError(f"dtype mismatch: hidden is {hidden.dtype} but {name} is {tensor.dtype}")
     check_same_device(hidden=hidden, weight=weight, bias=bias, d_hidden=d_hidden, d_weight=d_weight, d_bias=d_bias)
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(f"chunk_size must be an int or None, got {chunk_size!r}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_chunk_size(chunk_size)
 
 
 def linear_fisher_vector_product(

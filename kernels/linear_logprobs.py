@@ -59,6 +59,7 @@ from ._validate import (
 from ._backend import resolve_backend
 from .logprobs import (
     _IMPLEMENTATIONS,
+    _empty_statistics,
     _row_layout,
     _world_size,
     check_sampling,
@@ -81,6 +82,14 @@ from .sequence import sequence_logprobs
 # 2^28 elements is ~1700 rows at V = 151936 (512 MiB in bf16). Not tuned on a GPU yet.
 CPU_WORKSPACE_ELEMENTS = 1 << 24
 CUDA_WORKSPACE_ELEMENTS = 1 << 28
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be an int or None, got {chunk_size!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
 def _chunk_rows(chunk_size: int | None, n_rows: int, vocab: int, device: torch.device) -> int:
@@ -127,7 +136,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         local_entropy = compute_entropy or group is not None
         entropy = torch.empty(n_rows, dtype=acc, device=hidden.device) if local_entropy else None
         stats = None  # the foundation's per-row softmax statistics, a tuple of (N,) tensors
-        extra = None  # the requested statistics, in the order of ``statistics``
+        # the requested statistics, in the order of ``statistics``
+        extra = tuple(_empty_statistics(statistics, n_rows, acc, hidden.device).values())
         row_targets = targets
         if group is not None:
             # this shard's targets; the rows of another shard's token read token 0, unused
@@ -149,8 +159,6 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             chunk_extra = tuple(chunk_extra[name] for name in statistics)
             if stats is None:
                 stats = tuple(torch.empty(n_rows, dtype=s.dtype, device=s.device) for s in chunk_stats)
-            if extra is None:
-                extra = tuple(torch.empty(n_rows, dtype=s.dtype, device=s.device) for s in chunk_extra)
             for full, part in zip((*stats, *extra), (*chunk_stats, *chunk_extra)):
                 full[rows] = part
             logprobs[rows] = lp
@@ -160,11 +168,6 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             logprobs, entropy, *stats = combine_shards(*stats, entropy, z_target, group)
             logprobs.masked_fill_(ignored, 0.0)
             entropy = entropy.masked_fill_(ignored, 0.0) if compute_entropy else None
-        if extra is None:  # no rows
-            extra = tuple(
-                torch.empty(0, dtype=torch.bool if name == "is_top1" else acc, device=hidden.device)
-                for name in statistics
-            )
         ctx.set_materialize_grads(False)
         ctx.options = options
         ctx.save_for_backward(hidden, weight, bias, targets, temp, entropy, *(stats or ()))
@@ -253,11 +256,7 @@ def _check_inputs(hidden, weight, targets, bias, chunk_size):
             )
         if bias.dtype != hidden.dtype:
             raise ValueError(f"dtype mismatch: hidden is {hidden.dtype} but bias is {bias.dtype}")
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(f"chunk_size must be an int or None, got {chunk_size!r}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_chunk_size(chunk_size)
 
 
 def linear_token_logprobs(

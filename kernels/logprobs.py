@@ -36,6 +36,7 @@ from ._validate import (
     check_same_device,
     check_targets,
     check_tensor,
+    check_unit_vocab_stride,
     positive_scalar,
     row_temperature,
 )
@@ -611,7 +612,9 @@ def _torch_forward(layout, targets, temp, softcap, ignore_index, compute_entropy
     for start, stop, x in _torch_chunks(layout, n_rows):
         rows = slice(start, stop)
         # the target's logit, unclamped: a -inf target has log-probability -inf
-        z_t, _ = _torch_transform(x.gather(-1, safe_targets[rows]).to(acc), temp[rows, None], softcap)
+        x_t = x.gather(-1, safe_targets[rows])
+        # the transform works in place: a copy keeps the raw x_t for the sampler's test below
+        z_t, _ = _torch_transform(x_t.to(acc, copy=sampling is not None), temp[rows, None], softcap)
         z_sum = extra["mean_logit"][rows] if "mean_logit" in extra else None
         z, _ = _torch_clamped_z(x, temp[rows, None], softcap, z_buf, z_sum_out=z_sum)
         if "is_top1" in extra:
@@ -633,7 +636,7 @@ def _torch_forward(layout, targets, temp, softcap, ignore_index, compute_entropy
         logprobs[rows] = (z_t - z_max).squeeze_(-1) - log_sum[rows]
         if sampling is not None:
             # a target the sampler could not draw has log-probability -inf
-            logprobs[rows].masked_fill_(x.gather(-1, safe_targets[rows]).squeeze(-1) < tau, float("-inf"))
+            logprobs[rows].masked_fill_(x_t.squeeze(-1) < tau, float("-inf"))
         if "log_sum_sq_probs" in extra:
             # a batched dot product: sum exp(z - max)^2 with no (rows, V) temporary
             sq = torch.matmul(e[:, None, :], e[:, :, None]).view(-1)
@@ -888,16 +891,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        if grad_logprobs is None and grad_entropy is None:
-            return (None,) * 8
-        logits, targets, temp, entropy, row_max, log_sum = ctx.saved_tensors
-        softcap, ignore_index, backend = ctx.options
-        grad = _IMPLEMENTATIONS[backend][1](
-            (logits, *ctx.layout_meta), targets, temp, softcap, ignore_index, (row_max, log_sum), entropy,
-            None if grad_logprobs is None else grad_logprobs.contiguous(),
-            None if grad_entropy is None else grad_entropy.contiguous(),
-        )
-        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None
+        # the saved tensors (statistics = (row_max, log_sum)) and ctx fields are _TokenLogprobs's
+        return _TokenLogprobs.backward(ctx, grad_logprobs, grad_entropy)[:8]
 
 
 def token_logprobs(
@@ -976,11 +971,7 @@ def token_logprobs(
             f"{tuple(targets.shape)}: expected logits of shape (*targets.shape, V)"
         )
     vocab = logits.shape[-1]
-    if vocab > 1 and logits.stride(-1) != 1:
-        raise ValueError(
-            f"logits must have unit stride in the vocabulary dimension, got strides "
-            f"{logits.stride()}; call .contiguous() first"
-        )
+    check_unit_vocab_stride(logits=logits)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if softcap is not None:

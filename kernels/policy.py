@@ -39,7 +39,15 @@ import torch
 
 from ._backend import dispatch
 from ._launch import HAS_TRITON, acc_dtype, on_tensor_device, tl_acc_dtype
-from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor, positive_scalar
+from ._validate import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_same_device,
+    check_tensor,
+    finite_scalar,
+    nonnegative_scalar,
+    positive_scalar,
+)
 from .registry import Registry
 
 if HAS_TRITON:
@@ -411,21 +419,6 @@ def _check_choice(name: str, value, choices: tuple) -> None:
         raise ValueError(message + (f"; did you mean {close[0]!r}?" if close else ""))
 
 
-def _finite_scalar(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
-def _nonnegative_scalar(name: str, value) -> float:
-    value = _finite_scalar(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
-
-
 def _check_count(name: str, value, *, allow_zero: bool):
     """An int (or, for num_items, a one-element tensor: a global count from all_reduce)."""
     if isinstance(value, torch.Tensor) and name == "num_items":
@@ -544,12 +537,12 @@ class PolicyLossOptions:
             set_(name, positive_scalar(name, getattr(self, name)))
         for name in ("kl_coef", "entropy_coef", "clip_cov_lb", "clip_cov_ub", "kl_cov_coef", "vespo_k_pos",
                      "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
-            set_(name, _finite_scalar(name, getattr(self, name)))
+            set_(name, finite_scalar(name, getattr(self, name)))
         for name in ("cispo_ratio_min", "rollout_is_min"):
             if getattr(self, name) is not None:
-                set_(name, _nonnegative_scalar(name, getattr(self, name)))
+                set_(name, nonnegative_scalar(name, getattr(self, name)))
         if self.seq_log_ratio_cap is not None:
-            set_("seq_log_ratio_cap", _finite_scalar("seq_log_ratio_cap", self.seq_log_ratio_cap))
+            set_("seq_log_ratio_cap", finite_scalar("seq_log_ratio_cap", self.seq_log_ratio_cap))
 
         kind = POLICY_LOSSES.get(self.loss_type).kernel_id
         if kind != _PPO:
@@ -590,7 +583,7 @@ class PolicyLossOptions:
                 "(importance_level='sequence' or loss_type='gspo')"
             )
         if self.entropy_quantile is not None:
-            set_("entropy_quantile", _finite_scalar("entropy_quantile", self.entropy_quantile))
+            set_("entropy_quantile", finite_scalar("entropy_quantile", self.entropy_quantile))
             if not 0.0 <= self.entropy_quantile <= 1.0:
                 raise ValueError(f"entropy_quantile must be in [0, 1], got {self.entropy_quantile!r}")
         if self.rollout_is_min is not None and self.rollout_is_cap is not None:
@@ -619,7 +612,7 @@ class PolicyLossOptions:
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name}={getattr(self, name)!r} needs rollout_rs")
         if self.off_policy_mask_threshold is not None:
-            set_("off_policy_mask_threshold", _finite_scalar("off_policy_mask_threshold", self.off_policy_mask_threshold))
+            set_("off_policy_mask_threshold", finite_scalar("off_policy_mask_threshold", self.off_policy_mask_threshold))
         if self.rollout_is_mode == "truncate":
             if self.rollout_is_gating != "ratio":
                 raise ValueError(
@@ -1364,9 +1357,11 @@ def _row_scale(agg: str, counts: torch.Tensor, num_items, max_len, seq_mean_rows
     return AGGREGATIONS.get(agg).reference(counts, rows, num_items, max_len)
 
 
-def _metrics(stats: torch.Tensor, has_ref: bool, has_entropy: bool, has_dual: bool, has_rollout: bool) -> dict:
-    """Masked means over this call's valid tokens, as 0-dim tensors (no host sync)."""
-    sums = stats.sum(0)
+def _metrics(
+    stats: torch.Tensor, sums: torch.Tensor, has_ref: bool, has_entropy: bool, has_dual: bool, has_rollout: bool
+) -> dict:
+    """Masked means over this call's valid tokens, as 0-dim tensors (no host sync);
+    ``sums`` is ``stats.sum(0)``."""
     n = sums[_COUNT].clamp(min=1.0)
     any_valid = sums[_COUNT] > 0
     ratio_max = stats[:, _RATIO_MAX].amax() if stats.shape[0] else sums[_RATIO_MAX]
@@ -1387,12 +1382,6 @@ def _metrics(stats: torch.Tensor, has_ref: bool, has_entropy: bool, has_dual: bo
         metrics["rollout_is_weight_mean"] = sums[_IS_WEIGHT] / n
         metrics["rollout_is_filtered_frac"] = sums[_IS_FILTERED] / n
     return metrics
-
-
-def _kept_entropy_mean(stats: torch.Tensor) -> torch.Tensor:
-    """Mean entropy over the tokens the policy term keeps (entropy_agg='token-mean')."""
-    sums = stats.sum(0)
-    return sums[_KEPT_ENTROPY] / sums[_KEPT_COUNT].clamp(min=1.0)
 
 
 class _ScaledRowLoss(torch.autograd.Function):
@@ -1948,34 +1937,38 @@ def policy_loss(
             logprobs, old_logprobs, advantages, valid, ref_logprobs, entropy, rollout_logprobs, ent_threshold,
             selected, o,
         )
+        sums = stats.sum(0)
         loss = (_row_scale(agg, stats[:, _COUNT], num_items, o.max_len, o.seq_mean_rows) * row_loss).sum()
         if kept_entropy is not None:
-            loss = loss - o.entropy_coef * kept_entropy.sum() / stats[:, _KEPT_COUNT].sum().clamp(min=1.0)
-        return loss, stats
+            loss = loss - o.entropy_coef * kept_entropy.sum() / sums[_KEPT_COUNT].clamp(min=1.0)
+        return loss, stats, sums
 
     def run_triton():
         stats, token_grad = _policy_loss_triton(
             logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, rollout_logprobs, ent_threshold,
             selected, o, need_grad,
         )
+        sums = stats.sum(0)
         row_scale = _row_scale(agg, stats[:, _COUNT], num_items, o.max_len, o.seq_mean_rows)
         kept_mode = entropy is not None and o.entropy_agg == "token-mean"
+        # with kept_mode: the mean entropy over the tokens the policy term keeps
         loss = _ScaledRowLoss.apply(
             logprobs, entropy, stats[:, _LOSS], row_scale, token_grad, mask, o.entropy_coef,
-            _kept_entropy_mean(stats) if kept_mode else None,
-            stats[:, _KEPT_COUNT].sum() if kept_mode else None, ent_threshold,
+            sums[_KEPT_ENTROPY] / sums[_KEPT_COUNT].clamp(min=1.0) if kept_mode else None,
+            sums[_KEPT_COUNT] if kept_mode else None, ent_threshold,
         )
-        return loss, stats
+        return loss, stats, sums
 
-    loss, stats = dispatch("policy_loss", logprobs.device, backend, torch=run_torch, triton=run_triton)()
+    loss, stats, sums = dispatch("policy_loss", logprobs.device, backend, torch=run_torch, triton=run_triton)()
     metrics = _metrics(
-        stats, ref_logprobs is not None, entropy is not None, o.dual_clip is not None, rollout_logprobs is not None
+        stats, sums, ref_logprobs is not None, entropy is not None, o.dual_clip is not None,
+        rollout_logprobs is not None,
     )
-    count = stats[:, _COUNT].sum()
+    count = sums[_COUNT]
     if selected is not None:
         metrics["cov_selected_frac"] = selected.sum() / count.clamp(min=1.0)
     if o.off_policy_mask_threshold is not None:
-        metrics["off_policy_masked_frac"] = stats[:, _OFF_POLICY_MASKED].sum() / count.clamp(min=1.0)
+        metrics["off_policy_masked_frac"] = sums[_OFF_POLICY_MASKED] / count.clamp(min=1.0)
     if rejected is not None:  # a fraction of the tokens valid before the rejection
         rejected_count = rejected.sum().to(count.dtype)
         metrics["rollout_rs_masked_frac"] = rejected_count / (count + rejected_count).clamp(min=1.0)

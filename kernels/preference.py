@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ._backend import dispatch
 from ._launch import HAS_TRITON, acc_dtype, on_tensor_device, tl_acc_dtype
-from ._validate import FLOAT_DTYPES, check_same_device, check_tensor, positive_scalar
+from ._validate import FLOAT_DTYPES, check_same_device, check_tensor, nonnegative_scalar, positive_scalar
 from .registry import Registry
 
 if HAS_TRITON:
@@ -348,14 +348,6 @@ def _check_fraction(name: str, value, upper: float, upper_open: bool) -> float:
     return float(value)
 
 
-def _check_nonnegative(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 def _run(op, loss_id, policy, ref, *, beta=1.0, param_a=0.0, param_b=0.0,
          margin=None, desirable=None, z0=None, store_rewards=False, backend=None):
     """Dispatch a (B, K) policy / ref pair (already in the accumulation dtype) to a
@@ -523,8 +515,8 @@ def kto_loss(
         ``z0``, both detached. float32 (float64 if any input is float64).
     """
     beta = _check_beta(beta)
-    desirable_weight = _check_nonnegative("desirable_weight", desirable_weight)
-    undesirable_weight = _check_nonnegative("undesirable_weight", undesirable_weight)
+    desirable_weight = nonnegative_scalar("desirable_weight", desirable_weight)
+    undesirable_weight = nonnegative_scalar("undesirable_weight", undesirable_weight)
     shape = _check_scores("(B,)", 1, policy_logps=policy_logps, ref_logps=ref_logps)
     _check_scores("(M,)", 1, policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
     if policy_kl_logps.numel() == 0:
@@ -653,7 +645,7 @@ def bradley_terry_loss(
         (B,) float32 (float64 for float64 input), differentiable.
     """
     shape = _check_scores("(B,)", 1, chosen_scores=chosen_scores, rejected_scores=rejected_scores)
-    center_coef = _check_nonnegative("center_coef", center_coef)
+    center_coef = nonnegative_scalar("center_coef", center_coef)
     acc = acc_dtype(chosen_scores, rejected_scores, margin if isinstance(margin, torch.Tensor) else None)
     if isinstance(margin, torch.Tensor):
         _check_scores("(B,)", 1, chosen_scores=chosen_scores, margin=margin)

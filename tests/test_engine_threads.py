@@ -86,3 +86,27 @@ def test_run_threads_sets_the_count_for_the_block_only(capsys):
 def test_a_bad_thread_count_is_a_one_line_error(capsys):
     assert main(["sft", "threads=0"]) == 2
     assert capsys.readouterr().err.strip() == "fastpo: error: option 'threads': got 0; expected a value > 0"
+
+
+def test_free_cores_never_raise_the_count_above_torchs_default(machine, monkeypatch, capsys):
+    """Affinity counts hyperthreads, torch's default the physical cores: a free-core
+    estimate above torch's default is cut to it; the option and OMP_NUM_THREADS are not."""
+    machine(8, 0.0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        with threads.run_threads(None) as count:
+            assert count == 3 and torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 3
+        assert capsys.readouterr().err == "fastpo: 3 CPU threads (8 cores, 0.0 busy, at most torch's default of 3)\n"
+        monkeypatch.setattr(threads, "busy_cores", lambda: 6.0)  # below torch's default: the estimate stands
+        with threads.run_threads(None) as count:
+            assert count == 2 and torch.get_num_threads() == 2
+        assert capsys.readouterr().err.endswith("fastpo: 2 CPU threads (8 cores, 6.0 busy)\n")
+        with threads.run_threads(5) as count:  # the option may exceed it
+            assert count == 5
+        monkeypatch.setenv("OMP_NUM_THREADS", "6")
+        with threads.run_threads(None) as count:
+            assert count == 6
+    finally:
+        torch.set_num_threads(before)

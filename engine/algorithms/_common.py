@@ -182,7 +182,9 @@ def train_and_evaluate(
 ) -> dict:
     """Evaluate the model this session starts from (a resumed run's checkpoint, loaded
     for it), train with the shared loop (which also evaluates periodically), and
-    evaluate again unless the run was interrupted or had nothing left to train: the
+    evaluate again unless the run was interrupted or had nothing left to train (a run
+    that ``done`` ended early keeps the loop's evaluation of its last step: the same
+    weights, evaluated greedily, give the same numbers): the
     algorithm module's ``run`` result (``metrics`` with ``<name>_before`` /
     ``<name>_after`` for each of ``evaluate``'s metrics, ``result``, ``run_dir``).
     ``update``: the loop's optimizer step, when not AdamW's."""
@@ -195,7 +197,12 @@ def train_and_evaluate(
                         batches=batches, run_dir=run_dir, evaluate=evaluate, done=done, **options)
     metrics = {f"{name}_before": value for name, value in before.items()}
     if not result.interrupted:
-        after = before if result.already_done else evaluate(model)
+        if result.already_done:
+            after = before
+        elif result.target_reached:  # the loop has just evaluated these weights
+            after = {name: result.last_metrics[f"eval/{name}"] for name in before}
+        else:
+            after = evaluate(model)
         metrics.update({f"{name}_after": value for name, value in after.items()})
         if launched_world()[0] == 0:  # metrics.png: rank 0, with the evaluations before and after
             write_run_plot(run_dir, config, before=before, after=after, start_step=result.start_step)
