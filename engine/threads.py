@@ -111,10 +111,15 @@ def run_threads(requested: int | None, *, shown: bool = True) -> Iterator[int]:
         # The affinity counts logical CPUs; torch's default (MKL's) is the physical
         # cores, which hyperthreads do not add to: never more threads than that.
         threads, why = before, f"{why}, at most torch's default of {before}"
-    torch.set_num_threads(threads)
+    # Only a change: torch.set_num_threads with the count torch already has slowed the
+    # rollouts' generate by ~15% on torch 2.13's CPU build (100 GRPO steps: 24.5 s
+    # against 21.7 s without the call, measured on the 2-core machine).
+    if threads != before:
+        torch.set_num_threads(threads)
     if shown:
         print(f"fastpo: {threads} CPU thread{'s' if threads > 1 else ''} ({why})", file=sys.stderr, flush=True)
     try:
         yield threads
     finally:
-        torch.set_num_threads(before)
+        if threads != before:
+            torch.set_num_threads(before)

@@ -110,3 +110,18 @@ def test_free_cores_never_raise_the_count_above_torchs_default(machine, monkeypa
             assert count == 6
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_count_torch_already_has_is_not_set_again(machine, monkeypatch):
+    """torch.set_num_threads with an unchanged count slows generation: it is called only
+    for a change, and then restored."""
+    machine(2, 0.0)
+    before = torch.get_num_threads()
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    with threads.run_threads(before, shown=False):
+        pass
+    assert calls == []
+    with threads.run_threads(before + 1, shown=False):
+        assert calls == [before + 1]
+    assert calls == [before + 1, before]
