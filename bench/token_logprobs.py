@@ -13,8 +13,10 @@ synchronization, the check that every target is in range (included in median_ms)
 The ``*_top_k*`` / ``*_top_p*`` rows are the sampling-aware log-probs (``top_k=``,
 ``top_p=``: the truncated, renormalized distribution the sampler drew from), with the
 row's argmax as target (a sampled token is always in the kept set); their ratio to the
-plain row of the same backend is the cost of the truncation. The random logits here are
-flat (top-p 0.9 keeps thousands of tokens), the slow case of the top-p cut.
+plain row of the same backend (``time_vs_plain``, measured in the same run) is the cost
+of the truncation (``cpu_vs_plain``: the same from the process's CPU time, ``cpu_ms``,
+steadier than wall time on a machine shared with other jobs). The random logits here are
+flat (top-p 0.9 keeps thousands of tokens).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import torch
 
@@ -111,6 +114,8 @@ def child(args: dict) -> dict:
     if args.get("time", True):
         timing = harness.time_fn(step, device, warmup=0, reps=5 if device == "cpu" else 20)
         result.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms)
+        if device == "cpu":  # CPU time: steadier than wall time on a shared machine
+            result["cpu_ms"] = harness.time_fn(step, device, warmup=0, reps=5, clock=time.process_time).median_ms
     if args.get("time", True) and args["impl"].startswith("fastpo"):
         # The one host synchronization of the op: reading back the bad-target flag.
         from fastpo.kernels._validate import check_targets
@@ -129,6 +134,7 @@ def run(device: str, shapes, dtypes, out_dir: str | None) -> list[dict]:
         for dtype in dtypes:
             logits_bytes = n * v * DTYPES[dtype].itemsize
             eager_ms = None
+            plain = {}  # fastpo backend -> its plain row's result in this run
             for impl in {**implementations(device), **sampling_implementations(device)}:
                 result = harness.run_child("fastpo.bench.token_logprobs",
                                            {"impl": impl, "n": n, "v": v, "dtype": dtype, "device": device})
@@ -138,6 +144,8 @@ def run(device: str, shapes, dtypes, out_dir: str | None) -> list[dict]:
                     rows.append(row)
                     continue
                 row.update(median_ms=result["median_ms"], p20_ms=result["p20_ms"], p80_ms=result["p80_ms"])
+                if "cpu_ms" in result:
+                    row["cpu_ms"] = result["cpu_ms"]
                 if "input_check_ms" in result:
                     row["input_check_ms"] = result["input_check_ms"]
                 row["extra_mem_MiB"] = result["extra_bytes"] / 2**20
@@ -146,6 +154,13 @@ def run(device: str, shapes, dtypes, out_dir: str | None) -> list[dict]:
                     eager_ms = result["median_ms"]
                 if eager_ms:
                     row["speedup_vs_eager"] = eager_ms / result["median_ms"]
+                backend = impl.split("_")[1] if impl.startswith("fastpo_") else None
+                if impl in sampling_implementations(device) and backend in plain:
+                    row["time_vs_plain"] = result["median_ms"] / plain[backend]["median_ms"]
+                    if "cpu_ms" in result:
+                        row["cpu_vs_plain"] = result["cpu_ms"] / plain[backend]["cpu_ms"]
+                elif backend:
+                    plain[backend] = result
                 if copy_bw:
                     moved = 3 * logits_bytes  # read forward, read backward, write the gradient
                     row["%copy_bw"] = 100.0 * moved / (result["median_ms"] / 1e3) / copy_bw
@@ -154,8 +169,9 @@ def run(device: str, shapes, dtypes, out_dir: str | None) -> list[dict]:
     env = harness.environment(device)
     if copy_bw:
         env["copy_bandwidth_GBps"] = round(copy_bw / 1e9, 1)
-    columns = ["impl", "tokens", "vocab", "dtype", "median_ms", "p20_ms", "p80_ms", "input_check_ms",
-               "speedup_vs_eager", "extra_mem_MiB", "extra_mem_%logits", "%copy_bw", "note"]
+    columns = ["impl", "tokens", "vocab", "dtype", "median_ms", "p20_ms", "p80_ms", "cpu_ms", "input_check_ms",
+               "speedup_vs_eager", "time_vs_plain", "cpu_vs_plain", "extra_mem_MiB", "extra_mem_%logits", "%copy_bw",
+               "note"]
     harness.report("token_logprobs forward+backward", rows, columns, env, out_dir, "token_logprobs")
     return rows
 

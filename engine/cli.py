@@ -1,4 +1,6 @@
-"""The ``fastpo`` command: ``fastpo <algorithm> [--config FILE.yaml] [key=value ...]``.
+"""The ``fastpo`` command: ``fastpo <algorithm> [--config FILE.yaml] [key=value ...]``, and
+``fastpo reason [...]``, which runs inference strategies on a reasoning task
+(``engine/reasoning.py``) with a trained model.
 
 Exit status: 0 when the run completed (or had nothing left to train), 2 for a bad option
 or input (an option, a combination of options, a missing or malformed data file, model
@@ -23,7 +25,9 @@ USAGE = (
     "usage: fastpo <algorithm> [--config FILE.yaml] [key=value ...]\n"
     "       fastpo <algorithm> --help\n"
     f"algorithms: {', '.join(ALGORITHMS)}\n"
+    "       fastpo reason [--config FILE.yaml] [key=value ...]: inference strategies on a reasoning task\n"
 )
+REASON = "reason"
 
 
 def _parse(args: list[str]) -> tuple[str | None, list[str], bool]:
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     algorithm, rest = argv[0], argv[1:]
     try:
         config_file, overrides, wants_help = _parse(rest)
+        if algorithm == REASON:
+            return _reason(config_file, overrides, wants_help)
         if wants_help:
             print(format_help(algorithm), end="")
             return 0
@@ -73,3 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     shutdown_distributed()
     # 128 + SIGINT, the shell's status for a run stopped by Ctrl-C (its checkpoint is written).
     return 130 if summary["status"] == "interrupted" else 0
+
+
+def _reason(config_file: str | None, overrides: list[str], wants_help: bool) -> int:
+    """``fastpo reason``: its errors are the caller's to report, as a training run's."""
+    from .reasoning import ReasonConfig, reason
+
+    if wants_help:
+        print(format_help(REASON, ReasonConfig), end="")
+        return 0
+    reason(load_config(REASON, config_file, overrides, cls=ReasonConfig))
+    return 0

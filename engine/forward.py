@@ -64,6 +64,7 @@ def response_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    statistics: tuple[str, ...] = (),
     top_k: int = 0,
     top_p: float = 1.0,
 ):
@@ -72,7 +73,9 @@ def response_logprobs(
     ``return_entropy`` the pair ``(logprobs, entropy)``. Differentiable; run it under
     ``torch.no_grad()`` for a reference. ``top_k`` (0 disables) and ``top_p`` (1
     disables) give the log-probs of the sampler's truncated distribution, as the
-    rollouts record them (-inf for a token outside the kept set).
+    rollouts record them (-inf for a token outside the kept set). ``statistics``: the
+    extra per-token statistics of ``linear_token_logprobs`` from the same pass (then the
+    triple ``(logprobs, entropy or None, {name: (B, T)})``; not with top_k/top_p).
 
     The hidden states come from ``model.model`` (the decoder of Hugging Face causal LMs),
     the head from ``get_output_embeddings()``; a head bias and Gemma 2's
@@ -93,6 +96,7 @@ def response_logprobs(
         softcap=getattr(model.config, "final_logit_softcapping", None),
         ignore_index=IGNORE_INDEX,
         return_entropy=return_entropy,
+        statistics=statistics,
         top_k=top_k if top_k > 0 else None,
         top_p=top_p,
     )

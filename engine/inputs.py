@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import BUILTIN_DATA, ConfigError
+from .tasks import BUILTIN_TASKS
 from .data import ALGORITHM_SCHEMAS, check_file
 from .models import BUILTIN_MODELS
 from .rollout import check_reward_source
@@ -55,8 +56,11 @@ def check_inputs(algorithm: str, config) -> None:
     names a missing or unusable model, data file, reward source, critic or judge."""
     _check_model(config.model)
     if config.data.startswith("builtin:"):
-        if config.data != BUILTIN_DATA:
-            raise ConfigError(f"option 'data': got {config.data!r}; expected {BUILTIN_DATA} or a .jsonl/.parquet file")
+        if config.data not in BUILTIN_TASKS:
+            raise ConfigError(
+                f"option 'data': got {config.data!r}; expected a built-in task ({', '.join(BUILTIN_TASKS)}) or a "
+                ".jsonl/.parquet file"
+            )
     else:
         check_file(config.data, ALGORITHM_SCHEMAS[algorithm], "data")
     if config.eval_data is not None:

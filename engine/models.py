@@ -41,7 +41,7 @@ def tiny_config(tokenizer):
     )
 
 
-def load_causal_lm(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+def load_causal_lm(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, characters: str = ""):
     """A causal LM and its tokenizer, as ``(model, tokenizer)``.
 
     Args:
@@ -51,13 +51,16 @@ def load_causal_lm(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float
         seed: seed of the random init of a built-in model; the global torch RNG is left
             untouched. Ignored for checkpoints.
         dtype: parameter dtype.
+        characters: what a built-in model's tokenizer takes beyond its ``CHARACTERS``
+            (a task's ``characters``, e.g. countdown's ``*/``); ignored for checkpoints,
+            whose tokenizer is their own.
     """
     if name.startswith("builtin:"):
         if name not in BUILTIN_MODELS:
             raise ValueError(f"model {name!r} is not a built-in model; choose one of {', '.join(BUILTIN_MODELS)}")
         from transformers import LlamaForCausalLM
 
-        tokenizer = build_char_tokenizer()
+        tokenizer = build_char_tokenizer(characters)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = LlamaForCausalLM(tiny_config(tokenizer))

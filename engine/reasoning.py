@@ -41,18 +41,26 @@ the strategies count the generated tokens (eos included), the model calls it too
 in (one per batched call, however many of its states the call held) and the states the
 model valued; ``evaluate_strategy`` reports them with the accuracy and the wall time
 as a JSON-ready dict, and ``format_table`` lays several out as a Markdown table.
+
+``fastpo reason`` (``ReasonConfig``, ``reason``) runs the strategies on a task's held-out
+problems with a trained model: one JSON line per strategy on stdout (and in ``output``),
+the table on stderr.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Protocol, Sequence
+from pathlib import Path
+from typing import Callable, Literal, Protocol, Sequence
 
 import torch
 
+from .config import ConfigError, option
 from .forward import encode_responses, response_logprobs
 from .rollout import sample_completions
 
@@ -60,11 +68,13 @@ __all__ = [
     "STRATEGIES",
     "VALUES",
     "LanguageModelReasoner",
+    "ReasonConfig",
     "ReasoningOptions",
     "State",
     "evaluate_strategy",
     "format_table",
     "majority_vote",
+    "reason",
     "run_strategy",
     "tot_bfs",
     "tot_dfs",
@@ -432,3 +442,144 @@ def format_table(reports: Sequence[dict]) -> str:
             f"{r['generated_tokens']:.1f} | {r['model_calls']:.1f} | {r['evaluations']:.1f} | {r['wall_seconds']:.1f} |"
         )
     return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- the fastpo reason command
+
+# The tasks whose chains the strategies can read (LanguageModelReasoner's list of what a
+# task gives).
+REASONING_TASKS = ("builtin:countdown",)
+_DEFAULTS = ReasoningOptions()
+
+
+@dataclass
+class ReasonConfig:
+    """Solve a reasoning task's held-out problems with each inference strategy and report
+    accuracy (the task's verifier), generated tokens, model calls and states valued per
+    problem, and wall time: one JSON line per strategy on stdout, a table on stderr."""
+
+    model: str = option(
+        "runs/grpo",
+        "The model: a run folder (its last checkpoint), a checkpoint folder, a model folder, or builtin:tiny "
+        "(untrained: a baseline).",
+    )
+    data: str = option("builtin:countdown", f"The task: {', '.join(REASONING_TASKS)}.")
+    strategies: list[str] = option(list(STRATEGIES), f"Strategies to run, in order: {', '.join(STRATEGIES)}.")
+    problems: int = option(
+        200, "Problems solved: the first of the held-out problems that training evaluates at the same seed.",
+        positive=True,
+    )
+    split: Literal["heldout", "train"] = option("heldout", "Problems of the held-out or the training split.")
+    samples: int = option(_DEFAULTS.samples, "self_consistency: chains sampled per problem.", positive=True)
+    breadth: int = option(_DEFAULTS.breadth, "tot_bfs: states kept per step.", positive=True)
+    proposals: int = option(_DEFAULTS.proposals, "tot_bfs, tot_dfs: next lines proposed per expanded state.",
+                            positive=True)
+    value: Literal[VALUES] = option(
+        "self_checked",
+        "Value of a state for the searches: self (the model's own sure/likely/impossible judgement), verifier "
+        "(the task's check of the steps), self_checked (the judgement where the verifier finds every step valid; "
+        "the default: self alone does not see a wrong step, docs/reasoning.md).",
+    )
+    threshold: float = option(_DEFAULTS.threshold, "tot_dfs: children valued below this are pruned, in [0, 1].",
+                              minimum=0)
+    node_budget: int = option(_DEFAULTS.node_budget, "tot_dfs: most states expanded per problem.", positive=True)
+    temperature: float = option(_DEFAULTS.temperature, "Temperature of sampled lines and chains.", positive=True)
+    max_line_tokens: int = option(_DEFAULTS.max_line_tokens, "Token budget of a proposed line.", positive=True)
+    max_chain_tokens: int = option(_DEFAULTS.max_chain_tokens, "Token budget of a whole chain.", positive=True)
+    batch_size: int = option(_DEFAULTS.batch_size, "Most rows per model call.", positive=True)
+    seed: int = option(
+        0, "Seed of the problems' draw (training's held-out set at this seed) and of sampling (reset per strategy).",
+        minimum=0,
+    )
+    device: str = option("auto", "Device: auto (cuda when available, else cpu), cpu, cuda, cuda:N.")
+    threads: int | None = option(None, "CPU threads; none: as training runs choose them (threads.py).", positive=True)
+    output: str | None = option(None, "Also write the JSON lines to this file; none: stdout only.")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """ConfigError for a task without strategies, an unknown or repeated strategy, or
+        an option ``ReasoningOptions`` refuses."""
+        if self.data not in REASONING_TASKS:
+            raise ConfigError(f"option 'data': got {self.data!r}; expected one of {', '.join(REASONING_TASKS)}")
+        if not self.strategies:
+            raise ConfigError(f"option 'strategies': got none; choose among {', '.join(STRATEGIES)}")
+        for strategy in self.strategies:
+            if strategy not in STRATEGIES:
+                raise ConfigError(f"option 'strategies': got {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        if len(set(self.strategies)) < len(self.strategies):
+            raise ConfigError(f"option 'strategies': got {','.join(self.strategies)}, which names one twice")
+        if not (isinstance(self.problems, int) and self.problems >= 1):
+            raise ConfigError(f"option 'problems': got {self.problems!r}; expected an integer >= 1")
+        try:
+            self.reasoning_options()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+    def reasoning_options(self) -> ReasoningOptions:
+        return ReasoningOptions(
+            samples=self.samples, breadth=self.breadth, proposals=self.proposals, value=self.value,
+            threshold=self.threshold, node_budget=self.node_budget, temperature=self.temperature,
+            max_line_tokens=self.max_line_tokens, max_chain_tokens=self.max_chain_tokens, batch_size=self.batch_size,
+        )
+
+
+def _model_folder(name: str) -> str:
+    """The model folder that option ``model`` names (module docstring of ``ReasonConfig``);
+    a one-line ConfigError otherwise."""
+    from .loop import latest_checkpoint
+    from .models import BUILTIN_MODELS
+
+    if name in BUILTIN_MODELS:
+        return name
+    path = Path(name)
+    if (path / "config.json").is_file():
+        return name
+    if (path / "model" / "config.json").is_file():
+        return str(path / "model")
+    checkpoint = latest_checkpoint(path) if path.is_dir() else None
+    if checkpoint is not None:
+        return str(checkpoint / "model")
+    reason = "a folder without a model or checkpoints" if path.is_dir() else "no such folder"
+    raise ConfigError(
+        f"option 'model': got {name!r} ({reason}); expected a run folder, a checkpoint folder, a model folder or "
+        f"{', '.join(BUILTIN_MODELS)}"
+    )
+
+
+def reason(config: ReasonConfig) -> list[dict]:
+    """Run ``config.strategies`` (class docstring); the reports, in order. The problems
+    and the model folder are checked before the model loads (one-line ConfigErrors)."""
+    from .algorithms._common import HELDOUT_SIZE
+    from .distributed import resolve_device
+    from .models import load_causal_lm
+    from .progress import hugging_face_bars_off
+    from .tasks import builtin_task
+    from .threads import run_threads
+
+    task = builtin_task(config.data, seed=config.seed)
+    try:  # the held-out evaluation's problems (OnlineRun's "prompt" rows), the first config.problems
+        problems = task.problems(max(config.problems, HELDOUT_SIZE), config.split, "prompts")[: config.problems]
+    except ValueError as error:
+        raise ConfigError(f"option 'problems': got {config.problems}: {error}") from None
+    folder = _model_folder(config.model)
+    options = config.reasoning_options()
+    if config.output is not None:
+        Path(config.output).write_text("")
+    reports = []
+    with run_threads(config.threads), hugging_face_bars_off():
+        device = resolve_device(config.device)
+        model, tokenizer = load_causal_lm(folder, seed=config.seed, characters=task.characters)
+        model = model.to(device).eval()
+        for strategy in config.strategies:
+            torch.manual_seed(config.seed)
+            report = {"model": folder, **evaluate_strategy(model, tokenizer, task, problems, strategy, options)}
+            line = json.dumps(report)
+            print(line, flush=True)
+            if config.output is not None:
+                with open(config.output, "a") as f:
+                    f.write(line + "\n")
+            reports.append(report)
+    print(format_table(reports), file=sys.stderr, flush=True)
+    return reports

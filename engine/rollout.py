@@ -22,8 +22,8 @@ first stop string (the tokens up to the one that completes it), or after
 ``max_new_tokens`` tokens (truncated).
 
 Rewards: ``reward_function(specs, weights)`` combines reward sources, each called as
-``fn(prompts, completions, **row_fields) -> list of floats``: ``builtin:addition`` (the
-task's verifier), ``module:function`` (a Python callable), or the path of a reward
+``fn(prompts, completions, **row_fields) -> list of floats``: a built-in task's name
+(``builtin:addition``, ``builtin:countdown``: the task's verifier, ``tasks.BUILTIN_TASKS``), ``module:function`` (a Python callable), or the path of a reward
 model checkpoint (a one-label ``AutoModelForSequenceClassification``, as ``fastpo
 reward`` saves).
 """
@@ -39,10 +39,10 @@ import torch
 
 from fastpo.kernels import token_logprobs as kernel_token_logprobs
 from .forward import IGNORE_INDEX, encode_prompts, generation_pad_id, prompt_width
-from .task import AdditionTask
+from .tasks import BUILTIN_TASKS, builtin_task
 
-__all__ = ["Rollout", "check_reward_source", "concatenate_rollouts", "reward_function", "rollout_from_tokens",
-           "sample_completions"]
+__all__ = ["RewardSources", "Rollout", "check_reward_source", "concatenate_rollouts", "reward_function",
+           "rollout_from_tokens", "sample_completions"]
 
 
 @dataclass
@@ -304,7 +304,7 @@ def _reward_model(path: str) -> Callable:
 def _reward_source(spec: str) -> Callable:
     kind, function = _reward_kind(spec)
     if kind == "builtin":
-        return AdditionTask().reward
+        return builtin_task(spec).reward
     return _reward_model(spec) if kind == "model" else function
 
 
@@ -319,38 +319,56 @@ def check_reward_source(spec: str) -> str:
 def _reward_kind(spec: str) -> tuple[str, Callable | None]:
     """``check_reward_source``'s kind and, for a ``"callable"``, the function it imported
     (None for the others)."""
-    if spec == "builtin:addition":
+    if spec in BUILTIN_TASKS:
         return "builtin", None
     if Path(spec).is_dir():
         return "model", None
     if ":" in spec and not spec.startswith("builtin:"):
         return "callable", _callable_reward(spec)
     raise ValueError(
-        f"reward {spec!r} is not builtin:addition, a module:function callable or a reward model folder"
+        f"reward {spec!r} is not a built-in task ({', '.join(BUILTIN_TASKS)}), a module:function callable or a "
+        "reward model folder"
     )
 
 
-def reward_function(specs: list[str], weights: list[float] | None = None) -> Callable:
+def reward_function(specs: list[str], weights: list[float] | None = None) -> RewardSources:
     """``rewards(prompts, completions, rows) -> (B,) float32``: the weighted sum of the
     sources ``specs`` (weights default to 1 each); ``rows`` are the dataset rows, whose
-    fields other than ``prompt`` reach each source as keyword lists."""
+    fields other than ``prompt`` reach each source as keyword lists. Its
+    ``components(prompts, completions, rows)`` are the sources' own rewards, (B, K)."""
     if not specs:
         raise ValueError("at least one reward source is needed")
     weights = [1.0] * len(specs) if weights is None else list(weights)
     if len(weights) != len(specs):
         raise ValueError(f"got {len(weights)} reward weights for {len(specs)} reward sources")
-    sources = [_reward_source(spec) for spec in specs]
+    return RewardSources(list(specs), weights)
 
-    def rewards(prompts: list[str], completions: list[str], rows: list[dict]) -> torch.Tensor:
+
+class RewardSources:
+    """The reward sources of ``reward_function``: called, the weighted sum of their rewards;
+    ``components`` the rewards of each source unweighted (a column each, in ``specs``
+    order: GDPO normalizes them one by one), ``combine`` their weighted sum."""
+
+    def __init__(self, specs: list[str], weights: list[float]):
+        self.specs = specs
+        self.weights = torch.tensor(weights, dtype=torch.float32)
+        self._sources = [_reward_source(spec) for spec in specs]
+
+    def components(self, prompts: list[str], completions: list[str], rows: list[dict]) -> torch.Tensor:
         fields = {key: [row.get(key) for row in rows] for key in (rows[0] if rows else {}) if key != "prompt"}
-        total = torch.zeros(len(prompts), dtype=torch.float32)
-        for spec, weight, source in zip(specs, weights, sources):
+        columns = []
+        for spec, source in zip(self.specs, self._sources):
             values = torch.as_tensor(source(prompts, completions, **fields), dtype=torch.float32)
-            if values.shape != total.shape:
+            if values.shape != (len(prompts),):
                 raise ValueError(f"reward {spec!r} returned {tuple(values.shape)} values for {len(prompts)} completions")
             if not torch.isfinite(values).all():
                 raise ValueError(f"reward {spec!r} returned a non-finite value")
-            total += weight * values
-        return total
+            columns.append(values)
+        return torch.stack(columns, dim=1)
 
-    return rewards
+    def combine(self, components: torch.Tensor) -> torch.Tensor:
+        """(B,) the weighted sum of (B, K) ``components``."""
+        return (components * self.weights).sum(-1)
+
+    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict]) -> torch.Tensor:
+        return self.combine(self.components(prompts, completions, rows))

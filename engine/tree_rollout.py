@@ -39,6 +39,13 @@ continuations that happen to start alike share those tokens as one node. On a gr
 with no shared prefix the advantage is ``2 * (r - mean)``, GRPO's without the std;
 advantages are linear in the rewards, so rewards standardized per group give GRPO's
 scale.
+
+``fastpo grpo rollout=tree`` (``grpo_tree_rollout``) samples each rollout's prompts this
+way, ``num_generations`` leaves a tree, divides the rewards by their group's (or the
+batch's) standard deviation plus ``advantage_eps`` as ``scale_rewards`` says, and trains
+on these advantages with the same ``policy_loss``; its ``generated_tokens`` metric is the
+tokens decoded per leaf (the flat rollout's completion length), the budget of the
+comparison.
 """
 
 from __future__ import annotations
@@ -49,10 +56,12 @@ from typing import Sequence
 
 import torch
 
+from .distributed import launched_world
 from .forward import encode_prompts, generation_pad_id, prompt_width, response_logprobs
 from .rollout import Rollout, _cut_at_stop, rollout_from_tokens, sample_completions
 
-__all__ = ["SPLITS", "TreeRollout", "branch_points", "sample_tree", "tree_advantages", "treerl_advantages"]
+__all__ = ["SPLITS", "GroupTrees", "TreeRollout", "branch_points", "grpo_tree_rollout", "sample_tree",
+           "tree_advantages", "treerl_advantages"]
 
 SPLITS = ("entropy", "line")
 
@@ -299,3 +308,51 @@ def tree_advantages(rollout: Rollout, rewards: torch.Tensor, group_size: int) ->
         for offset, values in enumerate(group):
             advantages[start + offset][mask[start + offset]] = torch.tensor(values, dtype=torch.float32)
     return advantages
+
+
+# ---------------------------------------------------------------- GRPO's rollout=tree
+
+
+@dataclass
+class GroupTrees:
+    """One GRPO rollout sampled as trees: ``rollout`` (a leaf a row, GRPO's group layout),
+    ``rewards`` (B,), per-token ``advantages`` (B, T), and ``generated`` (B,) float32,
+    the tokens decoded for each leaf (its length less the prefix it branched from)."""
+
+    rollout: Rollout
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    generated: torch.Tensor
+
+
+def _scaled_rewards(rewards: torch.Tensor, group_size: int, scale: str, eps: float) -> torch.Tensor:
+    """``rewards`` divided by their group's (``"group"``) or the batch's (``"batch"``)
+    standard deviation (unbiased, as ``group_advantages``) plus ``eps``; ``"none"``
+    leaves them. TreeRL's advantages center them themselves."""
+    if scale == "none":
+        return rewards
+    if scale == "batch":
+        return rewards / (rewards.std() + eps)
+    groups = rewards.view(-1, group_size)
+    return (groups / (groups.std(dim=1, keepdim=True) + eps)).flatten()
+
+
+def grpo_tree_rollout(model, tokenizer, rows: list[dict], rewards_fn, config) -> GroupTrees:
+    """The rollout of ``fastpo grpo rollout=tree``: ``rows`` are the rollout's rows, each
+    prompt's ``num_generations`` times in a row (``OnlineRun.prompt_rows``), scored by
+    ``rewards_fn(prompts, completions, rows)``; the tree and sampling options are
+    ``config``'s. One process only (a tree is not split across ranks)."""
+    if launched_world()[1] > 1:
+        raise NotImplementedError("grpo: rollout=tree samples on one process; run it without torchrun")
+    group = config.num_generations
+    tree = sample_tree(
+        model, tokenizer, [row["prompt"] for row in rows[::group]], leaves=group, initial=config.tree_initial,
+        branches=config.tree_branches, points=config.tree_points, split=config.tree_split,
+        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, max_new_tokens=config.max_new_tokens,
+        stop_strings=config.stop_strings, max_length=config.max_length,
+    )
+    rollout = tree.rollout
+    rewards = rewards_fn(rollout.prompts, rollout.completions, rows)
+    scaled = _scaled_rewards(rewards, group, config.scale_rewards, config.advantage_eps)
+    generated = rollout.mask.sum(-1) - torch.tensor(tree.prefix_lengths)
+    return GroupTrees(rollout, rewards, tree_advantages(rollout, scaled, group), generated.float())

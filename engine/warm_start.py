@@ -1,16 +1,19 @@
 """The warm start: a stage of its own, run before an algorithm, cached once for every run.
 
 A random model has nothing for preference or RL training to sharpen, so on the built-in
-model and task every algorithm but sft starts from an SFT run on the task's
-demonstrations: batch size 64, constant learning rate 2e-3, until greedy exact match on
-``CHECK_PROMPTS`` *training* prompts reaches ``warm_start_accuracy`` (checked every
-``CHECK_EVERY`` steps), at most ``warm_start_steps`` steps (``_common.warm_start_steps``:
-by default 1500 on the built-in model and task, else none). A target rather than a step
-count: how many steps SFT needs varies several-fold with the seed, and what follows
-needs a policy that is right sometimes, not always. Training prompts, so the held-out
-split stays unseen by every decision of the run.
+model and a built-in task (``data=builtin:addition`` or ``builtin:countdown``) every
+algorithm but sft starts from an SFT run on that task's demonstrations: batch size 64,
+constant learning rate 2e-3, until greedy exact match on ``CHECK_PROMPTS`` *training*
+prompts reaches ``warm_start_accuracy`` (checked every ``CHECK_EVERY`` steps), at most
+``warm_start_steps`` steps (``_common.warm_start_steps``: by default 1500 on the built-in
+model and a built-in task, else none). The check is the held-out evaluation's, on
+training prompts: the task's verifier on greedy completions (a countdown chain: every
+step and the answer). A target rather than a step count: how many steps SFT needs
+varies several-fold with the seed, and what follows needs a policy that is right
+sometimes, not always. Training prompts, so the held-out split stays unseen by every
+decision of the run.
 
-The cache. One warm start per (model and its definition, data, warm-start settings,
+The cache. One warm start per (model and its definition, task, warm-start settings,
 seed, device type):
 ``cache_root()/warm_start/<key>``, ``key`` a hash of those settings (``settings``), an
 ordinary run folder of ``fastpo sft`` plus ``done.json``, written last, that marks it
@@ -21,7 +24,7 @@ says so. The run folder gets a link ``warm_start`` to the entry it used.
 ``done.json`` holds ``checkpoint`` (relative to the entry), ``steps`` (SFT steps run),
 ``check_accuracy`` (the stopping check: exact match on the training prompts) and
 ``heldout_accuracy``: the same evaluation as every run's ``heldout_accuracy_before``
-(``_common.exact_match_accuracy``, greedy, on the built-in task's 200 held-out
+(``_common.exact_match_accuracy``, greedy, on the task's 200 held-out
 problems), so the two agree for the same weights. The check's number is lower or higher
 than the held-out one only because its prompts differ (before this record existed the
 warm start reported the check, 0.385, beside grpo's 0.41 held-out for the same
@@ -46,7 +49,6 @@ import torch
 
 from .algorithms import sft
 from .algorithms._common import (
-    BUILTIN_DATA,
     HELDOUT_SIZE,
     builtin_task,
     exact_match_accuracy,
@@ -54,6 +56,7 @@ from .algorithms._common import (
     warm_start_steps,
 )
 from .config import ConfigError, SFTConfig, config_to_dict
+from .tasks import BUILTIN_TASKS
 from .distributed import launched_world, resolve_device
 from .models import BUILTIN_MODELS, load_causal_lm, tiny_config
 from .tokenizer import build_char_tokenizer
@@ -111,13 +114,14 @@ def _device_type(name: str) -> str:
     return torch.device(name).type
 
 
-def _model_identity(name: str) -> dict:
+def _model_identity(name: str, characters: str) -> dict:
     """The model's part of the key: a built-in model's name with its definition (its
-    config and vocabulary: a version of fastpo that changes them builds another model),
+    config and vocabulary, the task's ``characters`` included: a version of fastpo that
+    changes them builds another model),
     or a folder's absolute path with the size and modification time of its files (a
     checkpoint retrained in place is another model)."""
     if name in BUILTIN_MODELS:
-        tokenizer = build_char_tokenizer()
+        tokenizer = build_char_tokenizer(characters)
         definition = tiny_config(tokenizer).to_dict()
         definition.pop("transformers_version", None)
         return {"model": name, "definition": definition, "vocabulary": tokenizer.get_vocab()}
@@ -128,7 +132,7 @@ def _model_identity(name: str) -> dict:
 
 def _sft_config(config, steps: int, folder: Path) -> SFTConfig:
     return SFTConfig(
-        model=config.model, seed=config.seed, device=config.device, dtype=config.dtype,
+        model=config.model, data=config.data, seed=config.seed, device=config.device, dtype=config.dtype,
         max_length=config.max_length, steps=steps, batch_size=64, learning_rate=2e-3, warmup_steps=20,
         lr_schedule="constant", eval_every=CHECK_EVERY, eval_data=str(folder / "check_prompts.jsonl"),
         target_accuracy=config.warm_start_accuracy, output_dir=str(folder),
@@ -141,8 +145,9 @@ def settings(config, steps: int) -> dict:
     options = config_to_dict(_sft_config(config, steps, Path(".")))
     for name in ("output_dir", "eval_data", "device"):
         options.pop(name)
-    values = {"recipe": _RECIPE, "data": BUILTIN_DATA, "device_type": _device_type(config.device),
-              **options, **_model_identity(config.model)}
+    # options hold data, the task (builtin:addition's entries keep the key they always had)
+    values = {"recipe": _RECIPE, "device_type": _device_type(config.device),
+              **options, **_model_identity(config.model, builtin_task(config).characters)}
     return json.loads(json.dumps(values))  # as done.json stores them (tuples as lists, keys as strings)
 
 
@@ -197,15 +202,16 @@ def prepare(algorithm: str, config) -> WarmStart | None:
     the cache holds it; None when the run has none (``warm_start_steps``).
 
     Raises:
-        ConfigError: a warm start is asked for but ``data`` is not the built-in task.
+        ConfigError: a warm start is asked for but ``data`` is not a built-in task.
     """
     steps = warm_start_steps(algorithm, config)
     if not steps:
         return None
-    if config.data != BUILTIN_DATA:  # the config refuses an explicit one; this guards direct calls
+    if config.data not in BUILTIN_TASKS:  # the config refuses an explicit one; this guards direct calls
         raise ConfigError(
-            f"option 'warm_start_steps': got {steps}, but the warm start trains on {BUILTIN_DATA} "
-            f"and data is {config.data!r}; warm-start with `fastpo sft` on your data and pass model=PATH"
+            f"option 'warm_start_steps': got {steps}, but the warm start trains on a built-in task "
+            f"({', '.join(BUILTIN_TASKS)}) and data is {config.data!r}; warm-start with `fastpo sft` on your data "
+            "and pass model=PATH"
         )
     values = settings(config, steps)
     folder = cache_root() / "warm_start" / _key(values)
@@ -233,12 +239,12 @@ def _make(config, steps: int, folder: Path, values: dict, is_main: bool) -> dict
     (folder / DONE).unlink(missing_ok=True)
     if is_main:  # an interrupted attempt's checkpoints: the new run starts from scratch
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    rows = builtin_task(config).sft_examples(CHECK_PROMPTS, "train")
+    rows = builtin_task(config).rows("prompt", CHECK_PROMPTS, "train")
     (folder / "check_prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     if is_main:
         print(
-            f"fastpo: warm start: SFT on the built-in task until {config.warm_start_accuracy:.0%} exact match "
-            f"on {CHECK_PROMPTS} training prompts (at most {steps} steps), cached in {folder}",
+            f"fastpo: warm start: SFT on the built-in task {config.data} until {config.warm_start_accuracy:.0%} "
+            f"exact match on {CHECK_PROMPTS} training prompts (at most {steps} steps), cached in {folder}",
             file=sys.stderr,
         )
     outcome = sft.run(_sft_config(config, steps, folder))
@@ -248,7 +254,7 @@ def _make(config, steps: int, folder: Path, values: dict, is_main: bool) -> dict
     model_dir = result.checkpoint / "model"
     model, tokenizer = load_causal_lm(str(model_dir))
     model = model.to(resolve_device(config.device))
-    heldout = builtin_task(config).sft_examples(HELDOUT_SIZE, "heldout")  # the runs' held-out rows
+    heldout = builtin_task(config).rows("prompt", HELDOUT_SIZE, "heldout")  # the runs' held-out rows
     record = {
         "checkpoint": str(result.checkpoint.relative_to(folder)),
         "steps": result.step,

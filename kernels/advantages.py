@@ -20,6 +20,7 @@ own, GAE).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -824,23 +825,68 @@ def _torch_otb(token_rewards, valid, group_size, old_logprobs, log_sum_sq_probs,
 # --------------------------------------------------------------------- registry
 
 ADVANTAGE_ESTIMATORS = Registry("ADVANTAGE_ESTIMATORS", "advantage")
-# params: ``function`` (the public op), ``needs_values`` (a critic's values, per token).
+# params:
+#   ``function``: the public op;
+#   ``arguments``: the names of its positional arguments, in order, from what a rollout
+#     provides: ``rewards`` (B,) sequence rewards laid out group by group, ``group_size``
+#     (G), ``mask`` (B, T) response mask, ``token_rewards`` (B, T) the sequence reward on
+#     each response's last valid token (verl's ``token_level_rewards``),
+#     ``reward_components`` (B, K) the reward of each of K sources, ``baseline_rewards``
+#     (B,) the reward of the greedy response to the row's prompt, ``old_logprobs`` and
+#     ``log_sum_sq_probs`` (B, T) of the sampling policy, ``values`` (B, T) a critic's;
+#   ``options``: keyword -> the engine option (GRPOConfig's) that sets it;
+#   ``needs_values``: it takes a critic's values (``"values" in arguments``).
+# Ops returning ``(advantages, returns)`` give the advantages first.
 ADVANTAGE_ESTIMATORS.register(
     "group", kernel_id=_DIVIDE_BY_GROUP_STD, doc="GRPO: `(R_i - mean_g) / (std + eps)` (scale: group, batch, none)",
     peers="TRL GRPO `scale_rewards`; verl `grpo`; OpenRLHF `group_norm`", function=group_advantages,
+    arguments=("rewards", "group_size"), options={"scale": "scale_rewards", "eps": "advantage_eps"},
     needs_values=False,
 )(_torch_group)
 ADVANTAGE_ESTIMATORS.register(
     "rloo", kernel_id=_LEAVE_ONE_OUT, doc="RLOO: `R_i - mean_{j != i} R_j`",
-    peers="TRL RLOOTrainer; verl `rloo`; OpenRLHF `rloo`", function=rloo_advantages, needs_values=False,
+    peers="TRL RLOOTrainer; verl `rloo`; OpenRLHF `rloo`", function=rloo_advantages,
+    arguments=("rewards", "group_size"), options={}, needs_values=False,
 )(_torch_group)
 ADVANTAGE_ESTIMATORS.register(
     "reinforce_pp", kernel_id=_NO_DIVISION,
     doc="REINFORCE++ baseline: `R_i - mean_g` on every token, whitened over the batch",
     peers="verl `reinforce_plus_plus_baseline`; OpenRLHF `reinforce_baseline`", function=reinforce_pp_advantages,
-    needs_values=False,
+    arguments=("rewards", "group_size", "mask"), options={}, needs_values=False,
 )(_torch_reinforce_pp)
 ADVANTAGE_ESTIMATORS.register(
     "gae", kernel_id=None, doc="GAE over each sequence's valid tokens, `returns = A + V`",
-    peers="verl `gae`; OpenRLHF `gae`; TRL PPO", function=gae, needs_values=True,
+    peers="verl `gae`; OpenRLHF `gae`; TRL PPO", function=gae,
+    arguments=("token_rewards", "values", "mask"), options={}, needs_values=True,
 )(_torch_gae)
+ADVANTAGE_ESTIMATORS.register(
+    "grpo_passk", kernel_id=None,
+    doc="Pass@k: the best completion of a group gets `(max_g - second_g) / (std + eps)`, the others 0",
+    peers="verl `grpo_passk`", function=grpo_passk_advantages,
+    arguments=("rewards", "group_size"), options={"scale": "scale_rewards", "eps": "advantage_eps"},
+    needs_values=False,
+)(_torch_passk)
+ADVANTAGE_ESTIMATORS.register(
+    "opo", kernel_id=None, doc="OPO: `R_i` minus the group's length-weighted mean reward",
+    peers="verl `opo`", function=opo_advantages,
+    arguments=("rewards", "group_size", "mask"), options={}, needs_values=False,
+)(_torch_opo)
+ADVANTAGE_ESTIMATORS.register(
+    "remax", kernel_id=None, doc="ReMax: the reward to go minus the greedy response's reward",
+    peers="verl `remax`", function=remax_advantages,
+    arguments=("token_rewards", "baseline_rewards", "mask"), options={}, needs_values=False,
+)(_torch_remax)
+ADVANTAGE_ESTIMATORS.register(
+    "gdpo", kernel_id=None,
+    doc="GDPO: each reward component z-scored in its group, weighted sum, whitened over the batch's tokens",
+    peers="verl `gdpo`", function=gdpo_advantages,
+    arguments=("reward_components", "group_size", "mask"),
+    options={"weights": "reward_weights", "scale": "scale_rewards", "eps": "advantage_eps"}, needs_values=False,
+)(functools.partial(gdpo_advantages, backend="torch"))  # its group z-scores on the torch backend too
+ADVANTAGE_ESTIMATORS.register(
+    "optimal_token_baseline", kernel_id=None,
+    doc="Optimal token baseline: the reward to go minus a per-position baseline weighted by the path variance",
+    peers="verl `optimal_token_baseline`", function=optimal_token_baseline_advantages,
+    arguments=("token_rewards", "mask", "group_size", "old_logprobs", "log_sum_sq_probs"), options={},
+    needs_values=False,
+)(_torch_otb)

@@ -19,6 +19,16 @@ sum of exp(2 (z - max)), rescaled like the sum of exp), ``mean_logit`` = mean_v 
 ``is_top1`` = whether the target is the first argmax of z (a running max over the
 tokens before the target), and ``top1_logprob`` = log p of the argmax, which is
 -log sum_v exp(z - max) and costs nothing.
+
+Sampling-aware log-probs (``top_k=``, ``top_p=``): the distribution is truncated to the
+sampler's kept set, one threshold per row, found before the reduction by fixed-shape
+tensor ops (no host synchronization, no sort): top-k by a streaming selection (the
+maxima of blocks of 64 tokens, then the k blocks of largest maxima: ``_select``), top-p
+by a second pass rather than a bisection on the threshold (one halving per pass, about
+30 for a float32 threshold): two rounds of a mass histogram over z - max and an exact
+sort of the few values left in the last sub-bin (``_top_p_cut``). The torch backend
+decides "kept" on z - max, the values it reduces; the Triton kernels on the raw logits,
+against the smallest kept logit, so that the set does not depend on how they temper.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import torch
 from . import _native
 from ._backend import resolve_backend
 from ._launch import HAS_TRITON, acc_dtype, on_tensor_device, tl_acc_dtype
+from ._select import largest_values
 from ._validate import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -53,15 +64,13 @@ STATISTICS = ("log_sum_sq_probs", "mean_logit", "is_top1", "top1_logprob")
 # speed, small enough that the extra memory is a few such temporaries, whatever N is.
 TORCH_CHUNK_ELEMENTS = 1 << 20
 
-# Top-k/top-p cuts are bounded from below by the maxima of blocks of this many tokens;
-# top-p looks for its bound among this many largest block maxima of a row.
-CUT_BLOCK = 64
-TOP_P_BLOCKS = 256
-# Rows whose block maxima do not reach the top-p mass (flat distributions) find the
-# cut's bucket among this many buckets of z - max in [-TOP_P_SPAN, 0] (exp(-TOP_P_SPAN)
-# is far below any mass that can decide the cut), and sort only that bucket.
-TOP_P_BUCKETS = 1024
-TOP_P_SPAN = 128.0
+# Bins per round of the top-p histogram (``_top_p_cut``): two rounds resolve the cut to
+# -lower / TOP_P_BINS**2 of z - max (about 1e-6), each (rows, TOP_P_BINS) histogram a small
+# fraction of a chunk.
+TOP_P_BINS = 4096
+# Values of the last sub-bin sorted exactly, so that the cut is exact whenever the mass is
+# reached within them (a sub-bin spans about 1e-6 of z - max: a few tokens at most).
+TOP_P_LAST = 8
 
 
 def _row_layout(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -373,7 +382,8 @@ def _triton_forward(layout, targets, temp, softcap, ignore_index, compute_entrop
 
 def _row_stats(row_max, log_sum, threshold):
     """The per-row statistics the backward reads: (row_max, log_sum), and the
-    sampler's threshold when top-k/top-p truncate the distribution."""
+    sampler's threshold when top-k/top-p truncate the distribution (the kept set is
+    logit >= threshold on the Triton backend, z - max >= threshold on the torch one)."""
     return (row_max, log_sum) if threshold is None else (row_max, log_sum, threshold)
 
 
@@ -459,141 +469,151 @@ def _torch_clamped_z(x: torch.Tensor, temp: torch.Tensor, softcap: float | None,
     return z.clamp_(min=torch.finfo(z.dtype).min), tanh
 
 
-def _chunk_threshold(x: torch.Tensor, shifted: torch.Tensor, e: torch.Tensor, top_k: int | None,
-                     top_p: float | None) -> torch.Tensor:
-    """Per row of one chunk, the threshold tau such that the sampler's top-k then top-p
-    kept set is exactly {v : x_v >= tau}; -inf where nothing is cut. ``x`` holds the
-    raw logits (rows, V), ``shifted`` z - max(z) (z tempered, in the accumulation dtype)
-    and ``e`` exp(shifted).
+def _keep_step(shifted: torch.Tensor, cut: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """1.0 where ``shifted >= cut`` (cut (rows, 1)), 0.0 below it, written to ``out``.
 
-    Top-k keeps every token whose z is at least the k-th largest (ties at the boundary
-    all kept). Top-p, on the top-k distribution renormalized, keeps a token when the
-    mass strictly above its z is below p: the cut is at the first token, in descending
-    order of z, at which the cumulative mass reaches p * S.
+    By the sign of ``shifted - cut``, which is 0 exactly when the two are equal: float
+    arithmetic, about a fifth of the time of a comparison and a masked fill on the CPU,
+    whose boolean results take a slow path there."""
+    return torch.sub(shifted, cut, out=out).sign_().add_(1.0).clamp_(max=1.0)
 
-    Selection without sorting the row: the maxima of blocks of CUT_BLOCK tokens give a
-    lower bound on the cut (the k-th largest block maximum for top-k; for top-p the
-    first block maximum, in descending order, at which the block maxima alone reach
-    p * S). Only the tokens at or above the bound are gathered and sorted; that is a
-    few tokens per row. Top-p rows whose block maxima do not reach p * S (flat
-    distributions) find the cut's bucket in a mass histogram instead (``_bucket_top_p``).
 
-    tau is a raw logit, not a z: every backend then decides "kept" by the same exact
-    comparison of logits, whatever arithmetic it tempers them with (z is nondecreasing
-    in x, so this is the same set).
+def _cut_workspace(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, sampling) -> tuple:
+    """The (rows, V) buffers ``_chunk_cut`` works in, reused by every chunk (fresh
+    allocations of this size cost more than the arithmetic on the CPU): one of ``dtype``,
+    and for top-p without top-k one more and an int64 one for the histograms' indices."""
+    top_k, top_p = sampling
+    histograms = top_p is not None and (top_k is None or top_k >= vocab)
+    buffers = _workspace(1 + histograms, n_rows, vocab, dtype, device)
+    if histograms:
+        buffers += _workspace(1, n_rows, vocab, torch.int64, device)
+    return buffers
+
+
+def _chunk_cut(shifted: torch.Tensor, e: torch.Tensor, top_k: int | None, top_p: float | None,
+               workspace: tuple) -> torch.Tensor:
+    """Per row of one chunk, the cut c (rows, 1) such that the sampler's top-k then top-p
+    kept set is {v : shifted_v >= c}; -inf where nothing is cut. ``shifted`` is z - max(z)
+    (z tempered, in the accumulation dtype) and ``e`` exp(shifted); with both top-k and
+    top-p, ``e`` is left 0 outside the top-k set. ``workspace``: ``_cut_workspace``'s.
+
+    Top-k keeps every token whose z is at least the k-th largest (ties at the boundary all
+    kept): c is the k-th largest value, from ``_select.largest_values`` (one reduction over
+    the row, no sort). Top-p, on the top-k distribution renormalized, keeps a token when
+    the mass strictly above its z is below p: c is the value of the first token, in
+    descending order, at which the cumulative mass reaches p * S. With top-k first, that
+    is among the k largest values, already sorted (the mass S of the top-k set is summed
+    over the row, so that tokens tied with the k-th count); top-p alone is ``_top_p_cut``.
+    Fixed shapes throughout: no host synchronization.
     """
     rows, vocab = shifted.shape
-    threshold = torch.full((rows,), float("-inf"), dtype=shifted.dtype, device=shifted.device)
+    step_buf, *histogram_buffers = (buffer[:rows] for buffer in workspace)
     k = None if top_k is None or top_k >= vocab else top_k
+    no_cut = torch.full((rows, 1), float("-inf"), dtype=shifted.dtype, device=shifted.device)
     if vocab == 0 or (k is None and top_p is None):
-        return threshold
-    block_max = _block_maxima(shifted)
-    no_bound = torch.full((rows, 1), float("-inf"), dtype=shifted.dtype, device=shifted.device)
+        return no_cut
     if k is None:
-        # top-p alone: the mass of the whole row, and the bound from the block maxima
-        goal = e.sum(dim=-1, keepdim=True).mul_(top_p)
-        top_blocks = torch.topk(block_max, min(block_max.shape[1], TOP_P_BLOCKS), dim=-1).values
-        first, found = _first_reaching(top_blocks, goal)
-        bound = torch.where(found, top_blocks.gather(-1, first), no_bound)
-        selected = shifted >= bound
-        mass_above = torch.zeros_like(bound)
-        if not bool(found.all()):  # a host sync; only flat rows need the buckets
-            flat = (~found[:, 0]).nonzero().squeeze(1)
-            selected[flat], mass_above[flat] = _bucket_top_p(shifted[flat], e[flat], goal[flat])
-        values, columns = _sorted_candidates(shifted, selected)
-        first, found = _first_reaching(values, goal - mass_above)
-    else:
-        bound = (torch.topk(block_max, k, dim=-1).values[:, -1:] if k <= block_max.shape[1] else no_bound)
-        values, columns = _sorted_candidates(shifted, shifted >= bound)  # at least k per row
-        if top_p is None:
-            return _lowest_logit_of_value(x, values, columns, torch.full_like(values[:, :1], k - 1, dtype=torch.long))
-        # top-p on the top-k set: its tokens, ties included, are all among the candidates
-        values = values.masked_fill(values < values[:, k - 1 : k], float("-inf"))
-        goal = values.exp().sum(dim=-1, keepdim=True).mul_(top_p)
-        first, found = _first_reaching(values, goal)
-    # rounding can leave p * S a hair above the whole sorted sum when p is near 1: then
-    # every token of the (top-k) set is kept
-    last = (values > float("-inf")).sum(dim=-1, keepdim=True).sub_(1)
-    return _lowest_logit_of_value(x, values, columns, torch.where(found, first, last))
-
-
-def _lowest_logit_of_value(x, values, columns, position):
-    """The smallest raw logit among the candidates whose z equals the cut's (the value at
-    ``position``): distinct logits can round to one z, and the sampler keeps them all;
-    every token of that value is a candidate, so the kept set is exactly x >= this."""
-    cut_value = values.gather(-1, position)
-    candidate_x = x.gather(-1, columns).to(values.dtype)
-    return candidate_x.masked_fill_(values != cut_value, float("inf")).amin(dim=-1)
-
-
-def _block_maxima(shifted: torch.Tensor) -> torch.Tensor:
-    """(rows, ceil(V / CUT_BLOCK)) maxima of consecutive blocks of each row."""
-    rows, vocab = shifted.shape
-    whole = vocab // CUT_BLOCK * CUT_BLOCK
-    parts = [shifted[:, :whole].view(rows, -1, CUT_BLOCK).amax(dim=-1)] if whole else []
-    if whole < vocab:
-        parts.append(shifted[:, whole:].amax(dim=-1, keepdim=True))
-    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-
-
-def _bucket_top_p(shifted, e, goal):
-    """For flat rows, the tokens to sort for the top-p cut and the mass above them: one
-    pass sorts the tokens into TOP_P_BUCKETS buckets of equal width in z - max (from
-    -TOP_P_SPAN, or the row's minimum, to 0; a monotone map, so ties share a bucket)
-    and sums each bucket's mass; the cut lies in the first bucket, from the top, where
-    the cumulative mass reaches ``goal``. Returns (selected (rows, V) bool, mass above)."""
-    lower = shifted.amin(dim=-1, keepdim=True).clamp_(min=-TOP_P_SPAN)
-    scale = TOP_P_BUCKETS / (-lower).clamp_(min=torch.finfo(shifted.dtype).tiny)
-    bucket = (shifted - lower).mul_(scale).floor_().clamp_(0, TOP_P_BUCKETS - 1).long()
-    mass = torch.zeros((shifted.shape[0], TOP_P_BUCKETS), dtype=e.dtype, device=e.device)
-    mass.scatter_add_(1, bucket, e)
-    from_top = mass.flip(-1).cumsum(-1)
-    reached = from_top >= goal
-    first = reached.to(torch.uint8).argmax(dim=-1, keepdim=True)
-    # rounding can leave ``goal`` a hair above the whole sum: then the lowest bucket is
-    # the one to sort, its cumulative mass falls short too and every token is kept
-    first = torch.where(reached[:, -1:], first, TOP_P_BUCKETS - 1)
-    mass_above = from_top.gather(-1, first) - mass.flip(-1).gather(-1, first)
-    return bucket == (TOP_P_BUCKETS - 1 - first), mass_above
-
-
-def _sorted_candidates(shifted: torch.Tensor, selected: torch.Tensor):
-    """Per row, the values of ``shifted`` where ``selected``, sorted descending and
-    packed to the left of a (rows, most candidates) matrix padded with -inf, and their
-    columns (0 in the padding). One host sync, for the width."""
-    rows = shifted.shape[0]
-    counts = selected.sum(dim=-1)
-    row_of, column = selected.nonzero(as_tuple=True)
-    slot = torch.arange(column.numel(), device=shifted.device) - (counts.cumsum(0) - counts)[row_of]
-    width = int(counts.max())
-    values = shifted.new_full((rows, width), float("-inf"))
-    values[row_of, slot] = shifted[row_of, column]
-    columns = torch.zeros((rows, width), dtype=torch.long, device=shifted.device)
-    columns[row_of, slot] = column
-    values, order = values.sort(dim=-1, descending=True)
-    return values, columns.gather(-1, order)
-
-
-def _first_reaching(values, goal):
-    """For rows of descending ``values`` (z - max, -inf padded): the position (rows, 1)
-    of the first value at which the cumulative exp(value) reaches ``goal`` (rows, 1), and
-    whether any does (rows, 1)."""
+        return _top_p_cut(shifted, e, top_p, step_buf, *histogram_buffers)
+    values = largest_values(shifted, k)
+    cut = values[:, -1:]
+    if top_p is None:
+        return cut
+    goal = e.mul_(_keep_step(shifted, cut, step_buf)).sum(dim=-1, keepdim=True).mul_(top_p)
+    # the first of the k largest at which the cumulative mass reaches p * S; when none
+    # does before the k-th (its ties may lie beyond the k values), the cut stays there
     reached = values.exp().cumsum_(dim=-1) >= goal
-    return reached.to(torch.uint8).argmax(dim=-1, keepdim=True), reached[:, -1:]  # argmax: the first maximum
+    first = reached.to(torch.uint8).argmax(dim=-1, keepdim=True)  # argmax: the first maximum
+    return torch.where(reached.any(dim=-1, keepdim=True), values.gather(-1, first), cut)
+
+
+def _top_p_cut(shifted: torch.Tensor, e: torch.Tensor, top_p: float, step_buf: torch.Tensor,
+               position_buf: torch.Tensor, index_buf: torch.Tensor) -> torch.Tensor:
+    """The top-p cut of ``_chunk_cut`` without top-k: two rounds of a mass histogram.
+
+    The cut lies above ``lower = log((1 - p) / V) - 1``: the tokens from the cut down
+    hold more than (1 - p) S >= 1 - p of the mass (the max has e = 1), and there are at
+    most V of them. Round 1 sums the mass in TOP_P_BINS bins of equal width by depth below
+    the max, over [lower, 0] (all deeper tokens in the last); the cut lies in the first bin
+    from the top where the cumulative mass reaches p * S. Round 2 does the same over that
+    bin's tokens, in TOP_P_BINS sub-bins. The cut is the smallest value of the sub-bin
+    where the mass is reached, so the kept set is that sub-bin and everything above it:
+    the exact kept set, plus the tokens of that sub-bin below the exact cut, whose z - max
+    is within -lower / TOP_P_BINS**2 of it (1e-6 at V = 32,000, p = 0.9: a few float32
+    ulps; near ties, kept whole like exact ones). When p * S exceeds the whole sum by
+    rounding (p near 1), or the cut falls in the last bin (only by rounding, as above),
+    nothing is cut.
+
+    Float arithmetic and one scatter-add per round; a sort (70 ms per 2^20 elements on
+    one CPU thread) or a top-k (2 to 8 ms) would cost more than the rest of the op.
+    """
+    goal = e.sum(dim=-1, keepdim=True).mul_(top_p)
+    lower = math.log((1.0 - top_p) / shifted.shape[1]) - 1.0
+    bins, width = TOP_P_BINS, -lower / TOP_P_BINS
+    # round 1: each token's bin (a float, nonincreasing in shifted), then the mass per bin
+    depth = torch.mul(shifted, -1.0 / width, out=position_buf).clamp_(0, bins - 1).floor_()
+    first, mass_above, reached = _first_bin_reaching(depth, e, goal, bins, index_buf)
+    # round 2: the bin's tokens into sub-bins; the others into bins past them, never
+    # counted (bins + their round-1 bin: spread out, since consecutive adds to one address
+    # wait for each other). (depth - first)**2 clamped to 1: 0 in the bin, 1 outside it.
+    outside = torch.sub(depth, first, out=step_buf)
+    outside = outside.mul_(outside).clamp_(max=1.0).mul_(depth.add_(bins))
+    sub_bin = torch.add(shifted, first * width, out=position_buf).mul_(-bins / width).clamp_(0, bins - 1).floor_()
+    sub_bin = torch.maximum(sub_bin, outside, out=sub_bin)
+    need = goal - mass_above
+    second, sub_above, _ = _first_bin_reaching(sub_bin, e, need, bins, index_buf, 2 * bins)
+    need -= sub_above
+    # that sub-bin's TOP_P_LAST largest values, exactly and sorted, the others lowered
+    # below every value; the cut is the first at which the mass reaches the rest of p * S
+    outside = torch.sub(sub_bin, second, out=step_buf)
+    outside = outside.mul_(outside).clamp_(max=1.0)
+    big = torch.finfo(shifted.dtype).max
+    lowered = torch.add(shifted, outside, alpha=-big, out=position_buf)
+    values = largest_values(lowered, min(TOP_P_LAST, shifted.shape[1]))
+    reached_here = values.exp().cumsum_(dim=-1) >= need
+    index = reached_here.to(torch.uint8).argmax(dim=-1, keepdim=True)  # argmax: the first maximum
+    # past them (more tokens in the sub-bin, or rounding): its smallest value, keeping it whole
+    lowest = torch.add(shifted, outside, alpha=big, out=step_buf).amin(dim=-1, keepdim=True)
+    cut = torch.where(reached_here[:, -1:], values.gather(-1, index), lowest)
+    keep_all = ~reached | (first == bins - 1)
+    return cut.masked_fill_(keep_all, float("-inf"))
+
+
+def _first_bin_reaching(depth: torch.Tensor, e: torch.Tensor, goal: torch.Tensor, bins: int,
+                        index_buf: torch.Tensor, width: int | None = None):
+    """Sum ``e`` into bins per row by ``depth`` (float bin indices in [0, width), bin 0 the
+    top; those from ``bins`` on not counted); return the bin (rows, 1) holding the first
+    token, from the top down, at which the cumulative mass reaches ``goal``, the mass
+    strictly above that bin, and whether the whole mass reaches ``goal``. Where it does
+    not (rounding), the last bin with mass."""
+    mass = torch.zeros((depth.shape[0], width or bins), dtype=e.dtype, device=e.device)
+    mass.scatter_add_(1, index_buf.copy_(depth), e)
+    mass = mass[:, :bins]
+    from_top = mass.cumsum(dim=-1)
+    reached = from_top[:, -1:] >= goal
+    # the first bin whose cumulative mass reaches the goal (or the total): the cumulative
+    # sums are sorted, so a binary search per row
+    index = torch.searchsorted(from_top, torch.minimum(goal, from_top[:, -1:]))
+    above = from_top.gather(-1, index) - mass.gather(-1, index)
+    return index.to(e.dtype), above, reached
 
 
 def _sampling_thresholds(layout, n_rows, temp, softcap, sampling) -> torch.Tensor:
-    """The per-row thresholds of ``_chunk_threshold`` over all rows, chunk by chunk (the
-    Triton forward's first pass; the torch forward computes them inline)."""
+    """Per row, the raw logit tau such that the kept set of ``_chunk_cut`` is
+    {v : logit_v >= tau}, chunk by chunk (the Triton forward's first pass; the Triton
+    kernels compare raw logits, so that the set does not depend on how they temper them).
+    tau is the smallest logit of the kept set: z, and z - max, are nondecreasing in it."""
     logits = layout[0]
     vocab, acc = logits.shape[-1], acc_dtype(logits)
     threshold = torch.empty(n_rows, dtype=acc, device=logits.device)
     z_buf, e_buf = _workspace(2, n_rows, vocab, acc, logits.device)
+    workspace = _cut_workspace(n_rows, vocab, acc, logits.device, sampling)
     for start, stop, x in _torch_chunks(layout, n_rows):
         z, _ = _torch_clamped_z(x, temp[start:stop, None], softcap, z_buf)
         shifted = z.sub_(z.amax(dim=-1, keepdim=True))
-        e = torch.exp(shifted, out=e_buf[: stop - start]) if sampling[1] is not None else None
-        threshold[start:stop] = _chunk_threshold(x, shifted, e, *sampling)
+        e = torch.exp(shifted, out=e_buf[: stop - start])
+        cut = _chunk_cut(shifted, e, *sampling, workspace)
+        dropped = shifted < cut
+        threshold[start:stop] = x.masked_fill(dropped, float("inf")).amin(dim=-1).to(acc)
     return threshold
 
 
@@ -608,13 +628,11 @@ def _torch_forward(layout, targets, temp, softcap, ignore_index, compute_entropy
     ignored = targets == ignore_index
     safe_targets = targets.masked_fill(ignored, 0).long()[:, None]
     z_buf, e_buf = _workspace(2, n_rows, vocab, acc, logits.device)
-    cut_buf = None if sampling is None else _workspace(1, n_rows, vocab, torch.bool, logits.device)[0]
+    workspace = None if sampling is None else _cut_workspace(n_rows, vocab, acc, logits.device, sampling)
     for start, stop, x in _torch_chunks(layout, n_rows):
         rows = slice(start, stop)
         # the target's logit, unclamped: a -inf target has log-probability -inf
-        x_t = x.gather(-1, safe_targets[rows])
-        # the transform works in place: a copy keeps the raw x_t for the sampler's test below
-        z_t, _ = _torch_transform(x_t.to(acc, copy=sampling is not None), temp[rows, None], softcap)
+        z_t, _ = _torch_transform(x.gather(-1, safe_targets[rows]).to(acc), temp[rows, None], softcap)
         z_sum = extra["mean_logit"][rows] if "mean_logit" in extra else None
         z, _ = _torch_clamped_z(x, temp[rows, None], softcap, z_buf, z_sum_out=z_sum)
         if "is_top1" in extra:
@@ -624,11 +642,12 @@ def _torch_forward(layout, targets, temp, softcap, ignore_index, compute_entropy
         shifted = z.sub_(z_max)
         e = torch.exp(shifted, out=e_buf[: stop - start])
         if sampling is not None:
-            tau = _chunk_threshold(x, shifted, e, *sampling)
-            threshold[rows] = tau
+            step = workspace[0][: stop - start]
+            cut = _chunk_cut(shifted, e, *sampling, workspace)
+            threshold[rows] = cut.squeeze(-1)
             # the tokens the sampler cut get exp() = 0 after the exp, not a huge negative
             # z before it: exp of such values takes a slow path on the CPU
-            e.masked_fill_(torch.lt(x, tau[:, None], out=cut_buf[: stop - start]), 0.0)
+            e.mul_(_keep_step(shifted, cut, step))
         s = e.sum(dim=-1)
         torch.log(s, out=log_sum[rows])
         row_max[rows] = z_max.squeeze(-1)
@@ -636,7 +655,7 @@ def _torch_forward(layout, targets, temp, softcap, ignore_index, compute_entropy
         logprobs[rows] = (z_t - z_max).squeeze_(-1) - log_sum[rows]
         if sampling is not None:
             # a target the sampler could not draw has log-probability -inf
-            logprobs[rows].masked_fill_(x_t.squeeze(-1) < tau, float("-inf"))
+            logprobs[rows].masked_fill_((z_t - z_max).squeeze_(-1) < cut.squeeze(-1), float("-inf"))
         if "log_sum_sq_probs" in extra:
             # a batched dot product: sum exp(z - max)^2 with no (rows, V) temporary
             sq = torch.matmul(e[:, None, :], e[:, :, None]).view(-1)
@@ -673,23 +692,28 @@ def _torch_backward(layout, targets, temp, softcap, ignore_index, stats, entropy
     # When the gradient has the accumulation dtype, each chunk is computed in place in
     # its slice of the output and one workspace buffer suffices.
     in_place = logits.dtype == acc
-    buffers = _workspace(1 + (softcap is not None) + (not in_place), n_rows, vocab, acc, logits.device)
-    p_buf = buffers[0]
-    tanh_buf = buffers[1] if softcap is not None else None
+    sampled = threshold is not None
+    buffers = list(_workspace(1 + (softcap is not None) + (not in_place) + sampled, n_rows, vocab, acc, logits.device))
+    p_buf = buffers.pop()
+    tanh_buf = buffers.pop() if softcap is not None else None
+    step_buf = buffers.pop() if sampled else None
     for start, stop, x in _torch_chunks(layout, n_rows):
         rows = slice(start, stop)
-        z_buf = grad[rows] if in_place else buffers[-1]
+        z_buf = grad[rows] if in_place else buffers[0]
         z, tanh = _torch_clamped_z(x, temp[rows, None], softcap, z_buf, tanh_buf)
         g1, g_target = g_lp[rows, None], g_onehot[rows]
-        if threshold is not None:
-            tau = threshold[rows, None]
+        # z - max, the forward's values bit for bit: the kept set is decided on them
+        shifted = z.sub_(row_max[rows, None])
+        if sampled:
+            cut = threshold[rows, None]
             # a target outside the kept set has the constant log-probability -inf
-            dropped = x.gather(-1, safe_targets[rows]) < tau
+            dropped = shifted.gather(-1, safe_targets[rows]) < cut
             g1, g_target = g1.masked_fill(dropped, 0.0), g_target.masked_fill(dropped, 0.0)
-        log_p = z.sub_(row_max[rows, None]).sub_(log_sum[rows, None])
+            step = _keep_step(shifted, cut, step_buf[: stop - start])
+        log_p = shifted.sub_(log_sum[rows, None])
         p = torch.exp(log_p, out=p_buf[: stop - start])
-        if threshold is not None:
-            p.masked_fill_(x < tau, 0.0)  # after the exp, as in the forward
+        if sampled:
+            p.mul_(step)  # after the exp, as in the forward
         if g_h is None:
             grad_z = torch.mul(p, g1, out=log_p).neg_()
         else:
@@ -719,8 +743,9 @@ def _native_forward(layout, targets, temp, softcap, ignore_index, compute_entrop
 # backend -> (forward, backward); "cpp" and "cuda" are the native kernels of csrc/.
 # forward(layout, targets, temp, softcap, ignore_index, compute_entropy, statistics, sampling)
 # returns (logprobs, entropy or None, stats, {statistic name: (N,) tensor}), stats being
-# (row_max, log_sum) plus, with sampling = (top_k, top_p), the per-row threshold; the
-# backward takes stats as they are.
+# (row_max, log_sum) plus, with sampling = (top_k, top_p), the per-row threshold of the
+# kept set (Triton: a raw logit; torch: a value of z - max); the backward of the same
+# backend takes stats as they are.
 _IMPLEMENTATIONS = {
     "triton": (_triton_forward, _triton_backward),
     "torch": (_torch_forward, _torch_backward),

@@ -110,6 +110,78 @@ def ref_gae(rewards, values, mask, gamma, lam):
     return torch.tensor(adv, dtype=torch.float64), torch.tensor(ret, dtype=torch.float64)
 
 
+def _reward_to_go(token_rewards, mask):
+    rows, steps = token_rewards.shape
+    out = [[0.0] * steps for _ in range(rows)]
+    for b in range(rows):
+        running = 0.0
+        for t in reversed(range(steps)):
+            running += float(token_rewards[b, t]) if mask[b, t] else 0.0
+            out[b][t] = running
+    return out
+
+
+def ref_passk(rewards, group_size, eps=1e-6):
+    """Only each group's best reward gets an advantage: its gap to the second best over
+    the group's unbiased std plus eps."""
+    values = rewards.double().tolist()
+    out = [0.0] * len(values)
+    for start in range(0, len(values), group_size):
+        group = values[start : start + group_size]
+        first, second = sorted(group, reverse=True)[:2]
+        mean = sum(group) / group_size
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / (group_size - 1))
+        out[start + group.index(first)] = (first - second) / (std + eps) if first != second else 0.0
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def ref_opo(rewards, group_size, mask):
+    """Each reward minus its group's mean reward weighted by the responses' lengths."""
+    values, lengths = rewards.double().tolist(), mask.sum(-1).tolist()
+    out = []
+    for b, r in enumerate(values):
+        start = b - b % group_size
+        total = sum(lengths[start : start + group_size])
+        weighted = sum(n * x for n, x in zip(lengths[start : start + group_size], values[start : start + group_size]))
+        out.append(r - (weighted / total if total else 0.0))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def ref_remax(token_rewards, baselines, mask):
+    returns = _reward_to_go(token_rewards, mask)
+    advantages = [[g - (float(baselines[b]) if mask[b, t] else 0.0) for t, g in enumerate(row)]
+                  for b, row in enumerate(returns)]
+    return torch.tensor(advantages, dtype=torch.float64), torch.tensor(returns, dtype=torch.float64)
+
+
+def ref_optimal_token_baseline(token_rewards, mask, group_size, old_logprobs, log_sum_sq_probs, eps=1e-8):
+    """Per group and position: the returns of the valid responses weighted by their
+    cumulative path variance; a group's single longest response has baseline 0 past the
+    second longest's length."""
+    rows, steps = token_rewards.shape
+    returns = _reward_to_go(token_rewards, mask)
+    path = [[0.0] * steps for _ in range(rows)]
+    for b in range(rows):
+        running = 0.0
+        for t in range(steps):
+            if mask[b, t]:
+                p = math.exp(float(old_logprobs[b, t]))
+                running += 1 - 2 * p + math.exp(float(log_sum_sq_probs[b, t]))
+            path[b][t] = running
+    lengths = mask.sum(-1).tolist()
+    advantages = [[0.0] * steps for _ in range(rows)]
+    for start in range(0, rows, group_size):
+        members = range(start, start + group_size)
+        ordered = sorted((lengths[j] for j in members), reverse=True)
+        for t in range(steps):
+            valid = [j for j in members if mask[j, t]]
+            baseline = sum(returns[j][t] * path[j][t] for j in valid) / (sum(path[j][t] for j in valid) + eps)
+            for j in valid:
+                zero_tail = lengths[j] == ordered[0] > ordered[1] and t >= ordered[1]
+                advantages[j][t] = returns[j][t] - (0.0 if zero_tail else baseline)
+    return torch.tensor(advantages, dtype=torch.float64), torch.tensor(returns, dtype=torch.float64)
+
+
 def close(actual, expected, tol=1e-5):
     assert actual.shape == expected.shape
     assert torch.isfinite(actual).all()
@@ -332,6 +404,13 @@ ESTIMATOR_CASES = {
     "rloo": (lambda r, tr, v, m: (r, 3), lambda r, tr, v, m: ref_rloo(r, 3)),
     "reinforce_pp": (lambda r, tr, v, m: (r, 3, m), lambda r, tr, v, m: ref_reinforce_pp(r, 3, m)),
     "gae": (lambda r, tr, v, m: (tr, v, m), lambda r, tr, v, m: ref_gae(tr, v, m, 1.0, 1.0)),
+    "grpo_passk": (lambda r, tr, v, m: (r, 3), lambda r, tr, v, m: ref_passk(r, 3)),
+    "opo": (lambda r, tr, v, m: (r, 3, m), lambda r, tr, v, m: ref_opo(r, 3, m)),
+    "remax": (lambda r, tr, v, m: (tr, r, m), lambda r, tr, v, m: ref_remax(tr, r, m)),
+    "gdpo": (lambda r, tr, v, m: (r, 3, m),  # one reward component: its group z-score, spread and whitened
+             lambda r, tr, v, m: ref_whiten(ref_group_advantages(r, 3)[:, None] * m, m)),
+    "optimal_token_baseline": (lambda r, tr, v, m: (tr, m, 3, -v.abs(), -tr.abs()),
+                               lambda r, tr, v, m: ref_optimal_token_baseline(tr, m, 3, -v.abs(), -tr.abs())),
 }
 
 

@@ -151,6 +151,22 @@ def test_dpo_loss_types_on_the_builtin_task(tmp_path, options, first_loss):
     assert summary["preference_accuracy_before"] == 0.5 and "preference_accuracy_after" in summary
 
 
+@pytest.mark.parametrize("average", [False, True])
+def test_rpo_alpha_adds_the_chosen_responses_nll_per_token(tmp_path, average):
+    # Step 1: policy == reference, so the sigmoid term is log 2 whatever `average` does to
+    # the log-probs; the NLL term is the chosen response's mean -log p per token (eos
+    # included), recomputed here in float64 from the initial model.
+    data = _pairs_file(tmp_path / "pairs.jsonl", n=4)  # one batch holds every pair
+    alpha = 0.5
+    summary = train("dpo", {**QUICK, "data": data, "eval_data": data, "batch_size": 4, "steps": 1,
+                            "rpo_alpha": alpha, "average": average, "output_dir": str(tmp_path / "run")})
+    model, tokenizer = load_causal_lm("builtin:tiny", seed=0)
+    rows = [json.loads(line) for line in open(data)]
+    nll = [-_hand_sequence_logprob(model.double(), tokenizer, r["prompt"], r["chosen"])
+           / (len(tokenizer.encode(r["chosen"], add_special_tokens=False)) + 1) for r in rows]
+    assert _losses(summary)[0] == pytest.approx(math.log(2) + alpha * sum(nll) / len(nll), rel=1e-5)
+
+
 def test_dpo_rejects_label_smoothing_where_the_loss_has_none(tmp_path):
     with pytest.raises(ConfigError, match="label_smoothing.*hinge"):
         train("dpo", {"loss_type": "hinge", "label_smoothing": 0.1, "output_dir": str(tmp_path)})

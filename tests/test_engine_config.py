@@ -58,7 +58,12 @@ def _obeying_the_rules(changed: dict, defaults) -> dict:
         "warm_start_steps": 0 if defaults.warm_start_steps is None else None,  # a data file has no warm start
         "target_accuracy": 0.5, "entropy_quantile": 0.5, "top_p": 0.5, "gamma": 0.5, "lam": 0.5,  # in [0, 1]
         "backtrack_factor": 0.25,  # in (0, 1)
+        "judge_confidence": 0.75,  # in [0.5, 1)
         "loss_type": "robust" if "label_smoothing" in changed else fixed.get("loss_type"),  # takes label noise < 0.5
+        # options of one policy loss type only keep their defaults: grpo's loss_type is a
+        # PPO-clip type here, which delta and dual_clip need
+        "cispo_ratio_min": None, "dro_beta": None,
+        "rollout": "flat",  # rollout=tree takes advantage=group only, and advantage is changed
     }
     fixed.update({name: value for name, value in rules.items() if name in changed})
     if "judge" in changed:

@@ -132,21 +132,21 @@ config = json.loads(sys.argv[1])
 algorithm = config.pop("algorithm")
 run_dir = Path(config["output_dir"])
 calls = []
-sample_completions, sample = _online.sample_completions, _online.OnlineRun.sample
+sample_completions, sample_components = _online.sample_completions, _online.OnlineRun.sample_components
 
 def recording_sample_completions(model, tokenizer, prompts, **options):
     calls.append({"sampled_here": list(prompts)})
     return sample_completions(model, tokenizer, prompts, **options)
 
-def recording_sample(self, model, rows):
-    rollout, rewards = sample(self, model, rows)
+def recording_sample_components(self, model, rows):  # under OnlineRun.sample too
+    rollout, components = sample_components(self, model, rows)
     calls[-1].update(rows=[row["prompt"] for row in rows], prompts=rollout.prompts,
-                     completions=rollout.completions, rewards=rewards.tolist(),
+                     completions=rollout.completions, rewards=self.rewards.combine(components).tolist(),
                      width=rollout.input_ids.shape[1], tokens=int(rollout.mask.sum()))
-    return rollout, rewards
+    return rollout, components
 
 _online.sample_completions = recording_sample_completions
-_online.OnlineRun.sample = recording_sample
+_online.OnlineRun.sample_components = recording_sample_components
 train(algorithm, config)
 if dist.get_rank() == 0:
     shutil.copy(run_dir / "metrics.jsonl", run_dir / "first.jsonl")

@@ -125,9 +125,9 @@ def test_grpo_runs_and_logs_its_metrics(tmp_path):
     assert records[1]["ratio_mean"] != pytest.approx(1.0, abs=1e-7)
 
 
-def test_every_critic_free_advantage_estimator_trains(tmp_path, monkeypatch):
-    """GRPO's advantage choices are the registry's estimators without a critic; each one's
-    advantages are what the loss gets (reinforce_pp's per token)."""
+def test_the_loss_gets_the_written_out_advantages(tmp_path, monkeypatch):
+    """The advantages the loss gets, written out per group for three estimators
+    (reinforce_pp's per token)."""
     from fastpo.engine.algorithms import grpo
     from fastpo.kernels import ADVANTAGE_ESTIMATORS
 
@@ -141,7 +141,8 @@ def test_every_critic_free_advantage_estimator_trains(tmp_path, monkeypatch):
     monkeypatch.setattr(grpo, "split_micro_batches", recording_split)
     eval_file = tmp_path / "heldout.jsonl"  # two prompts: a cheap evaluation
     eval_file.write_text('{"prompt": "12+34="}\n{"prompt": "1+2="}\n')
-    names = [v.name for v in ADVANTAGE_ESTIMATORS if not v.params["needs_values"]]
+    names = ["group", "rloo", "reinforce_pp"]  # every estimator: tests/test_engine_grpo_options.py
+    assert set(names) <= set(ADVANTAGE_ESTIMATORS.names())
     for name in names:
         summary = train("grpo", {**QUICK, "steps": 1, "advantage": name, "rewards": "online_rewards:digit_share",
                                  "eval_data": str(eval_file), "output_dir": str(tmp_path / name)})
@@ -160,7 +161,7 @@ def test_every_critic_free_advantage_estimator_trains(tmp_path, monkeypatch):
             torch.testing.assert_close(got[mask], (tokens - tokens.mean()) / (tokens.std() + 1e-8), rtol=1e-4, atol=1e-5)
         else:
             torch.testing.assert_close(got, want[name].flatten(), rtol=1e-4, atol=1e-5)
-    assert names == ["group", "rloo", "reinforce_pp"] and len(seen) == 3
+    assert len(seen) == 3
 
 
 def test_grpo_raises_a_dense_reward_from_a_random_model(tmp_path):

@@ -19,19 +19,23 @@ from fastpo.engine.task import AdditionTask
 from fastpo.engine.tokenizer import build_char_tokenizer
 
 TEMPLATE = RLAIFConfig().judge_template
+# The learning test's budget: 256 prompts (about 90 labelled pairs) and 50 dpo steps. With
+# the verifier's labels of 512 prompts (175 pairs), seed 0, dpo took held-out exact match from
+# 0.41 to 0.135 at step 50 and 0.13 at 200 without rpo_alpha, to 0.615 and 0.625 with 1.
+RIGHT_JUDGE_DPO = {"num_prompts": 256, "steps": 50, "eval_every": 0}
 QUICK = {"warm_start_steps": 0, "num_prompts": 16, "max_new_tokens": 4, "steps": 2, "batch_size": 4,
          "log_every": 1, "eval_every": 0}
 
 
 class _PositionBiasedJudge(torch.nn.Module):
-    """A judge that favours the first position: the logit of "A" is ``good(A's answer) +
-    bias``, that of "B" is ``good(B's answer)``. A judge prompt alone: good is correct.
+    """A judge that favours the first position: the logit of "A" is ``scale * good(A's
+    answer) + bias``, that of "B" is ``scale * good(B's answer)``. A judge prompt alone: good is correct.
     After a reasoning (``reasoning_sum`` decides the sum its ``generate`` writes, " 12+34=46,
     A: 47, so "): good is equal to the reasoning's sum, right or wrong."""
 
-    def __init__(self, tokenizer, bias, reasoning_sum=lambda a, b: a + b):
+    def __init__(self, tokenizer, bias, reasoning_sum=lambda a, b: a + b, scale=1.0):
         super().__init__()
-        self.tokenizer, self.bias, self.reasoning_sum = tokenizer, bias, reasoning_sum
+        self.tokenizer, self.bias, self.reasoning_sum, self.scale = tokenizer, bias, reasoning_sum, scale
         self.device_anchor = torch.nn.Parameter(torch.zeros(()))
         self.label_ids = [tokenizer.convert_tokens_to_ids(label) for label in rlaif.JUDGE_LABELS]
         self.read_texts = []  # every text whose label was read
@@ -48,8 +52,8 @@ class _PositionBiasedJudge(torch.nn.Module):
                 good_a, good_b = float(a == written), float(b == written)
             else:
                 good_a, good_b = AdditionTask.verify(prompt, a), AdditionTask.verify(prompt, b)
-            logits[row, last, self.label_ids[0]] = good_a + self.bias
-            logits[row, last, self.label_ids[1]] = good_b
+            logits[row, last, self.label_ids[0]] = self.scale * good_a + self.bias
+            logits[row, last, self.label_ids[1]] = self.scale * good_b
         return SimpleNamespace(logits=logits)
 
     def generate(self, input_ids, attention_mask, max_new_tokens, **_):
@@ -144,7 +148,7 @@ def _eval_pairs(tmp_path):
 
 def test_labelled_pairs_round_trip_through_dpo(tmp_path):
     judge_dir = _judge_folder(tmp_path)
-    result = train("rlaif", {**QUICK, "judge": str(judge_dir), "eval_data": _eval_pairs(tmp_path),
+    result = train("rlaif", {**QUICK, "judge": str(judge_dir), "then": "dpo", "eval_data": _eval_pairs(tmp_path),
                              "output_dir": str(tmp_path / "run")})
     schema, rows = load_dataset(tmp_path / "run" / rlaif.PAIRS_FILE, "dpo")
     assert schema == "pairwise" and len(rows) == result["labelled_pairs"] > 0
@@ -166,6 +170,36 @@ def test_labelled_pairs_round_trip_through_dpo(tmp_path):
     assert dpo_config["model"] == str(tmp_path / "run" / "policy")
 
 
+def test_pairs_below_judge_confidence_do_not_train(tmp_path, monkeypatch):
+    # A stand-in for the judge's debiased preferences, cycling over values on both sides of 0.5.
+    cycle = [0.05, 0.3, 0.5, 0.65, 0.95]  # chosen probability 0.95, 0.7, a tie, 0.65, 0.95
+    shown = []
+
+    def preferences(judge, tokenizer, template, prompts, first, second, reasoning=False):
+        shown.append((prompts, first, second))
+        p = torch.tensor([cycle[i % len(cycle)] for i in range(len(prompts))])
+        return p, p, p
+
+    monkeypatch.setattr(rlaif, "judge_preferences", preferences)
+    result = train("rlaif", {**QUICK, "judge": str(_judge_folder(tmp_path)), "then": "dpo", "judge_confidence": 0.68,
+                             "eval_data": _eval_pairs(tmp_path), "output_dir": str(tmp_path / "run")})
+    prompts, first, second = shown[0]  # the policy's samples (then the judge's own evaluation)
+    expected, unconfident = [], 0
+    for i, (prompt, x, y) in enumerate(zip(prompts, first, second)):
+        p = cycle[i % len(cycle)]
+        if x == y or p == 0.5:
+            continue
+        if max(p, 1 - p) < 0.68:
+            unconfident += 1
+            continue
+        chosen, rejected = (x, y) if p > 0.5 else (y, x)
+        expected.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                         "judge_probability": pytest.approx(max(p, 1 - p))})
+    rows = [json.loads(line) for line in (tmp_path / "run" / rlaif.PAIRS_FILE).read_text().splitlines()]
+    assert rows == expected and unconfident > 0
+    assert result["labelled_pairs"] == len(expected) and result["unconfident_pairs"] == unconfident
+
+
 def test_reward_then_ppo_trains_on_the_labelled_pairs(tmp_path):
     result = train("rlaif", {**QUICK, "judge": str(_judge_folder(tmp_path)), "then": "reward+ppo", "reward_steps": 2,
                              "output_dir": str(tmp_path / "run")})
@@ -178,7 +212,27 @@ def test_reward_then_ppo_trains_on_the_labelled_pairs(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ({"judge_template": "Q: {prompt} A: {a}. Better:"}, "option 'judge_template'.*lacks {b}"),
     ({"data": "prompts.jsonl"}, "option 'judge': none trains the built-in judge"),
+    ({"judge_confidence": 0.4}, r"option 'judge_confidence': got 0.4; expected a value in \[0.5, 1\)"),
 ])
 def test_bad_options_name_the_option_and_value(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         train("rlaif", {**QUICK, **override, "output_dir": str(tmp_path)})
+
+
+@pytest.mark.slow
+def test_dpo_on_a_right_judges_labels_does_not_lower_heldout_accuracy(tmp_path, monkeypatch):
+    # The judge here is the verifier behind the judge's interface (every pair with one right
+    # answer labelled right, with probability 1 - e^-10; two wrong answers tie and drop out),
+    # so what is measured is then=dpo on the policy's own samples after the default warm
+    # start. Without rpo_alpha the same labels took held-out exact match from 0.41 to 0.17.
+    tokenizer = build_char_tokenizer()
+    judge_dir = _judge_folder(tmp_path)
+    real_load = rlaif.load_causal_lm
+    monkeypatch.setattr(rlaif, "load_causal_lm", lambda name, **kw: (
+        (_PositionBiasedJudge(tokenizer, bias=0.0, scale=10.0), tokenizer) if name == str(judge_dir)
+        else real_load(name, **kw)
+    ))
+    result = train("rlaif", {"then": "dpo", "judge": str(judge_dir), "judge_reasoning": False,
+                             **RIGHT_JUDGE_DPO, "output_dir": str(tmp_path / "run")})
+    assert result["judge_agreement"] == 1.0 and result["labelled_pairs"] > 50
+    assert result["heldout_accuracy_after"] >= result["heldout_accuracy_before"]

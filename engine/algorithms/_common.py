@@ -1,6 +1,11 @@
 """What every algorithm module needs around the loop: the run folder, the model on its
 device, the training and held-out rows, the micro-batch stream and the held-out
-exact-match accuracy."""
+exact-match accuracy.
+
+The run's task (``builtin_task``) is the built-in task that ``data`` names
+(``engine/tasks.py``), or the default one when ``data`` is a file: it gives the built-in
+rows, the tokenizer's extra characters of a built-in model and, through its prompts,
+the verifier of the exact-match evaluation."""
 
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ from ..distributed import launched_world, resolve_device
 from ..loop import latest_checkpoint, load_model_weights, micro_batches_per_step, train_loop, write_run_config
 from ..models import BUILTIN_MODELS, load_causal_lm
 from ..plots import write_run_plot
-from ..task import AdditionTask
+from ..tasks import BUILTIN_TASKS, DEFAULT_TASK, Task, config_defaults, task_of_prompt
+from ..tasks import builtin_task as make_task
 
 __all__ = [
     "BUILTIN_DATA",
@@ -52,7 +58,9 @@ def prepare_run(algorithm: str, config, load_model: Callable = load_causal_lm, w
     ``fastpo.engine.warm_start.WarmStart``, made by ``train`` before the run starts) when
     given (the checkpoint of a resumed run is loaded later, by the loop).
     ``load_model(name, seed=, dtype=) -> (model, tokenizer)`` builds the model (a causal
-    LM unless the algorithm trains something else, as reward does)."""
+    LM unless the algorithm trains something else, as reward does); a built-in model
+    also gets ``characters=`` when the task writes characters beyond the built-in
+    tokenizer's (countdown's ``*/``)."""
     if warm_start is None and warm_start_steps(algorithm, config):
         raise ValueError(
             f"{algorithm}: the config asks for a warm start (warm_start_steps); run it through "
@@ -62,7 +70,9 @@ def prepare_run(algorithm: str, config, load_model: Callable = load_causal_lm, w
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)  # under torchrun: this rank's device, process group started
     write_run_config(config, run_dir, device)  # checks a resumed run's config against the old one first
-    model, tokenizer = load_model(config.model, seed=config.seed, dtype=_DTYPES[config.dtype])
+    characters = builtin_task(config).characters if config.model in BUILTIN_MODELS else ""
+    options = {"characters": characters} if characters else {}
+    model, tokenizer = load_model(config.model, seed=config.seed, dtype=_DTYPES[config.dtype], **options)
     model = model.to(device)
     if warm_start is not None:
         _load_shared_weights(model, warm_start.model_dir)
@@ -72,14 +82,14 @@ def prepare_run(algorithm: str, config, load_model: Callable = load_causal_lm, w
 def warm_start_steps(algorithm: str, config) -> int:
     """The most SFT steps of the warm start that precedes ``algorithm``'s run
     (``fastpo.engine.warm_start``): ``config.warm_start_steps``, or when it is none
-    ``DEFAULT_WARM_START_STEPS`` for the built-in model on the built-in task (a random
+    ``DEFAULT_WARM_START_STEPS`` for the built-in model on a built-in task (a random
     model has nothing for preference or RL training to sharpen) and 0 otherwise. Always
     0 for sft itself."""
     if algorithm == "sft":
         return 0
     if config.warm_start_steps is not None:
         return config.warm_start_steps
-    builtin = config.model in BUILTIN_MODELS and config.data == BUILTIN_DATA
+    builtin = config.model in BUILTIN_MODELS and config.data in BUILTIN_TASKS
     return DEFAULT_WARM_START_STEPS if builtin else 0
 
 
@@ -98,15 +108,17 @@ def _load_shared_weights(model, model_dir: Path) -> None:
     model.load_state_dict(loaded, strict=False)
 
 
-def builtin_task(config) -> AdditionTask:
-    return AdditionTask(seed=config.seed)
+def builtin_task(config) -> Task:
+    """The run's task: the built-in task ``config.data`` names, else the default one,
+    with the run's seed."""
+    return make_task(config.data if config.data in BUILTIN_TASKS else DEFAULT_TASK, seed=config.seed)
 
 
 def training_rows(algorithm: str, config, schema: str) -> list[dict]:
     """The training rows: ``config.data`` (a file, whose schema must be ``schema``) or the
     built-in task's train split, one row per example the run consumes (at most
     ``MAX_BUILTIN_ROWS``)."""
-    if config.data == BUILTIN_DATA:
+    if config.data in BUILTIN_TASKS:
         # Online runs draw prompts_per_rollout prompts per rollout, at most one rollout a step.
         if hasattr(config, "prompts_per_rollout"):
             per_step = config.prompts_per_rollout
@@ -122,9 +134,11 @@ def training_rows(algorithm: str, config, schema: str) -> list[dict]:
 
 def heldout_rows(algorithm: str, config, schema: str) -> list[dict]:
     """The evaluation rows: ``config.eval_data`` or ``HELDOUT_SIZE`` held-out problems of
-    the built-in task."""
+    the run's task. An sft run's are the task's prompt rows (each with a correct answer),
+    not its demonstrations, which may mix kinds of rows (countdown's value judgements):
+    every algorithm's exact match is then on the same problems."""
     if config.eval_data is None:
-        return builtin_task(config).rows(schema, HELDOUT_SIZE, "heldout")
+        return builtin_task(config).rows("prompt" if schema == "completion" else schema, HELDOUT_SIZE, "heldout")
     found, rows = load_dataset(config.eval_data, algorithm)
     if found != schema:
         raise NotImplementedError(f"{algorithm}: eval rows of schema {found!r} ({config.eval_data}) are not supported yet")
@@ -140,10 +154,12 @@ def micro_batches(rows: list, batch_size: int, seed: int, collate: Callable[[lis
     per_epoch = len(rows) // batch_size
 
     def stream(position: int) -> Iterator[dict]:
+        order_epoch, order = None, []
         while True:
             epoch, index = divmod(position, per_epoch)
-            order = list(range(len(rows)))
-            random.Random(f"batches/{seed}/{epoch}").shuffle(order)
+            if epoch != order_epoch:  # once an epoch: a shuffle of 20,000 rows costs ~5 ms
+                order_epoch, order = epoch, list(range(len(rows)))
+                random.Random(f"batches/{seed}/{epoch}").shuffle(order)
             chosen = order[index * batch_size : (index + 1) * batch_size]
             yield collate([rows[i] for i in chosen])
             position += 1
@@ -152,26 +168,33 @@ def micro_batches(rows: list, batch_size: int, seed: int, collate: Callable[[lis
 
 
 def answer_rows(config, eval_rows: list[dict], answer_field: str) -> list[dict]:
-    """The ``{"prompt", "completion"}`` rows of the exact-match evaluation: the built-in
-    task's held-out SFT rows when ``eval_data`` is none (the same prompts for every
+    """The ``{"prompt", "completion"}`` rows of the exact-match evaluation: the task's
+    held-out prompt rows when ``eval_data`` is none (the same prompts for every
     algorithm, so ``heldout_accuracy`` compares across an sft run and a dpo run on its
     checkpoint), else each eval row's prompt with its ``answer_field`` as the answer."""
     if config.eval_data is None:
-        return builtin_task(config).sft_examples(HELDOUT_SIZE, "heldout")
+        return builtin_task(config).rows("prompt", HELDOUT_SIZE, "heldout")
     return [{"prompt": row["prompt"], "completion": row[answer_field]} for row in eval_rows]
 
 
 def exact_match_accuracy(model, tokenizer, rows: list[dict]) -> float:
     """Share of ``{"prompt", "completion"}`` rows whose greedy completion of the prompt is
-    right: checked by the addition task's verifier for addition prompts, else equal
-    (stripped, up to the first newline) to the row's completion."""
+    right: checked by the verifier of the built-in task whose prompt it is
+    (``tasks.task_of_prompt``: an addition's sum, a countdown chain's every step and
+    answer), else equal (stripped, up to the first newline) to the row's completion. The
+    completions get the reference's length plus one token, or the task's completion
+    budget when that is larger (a countdown chain other than the reference may be longer)."""
+    tasks = [task_of_prompt(row["prompt"]) for row in rows]
     longest = max(len(tokenizer.encode(row["completion"], add_special_tokens=False)) for row in rows)
-    completions = greedy_completions(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=longest + 1)
+    budgets = {config_defaults(name, None).get("max_new_tokens", 0) for name, cls in BUILTIN_TASKS.items()
+               if any(isinstance(task, cls) for task in tasks)}
+    budget = max([longest + 1, *budgets])
+    completions = greedy_completions(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=budget)
     correct = 0.0
-    for row, completion in zip(rows, completions):
-        try:
-            correct += AdditionTask.verify(row["prompt"], completion)
-        except ValueError:  # not an addition prompt: compare with the reference answer
+    for row, task, completion in zip(rows, tasks, completions):
+        if task is not None:
+            correct += task.verify(row["prompt"], completion)
+        else:
             correct += completion.split("\n", 1)[0].strip() == row["completion"].strip()
     return correct / len(rows)
 

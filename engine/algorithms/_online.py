@@ -30,7 +30,8 @@ from ..forward import greedy_completions
 from ..loop import autocast_dtype
 from ..rollout import Rollout, concatenate_rollouts, reward_function, sample_completions
 from ..step_metrics import maximum
-from ._common import BUILTIN_DATA, exact_match_accuracy, heldout_rows, micro_batches, training_rows
+from ..tasks import BUILTIN_TASKS
+from ._common import exact_match_accuracy, heldout_rows, micro_batches, training_rows
 
 __all__ = [
     "OnlineRun",
@@ -86,7 +87,8 @@ class OnlineRun:
 
     Attributes:
         rows: training rows (each with a ``"prompt"``).
-        rewards: ``rewards(prompts, completions, rows) -> (B,)`` from ``config.rewards``.
+        rewards: ``rewards(prompts, completions, rows) -> (B,)`` from ``config.rewards``
+            (``engine.rollout.RewardSources``: also each source's rewards).
     """
 
     def __init__(self, algorithm: str, config, tokenizer, device: torch.device):
@@ -108,6 +110,11 @@ class OnlineRun:
         """Sampled completions of ``rows``' prompts and their rewards ``(B,)``; under
         torchrun each rank samples and scores a contiguous share of ``rows`` (the loop's
         ``grad_accum_steps`` check makes the shares equal) and every rank gets them all."""
+        rollout, components = self.sample_components(model, rows)
+        return rollout, self.rewards.combine(components)
+
+    def sample_components(self, model, rows: list[dict]) -> tuple[Rollout, torch.Tensor]:
+        """``sample``'s rollout with each reward source's rewards, ``(B, K)`` unweighted."""
         c, world = self.config, self.world
         share = len(rows) // world.size
         mine = rows[world.rank * share : (world.rank + 1) * share]
@@ -115,7 +122,7 @@ class OnlineRun:
             model, self.tokenizer, [row["prompt"] for row in mine], temperature=c.temperature, top_p=c.top_p,
             top_k=c.top_k, max_new_tokens=c.max_new_tokens, stop_strings=c.stop_strings, max_length=c.max_length,
         )
-        rewards = self.rewards(rollout.prompts, rollout.completions, mine)
+        rewards = self.rewards.components(rollout.prompts, rollout.completions, mine)
         if world.size == 1:
             return rollout, rewards
         parts = world.gather((rollout, rewards))
@@ -132,8 +139,8 @@ class OnlineRun:
 
     def evaluate(self, model) -> dict:
         """Greedy completions of the held-out prompts: ``heldout_accuracy`` (exact match)
-        on the built-in task, else ``heldout_reward`` (the mean reward)."""
-        if self.config.data == BUILTIN_DATA and self.config.eval_data is None:
+        on a built-in task, else ``heldout_reward`` (the mean reward)."""
+        if self.config.data in BUILTIN_TASKS and self.config.eval_data is None:
             return {"heldout_accuracy": exact_match_accuracy(model, self.tokenizer, self.eval_rows)}
         prompts = [row["prompt"] for row in self.eval_rows]
         completions = greedy_completions(model, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens)

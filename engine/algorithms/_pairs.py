@@ -182,13 +182,16 @@ def implicit_reward_accuracy(model, tokenizer, rows, ref_logprobs, config, avera
 
 def train_on_pairs(
     algorithm: str, config, data: tuple[str, list[dict]], pair_loss: Callable, ranking_loss: Callable | None = None,
-    warm_start=None,
+    warm_start=None, chosen_nll_coef: float = 0.0,
 ) -> dict:
     """Train ``config.model`` on ``data`` (``preference_data``'s ``(schema, rows)``) with
     ``pair_loss``, or ``ranking_loss`` for ranked rows; the algorithm module's ``run``
     result (``metrics``, ``result``, ``run_dir``). ``config`` needs ``beta`` and
     ``average`` besides the shared options; ``warm_start``: the weights it starts from
-    (``prepare_run``)."""
+    (``prepare_run``). ``chosen_nll_coef`` > 0 adds to each unit's loss that weight times
+    the chosen (best) response's negative log-likelihood per token (``chosen_nll``): RPO's
+    term, which keeps the likelihood of the chosen response from falling while the margin
+    grows."""
     schema, rows = data
     run_dir, model, tokenizer, device = prepare_run(algorithm, config, warm_start=warm_start)
     eval_pairs, exact_match_rows = preference_eval_data(algorithm, config)
@@ -211,22 +214,32 @@ def train_on_pairs(
         ref = batch["reference"].to(device)
         if schema == "ranked":
             rewards = config.beta * (policy - ref).detach()
+            losses = ranking_loss(policy, ref)
             # reward_accuracy: per row, the share of its ordered pairs that the implicit rewards order.
-            return ranking_loss(policy, ref).sum(), {
+            metrics = {
                 "reward_accuracy": ordered_share(rewards).sum(),
                 "reward_margin": (rewards[:, 0] - rewards[:, -1]).sum(),
             }
-        losses, chosen_rewards, rejected_rewards = pair_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1])
-        return losses.sum(), {
-            "reward_accuracy": ranked_first(chosen_rewards, rejected_rewards).sum(),
-            "reward_margin": (chosen_rewards - rejected_rewards).sum(),
-            "chosen_reward": chosen_rewards.sum(),
-            "rejected_reward": rejected_rewards.sum(),
-            # The policy's own log-probs (summed, or averaged with average=true): DPO can raise the
-            # margin while both fall, which the rewards alone do not show.
-            "chosen_logprob": policy[:, 0].detach().sum(),
-            "rejected_logprob": policy[:, 1].detach().sum(),
-        }
+        else:
+            losses, chosen_rewards, rejected_rewards = pair_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1])
+            metrics = {
+                "reward_accuracy": ranked_first(chosen_rewards, rejected_rewards).sum(),
+                "reward_margin": (chosen_rewards - rejected_rewards).sum(),
+                "chosen_reward": chosen_rewards.sum(),
+                "rejected_reward": rejected_rewards.sum(),
+                # The policy's own log-probs (summed, or averaged with average=true): DPO can raise the
+                # margin while both fall, which the rewards alone do not show.
+                "chosen_logprob": policy[:, 0].detach().sum(),
+                "rejected_logprob": policy[:, 1].detach().sum(),
+            }
+        if chosen_nll_coef:
+            chosen_nll = -policy[:, 0]
+            if not config.average:  # a sum over the response's tokens: made a mean
+                tokens = (batch["labels"] != IGNORE_INDEX).sum(dim=1).view(policy.shape)[:, 0]
+                chosen_nll = chosen_nll / tokens.to(device).clamp(min=1)
+            losses = losses + chosen_nll_coef * chosen_nll
+            metrics["chosen_nll"] = chosen_nll.detach().sum()
+        return losses.sum(), metrics
 
     def evaluate(model):
         return {

@@ -16,6 +16,12 @@ With sequence log-probs ``lp`` (summed over response tokens, or averaged with
 The run around the loss (the frozen reference's log-probs computed once per dataset, the
 held-out ``preference_accuracy`` and ``heldout_accuracy`` before and after training) is
 ``_pairs.train_on_pairs``, shared with ipo; its module doc gives the details.
+
+``rpo_alpha`` > 0 adds ``rpo_alpha * (-lp_c / n_c)`` to each pair's loss, the chosen
+response's negative log-likelihood per token (RPO, Pang et al. 2024; TRL 1.16 writes it
+``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, rpo_alpha]``, averaging over the
+batch's chosen tokens rather than per pair): on the policy's own samples the sigmoid
+loss alone lowers the likelihood of both responses, the chosen one included.
 """
 
 from __future__ import annotations
@@ -50,4 +56,6 @@ def run(config: DPOConfig, warm_start=None) -> dict:
     def ranking_loss(policy, reference):
         return plackett_luce_loss(policy, reference, beta=config.beta)
 
-    return train_on_pairs("dpo", config, data, pair_loss, ranking_loss, warm_start=warm_start)
+    return train_on_pairs(
+        "dpo", config, data, pair_loss, ranking_loss, warm_start=warm_start, chosen_nll_coef=config.rpo_alpha
+    )

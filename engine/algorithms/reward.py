@@ -49,7 +49,7 @@ _EVAL_BATCH = 64  # pairs per forward pass in evaluation
 
 
 def load_reward_model(
-    name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, head_std: float | None = 0.0
+    name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, head_std: float | None = 0.0, characters: str = ""
 ):
     """``(model, tokenizer)``: a one-label ``AutoModelForSequenceClassification`` on the
     backbone of ``name`` (``builtin:tiny``, a causal LM checkpoint, or a reward-model
@@ -59,7 +59,7 @@ def load_reward_model(
     from transformers import AutoModelForSequenceClassification
 
     if name.startswith("builtin:"):
-        causal, tokenizer = load_causal_lm(name, seed=seed, dtype=dtype)
+        causal, tokenizer = load_causal_lm(name, seed=seed, dtype=dtype, characters=characters)
         config = copy.deepcopy(causal.config)
         config.num_labels = 1
         with torch.random.fork_rng(devices=[]):  # leave the global RNG as load_causal_lm does

@@ -14,8 +14,10 @@ labelled pairs train the policy.
    that the label is a comparison of two adjacent numbers: A when they are equal, B
    otherwise. One label per row from a random init is too little signal to learn
    addition from: such a judge stays at chance on near misses, and so does a reasoning
-   judge without the demonstrations. It is cached in ``output_dir/judge`` and reused
-   while its config and rows are unchanged.
+   judge without the demonstrations. It stands for a given labeller, so it does not
+   depend on the run's seed (it is trained with seed 0): it is cached in
+   ``output_dir/judge`` and reused, by every seed, while its config and rows are
+   unchanged.
 3. Labels: two responses sampled from the policy (``temperature``, ``max_new_tokens``)
    for each of ``num_prompts`` prompts. The judge's preference for a shown order is its
    next-token distribution restricted to the two labels (``softmax`` of their two
@@ -26,24 +28,32 @@ labelled pairs train the policy.
    bias, and ``p(x, y) = 1 - p(y, x)`` exactly, so the label does not depend on which
    response was sampled first. A pair is labelled ``chosen = x`` when ``p > 0.5`` and
    ``y`` when ``p < 0.5``; pairs of two identical responses, and exact ties, are
-   dropped. The labelled pairs are written to ``output_dir/pairs.jsonl`` (``prompt``,
-   ``chosen``, ``rejected``, and ``judge_probability``, the ``p`` of the chosen
-   response).
+   dropped, and so are the pairs whose ``max(p, 1 - p)`` is below ``judge_confidence``
+   (on the built-in task mostly pairs of two wrong answers, where the judge has no right
+   answer to prefer). The pairs kept are written to ``output_dir/pairs.jsonl``
+   (``prompt``, ``chosen``, ``rejected``, and ``judge_probability``, the ``p`` of the
+   chosen response).
 4. Training, from the sampling policy (saved as ``output_dir/policy``), with this
-   config's loop options (``steps``, ``batch_size``, ``learning_rate``, ...; ``eval_data``
-   is the stage's held-out data: pairs for dpo, prompts for ppo):
-   ``then=dpo``: ``fastpo dpo`` on the pairs (``beta`` its beta), in ``output_dir/dpo``;
-   ``then=reward+ppo``: ``fastpo reward`` on the pairs (``reward_steps`` steps, its own
-   defaults otherwise) in ``output_dir/reward``, then ``fastpo ppo`` on the prompts of
-   ``data`` with that reward model as its reward (``beta`` its KL coefficient) in
-   ``output_dir/ppo``.
+   config's loop options (``steps``, ``batch_size``, ``learning_rate``: none takes the
+   stage's own default; ``eval_data`` is the stage's held-out data: pairs for dpo,
+   prompts for ppo):
+   ``then=dpo`` (the default): ``fastpo dpo`` on the pairs (``beta`` its beta,
+   ``rpo_alpha`` its NLL term on the chosen response), in ``output_dir/dpo``;
+   ``then=reward+ppo``: ``fastpo reward`` on the pairs (``reward_steps`` steps from the
+   policy's backbone, its own defaults otherwise) in ``output_dir/reward``, then
+   ``fastpo ppo`` on the prompts of ``data`` with that reward model as its reward and
+   ``beta`` its KL coefficient (the reward of a completion is ``r_AI - beta * sum_t
+   log(pi/pi_ref)``, RLAIF's objective) in ``output_dir/ppo``; it stops after the reward
+   stage when that was interrupted.
 
 The result is the training stage's (its folder is the ``run_dir`` reported, where
-``metrics.jsonl`` and the checkpoints are), plus ``labelled_pairs``, ``identical_pairs``
+``metrics.jsonl`` and the checkpoints are), plus ``labelled_pairs`` (the pairs kept),
+``unconfident_pairs`` (those dropped by ``judge_confidence``), ``identical_pairs``
 and, on the built-in task, ``judge_heldout_accuracy``: the share of the task's held-out
 preference pairs (the correct answer and a near miss, 1 to 20 away) whose debiased label
-is the correct answer; and ``judge_agreement``: among the labelled pairs with exactly one
-correct response, the share whose chosen response is the correct one.
+is the correct answer; ``judge_agreement``: among the labelled pairs with exactly one
+correct response, the share whose chosen response is the correct one; and
+``trained_pairs_agreement``, the same among the pairs kept.
 """
 
 from __future__ import annotations
@@ -75,7 +85,11 @@ JUDGE_DIR = "judge"
 PAIRS_FILE = "pairs.jsonl"
 _JUDGE_BATCH = 64  # rows per SFT micro-batch of the built-in judge, and per judge forward
 _JUDGE_HELDOUT_PAIRS = 200  # held-out pairs of the judge's evaluations
+# The built-in judge stands for a given labeller, the same whatever the run's seed: a run
+# folder's judge serves every seed.
+_JUDGE_SEED = 0
 _SAMPLE_BATCH = 64  # prompts per sampling call
+_STAGE_DEFAULTS = ("steps", "batch_size", "learning_rate")  # none in the config: the training stage's default
 
 
 def run(config: RLAIFConfig, warm_start=None) -> dict:
@@ -94,21 +108,31 @@ def run(config: RLAIFConfig, warm_start=None) -> dict:
     preference, _, _ = judge_preferences(
         judge, judge_tokenizer, config.judge_template, prompts, first, second, reasoning
     )
-    pairs = [
+    labelled = [
         {"prompt": p, "chosen": x if q > 0.5 else y, "rejected": y if q > 0.5 else x, "judge_probability": max(q, 1 - q)}
         for p, x, y, q in zip(prompts, first, second, preference.tolist())
         if x != y and q != 0.5
     ]
-    if not pairs:
+    if not labelled:
         raise ValueError("rlaif: the judge labelled no pair (every pair of responses was identical or a tie)")
+    pairs = [pair for pair in labelled if pair["judge_probability"] >= config.judge_confidence]
+    if not pairs:
+        raise ValueError(
+            f"rlaif: none of the {len(labelled)} labelled pairs reaches judge_confidence={config.judge_confidence} "
+            "(the judge probability of the chosen response); lower it"
+        )
     pairs_path = run_dir / PAIRS_FILE
     pairs_path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
-    labelling = {"labelled_pairs": len(pairs), "identical_pairs": sum(x == y for x, y in zip(first, second))}
+    labelling = {
+        "labelled_pairs": len(pairs), "unconfident_pairs": len(labelled) - len(pairs),
+        "identical_pairs": sum(x == y for x, y in zip(first, second)),
+    }
     if config.data == BUILTIN_DATA:
         labelling["judge_heldout_accuracy"] = _judge_heldout_accuracy(judge, judge_tokenizer, config, reasoning)
-        agreement = _verifier_agreement(pairs)
-        if agreement is not None:
-            labelling["judge_agreement"] = agreement
+        for name, among in (("judge_agreement", labelled), ("trained_pairs_agreement", pairs)):
+            agreement = _verifier_agreement(among)
+            if agreement is not None:
+                labelling[name] = agreement
     print(f"fastpo: rlaif: {labelling}; pairs in {pairs_path}", file=sys.stderr)
 
     policy_dir = run_dir / "policy"
@@ -141,17 +165,26 @@ def _train(config: RLAIFConfig, run_dir: Path, policy_dir: Path, pairs_path: Pat
     """The training stage on the labelled pairs: the stage's ``run`` result."""
     from . import dpo, ppo, reward
 
-    # The loop options of this config are the training stage's; it starts from the saved policy.
+    # The loop options of this config are the training stage's (those left none: the stage's
+    # defaults); it starts from the saved policy.
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(BaseConfig)}
+    shared = {name: value for name, value in shared.items() if not (name in _STAGE_DEFAULTS and value is None)}
     shared.update(model=str(policy_dir), warm_start_steps=0)
     if config.then == "dpo":
-        return dpo.run(DPOConfig(**{**shared, "data": str(pairs_path), "output_dir": str(run_dir / "dpo")}, beta=config.beta))
+        return dpo.run(DPOConfig(
+            **{**shared, "data": str(pairs_path), "output_dir": str(run_dir / "dpo")}, beta=config.beta,
+            rpo_alpha=config.rpo_alpha,
+        ))
+    reward_options = {} if config.batch_size is None else {"batch_size": config.batch_size}
     reward_config = RewardConfig(
-        model=str(policy_dir), data=str(pairs_path), output_dir=str(run_dir / "reward"), warm_start_steps=0,
-        steps=config.reward_steps, batch_size=config.batch_size, eval_every=0, seed=config.seed, device=config.device,
-        dtype=config.dtype, autocast=config.autocast, max_length=config.max_length,
+        model=str(policy_dir), data=str(pairs_path),
+        output_dir=str(run_dir / "reward"), warm_start_steps=0, steps=config.reward_steps, eval_every=0,
+        seed=config.seed, device=config.device, dtype=config.dtype, autocast=config.autocast,
+        max_length=config.max_length, **reward_options,
     )
     reward_outcome = reward.run(reward_config)
+    if reward_outcome["result"].interrupted:  # SIGINT/SIGTERM: stop here, not ppo on a half-trained reward
+        return reward_outcome
     reward_dir = reward_outcome["result"].checkpoint / "model"
     outcome = ppo.run(PPOConfig(
         **{**shared, "output_dir": str(run_dir / "ppo")}, rewards=[str(reward_dir)], beta=config.beta,
@@ -270,7 +303,7 @@ def builtin_judge(config: RLAIFConfig, run_dir: Path) -> Path:
     from . import sft
 
     folder = run_dir / JUDGE_DIR
-    task = builtin_task(config)
+    task = builtin_task(dataclasses.replace(config, seed=_JUDGE_SEED))
     reasoning = judge_reasoning(config)
     pairs = min(config.judge_steps * _JUDGE_BATCH // 2, MAX_BUILTIN_ROWS)
     rows = judgement_rows(task.preference_pairs(pairs, "train"), config.judge_template, reasoning)
@@ -285,7 +318,7 @@ def builtin_judge(config: RLAIFConfig, run_dir: Path) -> Path:
     texts = {path: "".join(json.dumps(row) + "\n" for row in rows) for path, rows in files.items()}
     sft_config = SFTConfig(
         model=BUILTIN_MODELS[0], data=str(folder / "judgements.jsonl"), eval_data=str(folder / "judgements_heldout.jsonl"),
-        seed=config.seed, device=config.device, dtype=config.dtype, max_length=config.max_length,
+        seed=_JUDGE_SEED, device=config.device, dtype=config.dtype, max_length=config.max_length,
         steps=config.judge_steps, batch_size=_JUDGE_BATCH, learning_rate=2e-3, warmup_steps=20, eval_every=0,
         packing=True, output_dir=str(folder),
     )

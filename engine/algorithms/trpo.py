@@ -16,8 +16,10 @@ One optimizer step of the shared loop is one rollout and one TRPO update:
    (``kl_hessian_product``): a Jacobian-vector product below the LM head, the head and
    the softmax's Fisher by ``fastpo.kernels.linear_fisher_vector_product`` without the
    (N, V) logits, and a vector-Jacobian product back. ``cg_iters`` steps of conjugate
-   gradient give ``d ~ (H + cg_damping I)^-1 g``. The hidden states' graph is built once
-   per update and kept: it holds the whole rollout's activations during the solve.
+   gradient give ``d ~ (H + cg_damping I)^-1 g``. The products are taken on every
+   ``fisher_every``-th completion of the rollout (``every_nth_completion``; Schulman's
+   TRPO also estimates the Fisher on a subsample), whose hidden states' graph is built
+   once per update and kept during the solve.
 4. Full step ``s = sqrt(2 max_kl / d^T (H + cg_damping I) d) d``: where the quadratic
    model of the KL reaches ``max_kl``.
 5. Line search: ``theta_old + backtrack_factor**k s`` for ``k = 0 .. line_search_tries-1``;
@@ -68,6 +70,7 @@ __all__ = [
     "TRPOUpdate",
     "completion_logits",
     "conjugate_gradient",
+    "every_nth_completion",
     "kl_hessian_product",
     "rollout_chunks",
     "run",
@@ -139,6 +142,21 @@ def rollout_chunks(rollout, advantages: torch.Tensor, batch_size: int) -> list[d
             "advantages": advantages[rows, None].expand(mask.shape)[mask],
         })
     return chunks
+
+
+def every_nth_completion(chunks: list[dict], n: int) -> list[dict]:
+    """The completions ``0, n, 2n, ...`` of the rollout in ``chunks`` (counted across the
+    chunks), as chunks of ``input_ids``, ``attention_mask`` and ``mask``: the subsample
+    the KL-Hessian products are taken on. A rollout lists each prompt's completions in a
+    row, so a stride of at most the group size keeps every prompt."""
+    picked, offset = [], 0
+    for chunk in chunks:
+        rows = chunk["mask"].shape[0]
+        first = -offset % n
+        if first < rows:
+            picked.append({name: chunk[name][first::n] for name in ("input_ids", "attention_mask", "mask")})
+        offset += rows
+    return picked
 
 
 def _completion_hidden(model, chunk: dict) -> torch.Tensor:
@@ -272,7 +290,8 @@ def trpo_update(model, chunks: list[dict], config) -> tuple[dict, float]:
     """One TRPO update of ``model``'s parameters in place on a rollout's ``chunks``
     (``rollout_chunks``); ``(stats, surrogate)``: the logged statistics and the
     surrogate of the kept parameters. ``config`` gives ``temperature``, ``max_kl``,
-    ``cg_iters``, ``cg_damping``, ``backtrack_factor`` and ``line_search_tries``."""
+    ``cg_iters``, ``cg_damping``, ``fisher_every``, ``backtrack_factor`` and
+    ``line_search_tries``."""
     device = next(model.parameters()).device
     chunks = [{name: value.to(device) for name, value in chunk.items()} for chunk in chunks]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -294,7 +313,8 @@ def trpo_update(model, chunks: list[dict], config) -> tuple[dict, float]:
     if not gradient.any():  # every advantage 0: no direction to improve in
         return no_step, old_surrogate
 
-    hessian_product = kl_hessian_product(model, params, chunks, temperature)
+    fisher_chunks = every_nth_completion(chunks, config.fisher_every)
+    hessian_product = kl_hessian_product(model, params, fisher_chunks, temperature)
 
     def damped_product(vector):
         return hessian_product(vector) + config.cg_damping * vector
