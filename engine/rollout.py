@@ -41,8 +41,8 @@ from fastpo.kernels import token_logprobs as kernel_token_logprobs
 from .forward import IGNORE_INDEX, encode_prompts, generation_pad_id, prompt_width
 from .tasks import BUILTIN_TASKS, builtin_task
 
-__all__ = ["RewardSources", "Rollout", "check_reward_source", "concatenate_rollouts", "reward_function",
-           "rollout_from_tokens", "sample_completions"]
+__all__ = ["RewardSources", "Rollout", "check_reward_source", "concatenate_rollouts", "cut_at_stop",
+           "reward_function", "rollout_from_tokens", "sample_completions"]
 
 
 @dataclass
@@ -87,7 +87,9 @@ def _completion_length(tokens: list[int], tokenizer, eos: int | None, stop_strin
     return end, ended
 
 
-def _cut_at_stop(text: str, stop_strings: list[str]) -> str:
+def cut_at_stop(text: str, stop_strings: list[str]) -> str:
+    """``text`` up to the first of ``stop_strings`` it holds (the stop string left out):
+    the completion text that rewards and judges see."""
     cuts = [text.index(stop) for stop in stop_strings if stop in text]
     return text[: min(cuts)] if cuts else text
 
@@ -211,7 +213,7 @@ def sample_completions(
         rows.append((ids, tokens[:length]))
         row_logprobs.append(token_logprobs[i, :length])
         text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
-        texts.append(_cut_at_stop(text, list(stop_strings)))
+        texts.append(cut_at_stop(text, list(stop_strings)))
         truncated.append(not ended)
     return rollout_from_tokens(list(prompts), texts, rows, row_logprobs, truncated, pad)
 

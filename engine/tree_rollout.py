@@ -58,7 +58,7 @@ import torch
 
 from .distributed import launched_world
 from .forward import encode_prompts, generation_pad_id, prompt_width, response_logprobs
-from .rollout import Rollout, _cut_at_stop, rollout_from_tokens, sample_completions
+from .rollout import Rollout, cut_at_stop, rollout_from_tokens, sample_completions
 
 __all__ = ["SPLITS", "GroupTrees", "TreeRollout", "branch_points", "grpo_tree_rollout", "sample_tree",
            "tree_advantages", "treerl_advantages"]
@@ -201,7 +201,7 @@ def sample_tree(
         """The rollout of ``items``; with ``decode=False`` its completion texts are empty."""
         stops = list(stop_strings)
         if decode:
-            texts = [_cut_at_stop(tokenizer.decode(leaf.tokens, skip_special_tokens=True), stops) for leaf in items]
+            texts = [cut_at_stop(tokenizer.decode(leaf.tokens, skip_special_tokens=True), stops) for leaf in items]
         else:
             texts = [""] * len(items)
         return rollout_from_tokens(

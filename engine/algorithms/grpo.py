@@ -55,7 +55,7 @@ from fastpo.kernels import ADVANTAGE_ESTIMATORS, policy_loss
 
 from ..config import GRPOConfig
 from ..forward import greedy_completions, response_logprobs
-from ..rollout import _cut_at_stop
+from ..rollout import cut_at_stop
 from ..tree_rollout import grpo_tree_rollout
 from ._common import prepare_run, train_and_evaluate
 from ._online import (
@@ -101,7 +101,7 @@ def run(config: GRPOConfig, warm_start=None) -> dict:
         firsts = rows[:: config.num_generations]
         prompts = [row["prompt"] for row in firsts]
         texts = greedy_completions(model, tokenizer, prompts, config.max_new_tokens)
-        completions = [_cut_at_stop(text, config.stop_strings) for text in texts]
+        completions = [cut_at_stop(text, config.stop_strings) for text in texts]
         return online.rewards(prompts, completions, firsts).repeat_interleave(config.num_generations)
 
     def estimate_advantages(rows, rollout, rewards, components, sampling) -> torch.Tensor:
