@@ -173,10 +173,15 @@ def test_grpo_raises_a_dense_reward_from_a_random_model(tmp_path):
     assert last > first + 0.25, (first, last)
 
 
-def test_grpo_resumes_mid_rollout_exactly(tmp_path, monkeypatch):
+# rollout=tree: the checkpoint also holds the RNG that samples the next tree.
+TREE = {"rollout": "tree", "tree_initial": 1, "tree_points": 1, "tree_branches": 2}
+
+
+@pytest.mark.parametrize("rollout", [{}, TREE], ids=["flat", "tree"])
+def test_grpo_resumes_mid_rollout_exactly(tmp_path, monkeypatch, rollout):
     # Two optimizer steps per rollout (num_iterations=2): the checkpoint after step 3
     # holds the rollout buffer that step 4 trains on, and the sampling RNG.
-    run = {**QUICK, "steps": 6, "num_iterations": 2, "save_every": 2, "learning_rate": 3e-3,
+    run = {**QUICK, **rollout, "steps": 6, "num_iterations": 2, "save_every": 2, "learning_rate": 3e-3,
            "rewards": "online_rewards:digit_share_with_sigterm", "lr_schedule": "constant"}
     monkeypatch.setitem(online_rewards.calls, "count", 0)
     full = train("grpo", {**run, "output_dir": str(tmp_path / "full")})
@@ -187,7 +192,9 @@ def test_grpo_resumes_mid_rollout_exactly(tmp_path, monkeypatch):
     monkeypatch.setitem(online_rewards.calls, "sigterm_on", None)
     resumed = train("grpo", {**run, "output_dir": str(tmp_path / "run"), "resume": True})
     assert resumed["status"] == "completed"
-    assert _records(resumed["metrics_file"]) == _records(full["metrics_file"])
+    full_records = _records(full["metrics_file"])
+    assert _records(resumed["metrics_file"]) == full_records
+    assert len({r["reward"] for r in full_records}) > 1  # the rollouts differ from step to step
     assert resumed["heldout_accuracy_after"] == full["heldout_accuracy_after"]
 
 
