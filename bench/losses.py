@@ -17,9 +17,10 @@ Cases (forward+backward where there is a gradient):
 
 Reported: median time with 20th/80th percentiles, on the CPU also the median CPU time of
 the process (``cpu_ms``, ``cpu_vs_grpo``: on a machine shared with other jobs, wall time
-includes the time the process waits for a core), peak extra memory (in a fresh process on
-the CPU), and the number of operator calls (kernel launches on a GPU) counted by the
-PyTorch profiler.
+includes the time the process waits for a core), ``interleaved_vs_grpo`` (the loss type's
+steps alternated with ``grpo``'s in one process, CPU time on the CPU: the steadiest of the
+ratios), peak extra memory (in a fresh process on the CPU), and the number of operator
+calls (kernel launches on a GPU) counted by the PyTorch profiler.
 """
 
 from __future__ import annotations
@@ -222,6 +223,11 @@ def child(args: dict) -> dict:
     if args["device"] == "cpu":  # CPU time: steadier than wall time on a shared machine
         result["cpu_ms"] = harness.time_fn(step, "cpu", warmup=0, reps=10, max_seconds=20,
                                            clock=time.process_time).median_ms
+    baseline = BASELINE.get(args["case"])
+    if baseline is not None and args["impl"] != baseline:
+        base_step = case_step(args["case"], baseline, tuple(args["shape"]), args["device"])
+        base_step()
+        result["interleaved_ratio"] = harness.interleaved_ratio(step, base_step, args["device"])
     result["ops"] = count_ops(step, args["device"])
     result["extra_bytes"] = harness.measure_peak_extra(lambda: step, args["device"])  # last: it changes the allocator
     return result
@@ -252,11 +258,13 @@ def run(device: str, quick: bool, only: str | None, out_dir: str | None) -> list
                     row[f"time_vs_{baseline}"] = result["median_ms"] / base["median_ms"]
                     if "cpu_ms" in result:
                         row[f"cpu_vs_{baseline}"] = result["cpu_ms"] / base["cpu_ms"]
+                if "interleaved_ratio" in result:
+                    row[f"interleaved_vs_{baseline}"] = result["interleaved_ratio"]
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
     env = harness.environment(device)
     columns = ["case", "impl", "shape", "median_ms", "p20_ms", "p80_ms", "cpu_ms", "speedup_vs_eager",
-               "time_vs_grpo", "cpu_vs_grpo", "extra_mem_MiB", "ops"]
+               "time_vs_grpo", "cpu_vs_grpo", "interleaved_vs_grpo", "extra_mem_MiB", "ops"]
     harness.report("loss kernels, forward+backward", rows, columns, env, out_dir, "losses")
     return rows
 

@@ -15,8 +15,9 @@ The ``*_top_k*`` / ``*_top_p*`` rows are the sampling-aware log-probs (``top_k=`
 row's argmax as target (a sampled token is always in the kept set); their ratio to the
 plain row of the same backend (``time_vs_plain``, measured in the same run) is the cost
 of the truncation (``cpu_vs_plain``: the same from the process's CPU time, ``cpu_ms``,
-steadier than wall time on a machine shared with other jobs). The random logits here are
-flat (top-p 0.9 keeps thousands of tokens).
+steadier than wall time on a machine shared with other jobs; ``interleaved_vs_plain``:
+the same from steps alternated with the plain ones in one process, the steadiest). The
+random logits here are flat (top-p 0.9 keeps thousands of tokens).
 """
 
 from __future__ import annotations
@@ -111,6 +112,14 @@ def child(args: dict) -> dict:
     # measured last counts only data.
     step()
     result = {}
+    if args.get("time", True) and sampling is not None:
+        plain = implementations(device)["_".join(args["impl"].split("_")[:2])]  # "fastpo_<backend>_<suffix>"
+
+        def plain_step():
+            plain(logits, targets).sum().backward()
+            logits.grad = None
+
+        result["interleaved_ratio"] = harness.interleaved_ratio(step, plain_step, device)
     if args.get("time", True):
         timing = harness.time_fn(step, device, warmup=0, reps=5 if device == "cpu" else 20)
         result.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms)
@@ -159,6 +168,7 @@ def run(device: str, shapes, dtypes, out_dir: str | None) -> list[dict]:
                     row["time_vs_plain"] = result["median_ms"] / plain[backend]["median_ms"]
                     if "cpu_ms" in result:
                         row["cpu_vs_plain"] = result["cpu_ms"] / plain[backend]["cpu_ms"]
+                    row["interleaved_vs_plain"] = result["interleaved_ratio"]
                 elif backend:
                     plain[backend] = result
                 if copy_bw:
@@ -170,7 +180,7 @@ def run(device: str, shapes, dtypes, out_dir: str | None) -> list[dict]:
     if copy_bw:
         env["copy_bandwidth_GBps"] = round(copy_bw / 1e9, 1)
     columns = ["impl", "tokens", "vocab", "dtype", "median_ms", "p20_ms", "p80_ms", "cpu_ms", "input_check_ms",
-               "speedup_vs_eager", "time_vs_plain", "cpu_vs_plain", "extra_mem_MiB", "extra_mem_%logits", "%copy_bw",
+               "speedup_vs_eager", "time_vs_plain", "cpu_vs_plain", "interleaved_vs_plain", "extra_mem_MiB", "extra_mem_%logits", "%copy_bw",
                "note"]
     harness.report("token_logprobs forward+backward", rows, columns, env, out_dir, "token_logprobs")
     return rows

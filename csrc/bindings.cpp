@@ -120,6 +120,19 @@ auto fisher_entry(Run run) {
   };
 }
 
+auto top_p_cut_entry() {
+  return [](uintptr_t shifted, uintptr_t e, int dtype, int64_t n_rows, int64_t vocab, double top_p, uintptr_t cut,
+            uintptr_t kept_mass, uintptr_t threads) {
+    if (dtype != fastpo::kFloat32 && dtype != fastpo::kFloat64) {
+      throw std::invalid_argument("top_p_cut: float32 or float64");
+    }
+    const fastpo::TopPCutArgs a{ptr<const void>(shifted), ptr<const void>(e), dtype, n_rows, vocab, top_p,
+                                ptr<void>(cut), ptr<void>(kept_mass)};
+    py::gil_scoped_release no_gil;
+    fastpo::top_p_cut_cpu(a, static_cast<int>(threads));
+  };
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -136,6 +149,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fisher_vector_product_cpu", fisher_entry([](const fastpo::FisherArgs& a, uintptr_t threads) {
           fastpo::fisher_vector_product_cpu(a, static_cast<int>(threads));
         }));
+  m.def("top_p_cut_cpu", top_p_cut_entry());
 #ifdef FASTPO_WITH_CUDA
   m.attr("has_cuda") = true;
   m.def("token_logprobs_forward_cuda", forward_entry([](const fastpo::LogprobsArgs& a, uintptr_t stream) {

@@ -71,10 +71,25 @@ struct FisherArgs {
   void* out;            // (n_rows, vocab) contiguous, acc
 };
 
+// Top-p cut per row (kernels/logprobs.py `_top_p_cut`): over contiguous (n_rows, vocab)
+// rows of `shifted` = z - max(z) and `e` = exp(shifted), float32 or float64 (dtype), the
+// cut c such that the kept set is {v : shifted_v >= c} (-inf where nothing is cut) and
+// the kept mass sum_{kept} e, both (n_rows,) in that dtype.
+struct TopPCutArgs {
+  const void* shifted;
+  const void* e;
+  int dtype;
+  int64_t n_rows, vocab;
+  double top_p;
+  void* cut;
+  void* kept_mass;
+};
+
 void token_logprobs_forward_cpu(const LogprobsArgs& args, int num_threads);
 void token_logprobs_backward_cpu(const LogprobsArgs& args, int num_threads);
 void gae_cpu(const GaeArgs& args, int num_threads);
 void fisher_vector_product_cpu(const FisherArgs& args, int num_threads);
+void top_p_cut_cpu(const TopPCutArgs& args, int num_threads);
 
 // CUDA launchers (csrc/cuda/kernels.cu): enqueue on `stream` (a cudaStream_t) and return
 // nullptr, or the CUDA error string of a failed launch.

@@ -1,5 +1,6 @@
 """What every kernel launch needs, shared by the op modules and the native wrappers:
-whether Triton imports, the accumulation dtype, and the tensors' CUDA device made current.
+whether Triton imports, the accumulation dtype, whether host reads are free, and the
+tensors' CUDA device made current.
 
 It imports nothing else of fastpo.kernels, so that ``_backend`` (which loads ``_native``)
 and ``_native`` can both use it without importing each other.
@@ -32,6 +33,12 @@ def acc_dtype(*inputs: torch.Tensor | torch.dtype | None) -> torch.dtype:
 def tl_acc_dtype(*inputs: torch.Tensor | torch.dtype | None):
     """:func:`acc_dtype` as a Triton dtype, for the kernels' ``ACC_DTYPE`` constant."""
     return tl.float64 if acc_dtype(*inputs) == torch.float64 else tl.float32
+
+
+def host_reads_free(t: torch.Tensor) -> bool:
+    """Whether reading a value of ``t`` on the host (a count, a flag to branch on) costs
+    nothing: on the CPU. On a GPU it is a synchronization, which the kernels avoid."""
+    return t.device.type == "cpu"
 
 
 def on_tensor_device(fn):

@@ -269,3 +269,18 @@ def fisher_vector_product(layout, u_layout, temp, mask_rows, n_rows):
             _device_arg(logits.device),
         )
     return out
+
+
+def top_p_cut_available() -> bool:
+    """Whether the native top-p cut runs here (an extension built before it lacks it)."""
+    return available(torch.device("cpu")) and hasattr(module(), "top_p_cut_cpu")
+
+
+def top_p_cut(shifted: torch.Tensor, e: torch.Tensor, top_p: float):
+    """Native ``_top_p_cut`` of logprobs.py for contiguous CPU (rows, V) ``shifted`` and
+    ``e``, float32 or float64: ``(cut, kept_mass)``, each (rows, 1) of their dtype."""
+    rows, vocab = shifted.shape
+    cut, kept_mass = torch.empty((2, rows, 1), dtype=shifted.dtype).unbind(0)
+    module().top_p_cut_cpu(shifted.data_ptr(), e.data_ptr(), _DTYPE_CODES[shifted.dtype], rows, vocab,
+                           float(top_p), cut.data_ptr(), kept_mass.data_ptr(), torch.get_num_threads())
+    return cut, kept_mass

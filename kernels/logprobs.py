@@ -25,8 +25,10 @@ sampler's kept set, one threshold per row, found before the reduction by fixed-s
 tensor ops (no host synchronization, no sort): top-k by a streaming selection (the
 maxima of blocks of 64 tokens, then the k blocks of largest maxima: ``_select``), top-p
 by a second pass rather than a bisection on the threshold (one halving per pass, about
-30 for a float32 threshold): two rounds of a mass histogram over z - max and an exact
-sort of the few values left in the last sub-bin (``_top_p_cut``). The torch backend
+30 for a float32 threshold): a mass histogram over z - max, then the exact values of
+the few tokens of the bin that holds the cut (``_top_p_cut``; on the CPU in C++ when the
+native extension is built). Without entropy, the kept mass comes from that selection on
+the CPU, with no masked pass over the row. The torch backend
 decides "kept" on z - max, the values it reduces; the Triton kernels on the raw logits,
 against the smallest kept logit, so that the set does not depend on how they temper.
 """
@@ -39,7 +41,7 @@ import torch
 
 from . import _native
 from ._backend import resolve_backend
-from ._launch import HAS_TRITON, acc_dtype, on_tensor_device, tl_acc_dtype
+from ._launch import HAS_TRITON, acc_dtype, host_reads_free, on_tensor_device, tl_acc_dtype
 from ._select import largest_values
 from ._validate import (
     FLOAT_DTYPES,
@@ -64,10 +66,20 @@ STATISTICS = ("log_sum_sq_probs", "mean_logit", "is_top1", "top1_logprob")
 # speed, small enough that the extra memory is a few such temporaries, whatever N is.
 TORCH_CHUNK_ELEMENTS = 1 << 20
 
-# Bins per round of the top-p histogram (``_top_p_cut``): two rounds resolve the cut to
-# -lower / TOP_P_BINS**2 of z - max (about 1e-6), each (rows, TOP_P_BINS) histogram a small
-# fraction of a chunk.
+# Values read past the k-th for top-k, so that its ties are among them: low-precision
+# logits have many (bf16: about 8 tokens per rounding step near the 50th largest of 32,000
+# flat random logits).
+TOP_K_TIES = 32
+# Bins per round of the top-p histogram (``_top_p_cut``): TOP_P_BINS, or one per
+# TOP_P_TOKENS_PER_BIN tokens of the row when that is more, so that the bin holding the cut
+# has a few tokens at any V (about 16 near the cut of flat random rows, logits of std 2,
+# p = 0.9); each (rows, bins) histogram a small fraction of a chunk. Two rounds resolve
+# the cut to -lower / bins**2 of z - max (about 1e-6).
 TOP_P_BINS = 4096
+TOP_P_TOKENS_PER_BIN = 8
+# Tokens read exactly from the top of the cut's bin down (CPU); more than this many in that
+# bin above the cut sends the chunk to the second round.
+TOP_P_CANDIDATES = 32
 # Values of the last sub-bin sorted exactly, so that the cut is exact whenever the mass is
 # reached within them (a sub-bin spans about 1e-6 of z - max: a few tokens at most).
 TOP_P_LAST = 8
@@ -491,67 +503,121 @@ def _cut_workspace(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.de
 
 
 def _chunk_cut(shifted: torch.Tensor, e: torch.Tensor, top_k: int | None, top_p: float | None,
-               workspace: tuple) -> torch.Tensor:
+               workspace: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per row of one chunk, the cut c (rows, 1) such that the sampler's top-k then top-p
     kept set is {v : shifted_v >= c}; -inf where nothing is cut. ``shifted`` is z - max(z)
-    (z tempered, in the accumulation dtype) and ``e`` exp(shifted); with both top-k and
-    top-p, ``e`` is left 0 outside the top-k set. ``workspace``: ``_cut_workspace``'s.
+    (z tempered, in the accumulation dtype) and ``e`` exp(shifted); ``e`` may be left 0
+    outside the top-k set. ``workspace``: ``_cut_workspace``'s.
+
+    Also the kept mass sum_{kept} e (rows, 1) when the selection saw every kept token,
+    which spares the caller a masked pass over the chunk; else None. On the CPU only:
+    deciding it per chunk reads a flag, a host synchronization on a GPU.
 
     Top-k keeps every token whose z is at least the k-th largest (ties at the boundary all
     kept): c is the k-th largest value, from ``_select.largest_values`` (one reduction over
     the row, no sort). Top-p, on the top-k distribution renormalized, keeps a token when
     the mass strictly above its z is below p: c is the value of the first token, in
     descending order, at which the cumulative mass reaches p * S. With top-k first, that
-    is among the k largest values, already sorted (the mass S of the top-k set is summed
-    over the row, so that tokens tied with the k-th count); top-p alone is ``_top_p_cut``.
-    Fixed shapes throughout: no host synchronization.
+    is among the largest values, already sorted: the k largest and TOP_K_TIES more, so that
+    the ties of the k-th are usually among them too (when not, the top-k mass S is summed
+    over the row). Top-p alone is ``_top_p_cut``. Fixed shapes throughout, but for the
+    CPU's choices above.
     """
     rows, vocab = shifted.shape
     step_buf, *histogram_buffers = (buffer[:rows] for buffer in workspace)
     k = None if top_k is None or top_k >= vocab else top_k
-    no_cut = torch.full((rows, 1), float("-inf"), dtype=shifted.dtype, device=shifted.device)
     if vocab == 0 or (k is None and top_p is None):
-        return no_cut
+        no_cut = torch.full((rows, 1), float("-inf"), dtype=shifted.dtype, device=shifted.device)
+        return no_cut, e.sum(dim=-1, keepdim=True)
     if k is None:
         return _top_p_cut(shifted, e, top_p, step_buf, *histogram_buffers)
-    values = largest_values(shifted, k)
-    cut = values[:, -1:]
-    if top_p is None:
-        return cut
-    goal = e.mul_(_keep_step(shifted, cut, step_buf)).sum(dim=-1, keepdim=True).mul_(top_p)
-    # the first of the k largest at which the cumulative mass reaches p * S; when none
-    # does before the k-th (its ties may lie beyond the k values), the cut stays there
-    reached = values.exp().cumsum_(dim=-1) >= goal
-    first = reached.to(torch.uint8).argmax(dim=-1, keepdim=True)  # argmax: the first maximum
-    return torch.where(reached.any(dim=-1, keepdim=True), values.gather(-1, first), cut)
+    values = largest_values(shifted, min(vocab, k + TOP_K_TIES))
+    cut = values[:, k - 1 : k]
+    in_top_k = torch.where(values >= cut, values.exp(), 0.0)
+    # whether the values hold every token of the top-k set (ties of the k-th included)
+    kept_values_only = host_reads_free(shifted) and (
+        values.shape[1] == vocab or bool((values[:, -1:] < cut).all())
+    )
+    if kept_values_only:
+        top_k_mass = in_top_k.sum(dim=-1, keepdim=True)
+    else:
+        top_k_mass = e.mul_(_keep_step(shifted, cut, step_buf)).sum(dim=-1, keepdim=True)
+    if top_p is not None:
+        # the first of the largest values at which the cumulative mass reaches p * S; when
+        # none does (ties of the k-th beyond them), the cut stays at the k-th
+        reached = in_top_k.cumsum(dim=-1) >= top_k_mass * top_p
+        first = reached.to(torch.uint8).argmax(dim=-1, keepdim=True)  # argmax: the first maximum
+        cut = torch.where(reached.any(dim=-1, keepdim=True), values.gather(-1, first), cut)
+    if not kept_values_only:
+        return cut, None
+    return cut, torch.where(values >= cut, in_top_k, 0.0).sum(dim=-1, keepdim=True)
 
 
 def _top_p_cut(shifted: torch.Tensor, e: torch.Tensor, top_p: float, step_buf: torch.Tensor,
-               position_buf: torch.Tensor, index_buf: torch.Tensor) -> torch.Tensor:
-    """The top-p cut of ``_chunk_cut`` without top-k: two rounds of a mass histogram.
+               position_buf: torch.Tensor, index_buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The top-p cut of ``_chunk_cut`` without top-k, and on the CPU its kept mass: a
+    mass histogram, then the exact values of the tokens around the cut.
 
     The cut lies above ``lower = log((1 - p) / V) - 1``: the tokens from the cut down
     hold more than (1 - p) S >= 1 - p of the mass (the max has e = 1), and there are at
-    most V of them. Round 1 sums the mass in TOP_P_BINS bins of equal width by depth below
-    the max, over [lower, 0] (all deeper tokens in the last); the cut lies in the first bin
-    from the top where the cumulative mass reaches p * S. Round 2 does the same over that
-    bin's tokens, in TOP_P_BINS sub-bins. The cut is the smallest value of the sub-bin
-    where the mass is reached, so the kept set is that sub-bin and everything above it:
-    the exact kept set, plus the tokens of that sub-bin below the exact cut, whose z - max
-    is within -lower / TOP_P_BINS**2 of it (1e-6 at V = 32,000, p = 0.9: a few float32
-    ulps; near ties, kept whole like exact ones). When p * S exceeds the whole sum by
-    rounding (p near 1), or the cut falls in the last bin (only by rounding, as above),
-    nothing is cut.
+    most V of them. Round 1 sums the mass in ``bins`` bins of equal width by depth below
+    the max, over [lower, 0] or the row's narrower range (all deeper tokens in the last);
+    the cut lies in the first bin from the top where the cumulative mass reaches p * S.
+    The bin of a token is nonincreasing in its value, so the tokens of that bin and below,
+    in descending order, are the TOP_P_CANDIDATES largest of the row once the bins above
+    are lowered out of it; the cut is exact when the mass is reached among them (the bin
+    holds about 16 tokens near the cut of flat random rows: its width is at most
+    -lower / bins, 0.003 at V = 32,000, p = 0.9), and then the kept mass is the bins above
+    plus the candidates kept.
 
-    Float arithmetic and one scatter-add per round; a sort (70 ms per 2^20 elements on
-    one CPU thread) or a top-k (2 to 8 ms) would cost more than the rest of the op.
+    Otherwise (a bin of many near-equal tokens), and always on a GPU, where branching on
+    that would synchronize: round 2 sums that bin's tokens in ``bins`` sub-bins, and the
+    cut is the smallest value of the sub-bin where the mass is reached, refined by an exact
+    sort of its TOP_P_LAST largest values: the exact kept set, plus the tokens of that
+    sub-bin below the exact cut, whose z - max is within -lower / bins**2 of it (1e-6
+    at V = 32,000, p = 0.9: a few float32 ulps; near ties, kept whole like exact ones).
+    When p * S exceeds the whole sum by rounding (p near 1), or the cut falls in the last
+    bin (only by rounding, as above), nothing is cut.
+
+    Float arithmetic and a scatter-add per round; a sort (70 ms per 2^20 elements on one
+    CPU thread) or a top-k (2 to 8 ms) would cost more than the rest of the op. On the
+    CPU with the native extension, csrc/'s ``top_p_cut_cpu`` does round 1 and sorts the
+    cut's bin whatever its size, in two passes over each row (under half the time).
     """
-    goal = e.sum(dim=-1, keepdim=True).mul_(top_p)
+    if shifted.is_cpu and _native.top_p_cut_available():
+        return _native.top_p_cut(shifted, e, top_p)
+    total = e.sum(dim=-1, keepdim=True)
+    goal = total * top_p
     lower = math.log((1.0 - top_p) / shifted.shape[1]) - 1.0
-    bins, width = TOP_P_BINS, -lower / TOP_P_BINS
+    bins = max(TOP_P_BINS, shifted.shape[1] // TOP_P_TOKENS_PER_BIN)
+    # per row, the bins span [lower, 0], or a little more than the row's range when that is
+    # narrower (near-uniform rows), so that the last bin still holds no token above lower;
+    # at least 1e-6, so that the bins stay finite
+    span = shifted.amin(dim=-1, keepdim=True).mul_(-1.001).clamp_(min=1e-6, max=-lower)
+    width = span / bins
+    big = torch.finfo(shifted.dtype).max
     # round 1: each token's bin (a float, nonincreasing in shifted), then the mass per bin
-    depth = torch.mul(shifted, -1.0 / width, out=position_buf).clamp_(0, bins - 1).floor_()
+    depth = torch.mul(shifted, -bins / span, out=position_buf).clamp_(0, bins - 1).floor_()
     first, mass_above, reached = _first_bin_reaching(depth, e, goal, bins, index_buf)
+    keep_all = ~reached | (first == bins - 1)
+    need = goal - mass_above
+    if host_reads_free(shifted):
+        # the tokens of the bins above the cut's lowered below every value (first - depth
+        # >= 1 there), so that the largest left are the cut's bin's, from its top down
+        above = torch.sub(first, depth, out=step_buf).clamp_(0.0, 1.0)
+        candidates = largest_values(torch.add(shifted, above, alpha=-big, out=step_buf),
+                                    min(TOP_P_CANDIDATES, shifted.shape[1]))
+        mass = candidates.exp()
+        reached_here = mass.cumsum(dim=-1) >= need
+        index = reached_here.to(torch.uint8).argmax(dim=-1, keepdim=True)  # argmax: the first maximum
+        cut = candidates.gather(-1, index)
+        # exact when the mass is reached among them and every token outside them lies below
+        exact = reached_here[:, -1:]
+        if candidates.shape[1] < shifted.shape[1]:
+            exact = exact & (candidates[:, -1:] < cut)
+        if bool((exact | keep_all).all()):
+            kept_mass = mass_above + torch.where(candidates >= cut, mass, 0.0).sum(dim=-1, keepdim=True)
+            return cut.masked_fill_(keep_all, float("-inf")), torch.where(keep_all, total, kept_mass)
     # round 2: the bin's tokens into sub-bins; the others into bins past them, never
     # counted (bins + their round-1 bin: spread out, since consecutive adds to one address
     # wait for each other). (depth - first)**2 clamped to 1: 0 in the bin, 1 outside it.
@@ -559,14 +625,12 @@ def _top_p_cut(shifted: torch.Tensor, e: torch.Tensor, top_p: float, step_buf: t
     outside = outside.mul_(outside).clamp_(max=1.0).mul_(depth.add_(bins))
     sub_bin = torch.add(shifted, first * width, out=position_buf).mul_(-bins / width).clamp_(0, bins - 1).floor_()
     sub_bin = torch.maximum(sub_bin, outside, out=sub_bin)
-    need = goal - mass_above
     second, sub_above, _ = _first_bin_reaching(sub_bin, e, need, bins, index_buf, 2 * bins)
     need -= sub_above
     # that sub-bin's TOP_P_LAST largest values, exactly and sorted, the others lowered
     # below every value; the cut is the first at which the mass reaches the rest of p * S
     outside = torch.sub(sub_bin, second, out=step_buf)
     outside = outside.mul_(outside).clamp_(max=1.0)
-    big = torch.finfo(shifted.dtype).max
     lowered = torch.add(shifted, outside, alpha=-big, out=position_buf)
     values = largest_values(lowered, min(TOP_P_LAST, shifted.shape[1]))
     reached_here = values.exp().cumsum_(dim=-1) >= need
@@ -574,8 +638,7 @@ def _top_p_cut(shifted: torch.Tensor, e: torch.Tensor, top_p: float, step_buf: t
     # past them (more tokens in the sub-bin, or rounding): its smallest value, keeping it whole
     lowest = torch.add(shifted, outside, alpha=big, out=step_buf).amin(dim=-1, keepdim=True)
     cut = torch.where(reached_here[:, -1:], values.gather(-1, index), lowest)
-    keep_all = ~reached | (first == bins - 1)
-    return cut.masked_fill_(keep_all, float("-inf"))
+    return cut.masked_fill_(keep_all, float("-inf")), None
 
 
 def _first_bin_reaching(depth: torch.Tensor, e: torch.Tensor, goal: torch.Tensor, bins: int,
@@ -611,7 +674,7 @@ def _sampling_thresholds(layout, n_rows, temp, softcap, sampling) -> torch.Tenso
         z, _ = _torch_clamped_z(x, temp[start:stop, None], softcap, z_buf)
         shifted = z.sub_(z.amax(dim=-1, keepdim=True))
         e = torch.exp(shifted, out=e_buf[: stop - start])
-        cut = _chunk_cut(shifted, e, *sampling, workspace)
+        cut, _ = _chunk_cut(shifted, e, *sampling, workspace)
         dropped = shifted < cut
         threshold[start:stop] = x.masked_fill(dropped, float("inf")).amin(dim=-1).to(acc)
     return threshold
@@ -643,12 +706,15 @@ def _torch_forward(layout, targets, temp, softcap, ignore_index, compute_entropy
         e = torch.exp(shifted, out=e_buf[: stop - start])
         if sampling is not None:
             step = workspace[0][: stop - start]
-            cut = _chunk_cut(shifted, e, *sampling, workspace)
+            cut, kept_mass = _chunk_cut(shifted, e, *sampling, workspace)
             threshold[rows] = cut.squeeze(-1)
-            # the tokens the sampler cut get exp() = 0 after the exp, not a huge negative
-            # z before it: exp of such values takes a slow path on the CPU
-            e.mul_(_keep_step(shifted, cut, step))
-        s = e.sum(dim=-1)
+            if kept_mass is None or compute_entropy:
+                # the tokens the sampler cut get exp() = 0 after the exp, not a huge negative
+                # z before it: exp of such values takes a slow path on the CPU
+                kept_mass = e.mul_(_keep_step(shifted, cut, step)).sum(dim=-1, keepdim=True)
+            s = kept_mass.squeeze(-1)
+        else:
+            s = e.sum(dim=-1)
         torch.log(s, out=log_sum[rows])
         row_max[rows] = z_max.squeeze(-1)
         # (z_t - max) first: both are large for large logits, their difference is exact

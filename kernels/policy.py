@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ._backend import dispatch
-from ._launch import HAS_TRITON, acc_dtype, on_tensor_device, tl_acc_dtype
+from ._launch import HAS_TRITON, acc_dtype, host_reads_free, on_tensor_device, tl_acc_dtype
 from ._select import largest_values
 from ._validate import (
     FLOAT_DTYPES,
@@ -381,7 +381,8 @@ def _covariance_pick(lp, adv, ratio, valid, n, o) -> torch.Tensor:
     over all B * T tokens (8 ms at 512 x 1024 on the CPU), give the k-th by an index read,
     and the selection is a comparison with it. KL-Cov takes the k largest covariances;
     Clip-Cov takes k candidates at random (the k largest of uniform keys; every
-    candidate when there are fewer than k).
+    candidate when there are fewer than k); on the CPU, where counting is free, from the
+    positions of the tokens in the covariance band.
     """
     if lp.numel() == 0:
         return valid.clone()
@@ -393,13 +394,23 @@ def _covariance_pick(lp, adv, ratio, valid, n, o) -> torch.Tensor:
         scores = torch.where(valid, cov, -math.inf)
         threshold = largest_values(scores.reshape(1, -1), k_max)[0, k - 1]
         return valid & (scores >= threshold)
+    in_band = cov > o.clip_cov_lb
+    in_band &= cov < o.clip_cov_ub
+    if host_reads_free(lp):
+        # the band's tokens by position, then the clip test and random keys for them
+        # alone (a key per token, torch.rand over B * T, was most of the selection's time)
+        band = in_band.view(-1).nonzero().squeeze(1)
+        token_ratio, advantage = ratio.reshape(-1)[band], adv.reshape(-1)[band]
+        excess = token_ratio - token_ratio.clamp(1.0 - o.clip_eps_low, 1.0 + o.eps_high)
+        candidates = band[(excess * advantage <= 0) & valid.reshape(-1)[band]]
+        chosen = candidates[torch.rand(candidates.numel()).topk(min(int(k), candidates.numel())).indices]
+        return torch.zeros_like(in_band).view(-1).index_fill_(0, chosen, True).view_as(in_band)
     # the PPO clip is active (-A*clip(r) > -A*r) where A and r - clip(r) have one sign
     # (in-place steps: each fresh (B, T) temporary costs about as much as the arithmetic)
     excess = ratio.clamp(1.0 - o.clip_eps_low, 1.0 + o.eps_high)
     candidate = torch.sub(ratio, excess, out=excess).mul_(adv) <= 0
     candidate &= valid
-    candidate &= cov > o.clip_cov_lb
-    candidate &= cov < o.clip_cov_ub
+    candidate &= in_band
     keys = torch.rand(lp.shape, device=lp.device)
     keys = torch.where(candidate, keys, keys.new_full((), -math.inf), out=keys)
     # keys >= 0 are exactly the candidates': with fewer than k, the k-th is -inf, and 0 keeps them all

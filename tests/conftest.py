@@ -74,3 +74,21 @@ def backend(request):
 def logprobs_backend(request):
     """Every backend that runs token_logprobs on CPU tensors here."""
     return request.param
+
+
+@pytest.fixture(params=["native", "torch", "torch_second_round"])
+def top_p_cut_path(request, monkeypatch):
+    """The top-p cut of the torch backend on the CPU (kernels/logprobs.py ``_top_p_cut``):
+    csrc/'s when the extension is built; the torch ops' otherwise, from the candidates of
+    the cut's bin, or, with a single candidate (hardly ever enough), from their second
+    histogram round, the GPU's path."""
+    if request.param == "native":
+        if not _native.top_p_cut_available():
+            pytest.skip(f"native extension unavailable: {_native.unavailable_reason()}")
+    else:
+        monkeypatch.setattr(_native, "top_p_cut_available", lambda: False)
+    if request.param == "torch_second_round":
+        from fastpo.kernels import logprobs
+
+        monkeypatch.setattr(logprobs, "TOP_P_CANDIDATES", 1)
+    return request.param

@@ -25,6 +25,20 @@ def test_time_fn_orders_quantiles():
     assert 0 < timing.p20_ms <= timing.median_ms <= timing.p80_ms
 
 
+def test_interleaved_ratio_measures_relative_cost():
+    a, b = torch.randn(192, 192), torch.randn(192, 192)
+
+    def baseline():
+        for _ in range(4):
+            a @ b
+
+    def three_times():
+        for _ in range(3):
+            baseline()
+
+    assert 2.0 < harness.interleaved_ratio(three_times, baseline, "cpu") < 4.5
+
+
 def test_markdown_table_formats_numbers_and_blanks():
     table = harness.markdown_table([{"a": "x", "b": 1234.5678}, {"a": "y"}], ["a", "b"])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| x | 1.23e+03 |", "| y |  |"]

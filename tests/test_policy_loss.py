@@ -677,10 +677,15 @@ def test_policy_loss_matches_reference(name, backend):
         assert expected_metrics[case["expect_positive"]] > 0
 
 
-def test_clip_cov_drops_k_random_candidates(backend):
+@pytest.mark.parametrize("host_reads", ["free", "synchronizing"])
+def test_clip_cov_drops_k_random_candidates(backend, host_reads, monkeypatch):
     """With more candidates than it drops, Clip-Cov drops exactly k = floor(cov_ratio * n)
-    of them (verl draws them with randperm; fastpo with uniform keys, no host sync), a
-    different subset per seed, and the loss is the reference's with that subset."""
+    of them (verl draws them with randperm; fastpo with uniform keys: for the candidates
+    found by position where host reads are free, the CPU; for every token with no host
+    sync elsewhere), a different subset per seed, and the loss is the reference's with
+    that subset."""
+    if host_reads == "synchronizing":
+        monkeypatch.setattr(policy_module, "host_reads_free", lambda t: False)
     inputs = make_inputs(batch=6, length=30)
     mask, n = inputs["mask"], int(inputs["mask"].sum())
     options = dict(loss_type="clip_cov", cov_ratio=0.1, clip_cov_lb=-10.0, clip_cov_ub=10.0)

@@ -9,6 +9,7 @@ from logprob_reference import max_err
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from fastpo.kernels import linear_token_logprobs, token_logprobs
+from fastpo.kernels import logprobs as logprobs_module
 
 # (top_k, top_p) pairs; None disables either
 CASES = [(1, None), (5, None), (None, 0.5), (None, 0.9), (3, 0.8), (2000, 0.95), (None, 1.0), (2000, None)]
@@ -134,6 +135,51 @@ def test_flat_rows_take_the_full_sort(backend):
     logits = logits.float()
     for top_k in (None, 600):
         check(logits, targets, backend, top_k, 1 - 1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tied_row", [False, True])
+def test_log_probs_alone_take_the_kept_mass_from_the_selection(dtype, tied_row, top_p_cut_path, monkeypatch):
+    # without entropy the CPU torch backend sums the kept mass from the values it selected
+    # (no masked pass over the chunk) when they hold every kept token; a row with ties at
+    # the top-k boundary, or a top-p bin of 500 equal values (but for the native cut, which
+    # sorts the whole bin), sends its chunk to the masked sum; -inf logits are never kept
+    scale = torch.tensor([0.05, 0.5, 1.0, 2.0, 4.0, 8.0, 0.0])[:, None]
+    logits = (torch.randn(7, 1000, dtype=torch.float64) * scale).to(dtype)
+    logits[-1, :500] = 1.0
+    logits[1, 990:] = float("-inf")  # a masked part of the vocabulary
+    if not tied_row:
+        logits = logits[:-1]
+    targets = logits.argmax(-1)
+    targets[::2] = torch.randint(0, 1000, targets[::2].shape)
+    masked_passes = []
+    keep_step = logprobs_module._keep_step
+    monkeypatch.setattr(logprobs_module, "_keep_step", lambda *a: masked_passes.append(1) or keep_step(*a))
+    for top_k, top_p in CASES[:-2]:  # the last two cut nothing
+        masked_passes.clear()
+        with torch.no_grad():
+            token_logprobs(logits, targets, top_k=top_k, top_p=top_p, backend="torch")
+        if top_k is None or top_k >= logits.shape[-1]:  # top-p alone
+            masked = {"native": False, "torch": tied_row, "torch_second_round": True}[top_p_cut_path]
+        else:
+            masked = tied_row
+        assert bool(masked_passes) == masked, (top_k, top_p)
+    for top_k, top_p in CASES:
+        kept = hf_kept(logits.clone(), top_k, top_p)
+        kept = logits >= logits.masked_fill(~kept, float("inf")).amin(-1, keepdim=True)  # ties kept whole
+        x = logits.detach().requires_grad_()
+        lp = token_logprobs(x, targets, top_k=top_k, top_p=top_p, backend="torch")
+        ref_lp, _ = reference(logits.double().requires_grad_(), targets, kept)
+        assert torch.equal(torch.isneginf(lp), torch.isneginf(ref_lp)), (top_k, top_p)
+        finite = ~torch.isneginf(ref_lp)
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        assert max_err(lp[finite], ref_lp[finite]) <= tol * max(1.0, ref_lp[finite].abs().max().item())
+        g = torch.randn(targets.shape, dtype=torch.float64).masked_fill(~finite, 0.0)
+        (grad,) = torch.autograd.grad((lp.masked_fill(~finite, 0.0) * g).sum(), x)
+        x64 = logits.detach().double().requires_grad_()
+        r_lp, _ = reference(x64, targets, kept)
+        (ref_grad,) = torch.autograd.grad((r_lp.masked_fill(~finite, 0.0) * g).sum(), x64)
+        assert max_err(grad, ref_grad) <= tol * max(1.0, ref_grad.abs().max().item())
 
 
 def test_low_precision_logits_match_float32(backend):

@@ -1,5 +1,6 @@
-// CPU kernels: fused token log-probs / entropy (forward and backward), GAE, and the
-// Fisher-vector product of softmax (kernels/kl.py).
+// CPU kernels: fused token log-probs / entropy (forward and backward), GAE, the
+// Fisher-vector product of softmax (kernels/kl.py), and the top-p cut of the sampling-aware
+// log-probs (kernels/logprobs.py).
 //
 // One pass over each row's logits forward and one backward, rows spread over torch's
 // OpenMP threads. The inner loops are written so that the compiler vectorizes them
@@ -16,6 +17,8 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTPO_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -582,6 +585,110 @@ void fisher_vector_product_cpu(const FisherArgs& a, int num_threads) {
         static_cast<acc_t*>(a.out)};
     parallel_rows(a.n_rows, a.vocab, num_threads, [&](int64_t b, int64_t e) { run_fisher(p, b, e); });
   });
+}
+
+// -------------------------------------------------------------------------- top-p cut
+
+namespace {
+
+// Bins of the mass histogram: at least kTopPBins, one per kTopPTokensPerBin tokens (the
+// torch backend's TOP_P_BINS and TOP_P_TOKENS_PER_BIN), so that the bin holding the cut
+// has a few tokens and sorting them is cheap.
+constexpr int64_t kTopPBins = 4096;
+constexpr int64_t kTopPTokensPerBin = 8;
+
+// One row, as logprobs.py's `_top_p_cut` describes it: the cut lies above
+// lower = log((1 - p) / V) - 1, so the histogram of the mass by depth below the max over
+// [lower, 0] (deeper tokens in the last bin) locates the bin where the cumulative mass,
+// from the top, reaches p * S; that bin's tokens, sorted, give the cut exactly, and the
+// kept mass is the bins above plus that bin's tokens from the cut up (ties kept whole:
+// equal values share a bin). Bins in the rows' dtype, sums over them in double. When
+// p * S exceeds the whole sum by rounding, or the cut falls in the last bin (only by
+// rounding), nothing is cut. Two passes over the row; any number of tokens in the bin.
+template <typename acc_t>
+void top_p_cut_row(const acc_t* shifted, const acc_t* e, int64_t vocab, double top_p, std::vector<int32_t>& bins_of,
+                   std::vector<acc_t>& mass, std::vector<std::pair<acc_t, acc_t>>& in_bin, acc_t* cut,
+                   acc_t* kept_mass) {
+  const int64_t bins = std::max(kTopPBins, vocab / kTopPTokensPerBin);
+  const double lower = std::log((1.0 - top_p) / static_cast<double>(vocab)) - 1.0;
+  const acc_t to_bin = static_cast<acc_t>(static_cast<double>(bins) / -lower);  // 1 / bin width
+  const acc_t last = static_cast<acc_t>(bins - 1);
+  // each token's bin (a loop that vectorizes), kept for the second pass; shifted <= 0, so
+  // -shifted * to_bin >= 0, and the clamp sends deep tokens (-inf too) to the last bin
+  bins_of.resize(static_cast<size_t>(vocab));
+  int32_t* bin = bins_of.data();
+  for (int64_t v = 0; v < vocab; ++v) bin[v] = static_cast<int32_t>(std::min(last, -shifted[v] * to_bin));
+  mass.assign(static_cast<size_t>(bins), acc_t(0));
+  for (int64_t v = 0; v < vocab; ++v) mass[bin[v]] += e[v];
+  // summed over the bins, in double: the row's mass and, from the top, the bin reaching p * S
+  double total = 0.0;
+  for (const acc_t m : mass) total += m;
+  const double goal = top_p * total;
+  double above = 0.0;
+  int32_t b = 0;
+  while (b < bins && above + mass[b] < goal) above += mass[b++];
+  if (b >= bins - 1) {
+    *cut = -std::numeric_limits<acc_t>::infinity();
+    *kept_mass = static_cast<acc_t>(total);
+    return;
+  }
+  // that bin's tokens, looked for only in the spans of 64 that hold one (a vectorized test)
+  in_bin.clear();
+  for (int64_t start = 0; start < vocab; start += 64) {
+    const int64_t stop = std::min<int64_t>(start + 64, vocab);
+    bool any = false;
+    for (int64_t v = start; v < stop; ++v) any |= bin[v] == b;
+    if (!any) continue;
+    for (int64_t v = start; v < stop; ++v) {
+      if (bin[v] == b) in_bin.emplace_back(shifted[v], e[v]);
+    }
+  }
+  std::sort(in_bin.begin(), in_bin.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+  // the first token, in descending order, at which the mass reaches p * S; the bin's
+  // smallest value when rounding leaves the goal just out of reach
+  double reached = above;
+  acc_t c = in_bin.back().first;
+  for (const auto& [value, weight] : in_bin) {
+    reached += weight;
+    if (reached >= goal) {
+      c = value;
+      break;
+    }
+  }
+  double kept = above;
+  for (const auto& [value, weight] : in_bin) {
+    if (value < c) break;
+    kept += weight;
+  }
+  *cut = c;
+  *kept_mass = static_cast<acc_t>(kept);
+}
+
+template <typename acc_t>
+void top_p_cut_all(const TopPCutArgs& a, int num_threads) {
+  const auto* shifted = static_cast<const acc_t*>(a.shifted);
+  const auto* e = static_cast<const acc_t*>(a.e);
+  auto* cut = static_cast<acc_t*>(a.cut);
+  auto* kept = static_cast<acc_t*>(a.kept_mass);
+  parallel_rows(a.n_rows, a.vocab, num_threads, [&](int64_t b, int64_t end) {
+    std::vector<int32_t> bins_of;
+    std::vector<acc_t> mass;
+    std::vector<std::pair<acc_t, acc_t>> in_bin;
+    for (int64_t r = b; r < end; ++r) {
+      const int64_t off = r * a.vocab;
+      top_p_cut_row<acc_t>(shifted + off, e + off, a.vocab, a.top_p, bins_of, mass, in_bin, cut + r, kept + r);
+    }
+  });
+}
+
+}  // namespace
+
+void top_p_cut_cpu(const TopPCutArgs& args, int num_threads) {
+  if (args.dtype == kFloat64) {
+    top_p_cut_all<double>(args, num_threads);
+  } else {
+    top_p_cut_all<float>(args, num_threads);
+  }
 }
 
 }  // namespace fastpo
