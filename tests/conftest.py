@@ -92,3 +92,21 @@ def top_p_cut_path(request, monkeypatch):
 
         monkeypatch.setattr(logprobs, "TOP_P_CANDIDATES", 1)
     return request.param
+
+
+@pytest.fixture(scope="module")
+def tiny_countdown():
+    """A random one-layer Llama (seed 0) on the countdown task's characters, in eval mode,
+    and its tokenizer: the reasoning strategies' and the tree rollout's model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastpo.engine.countdown import CountdownTask
+    from fastpo.engine.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer(CountdownTask.characters)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config).eval(), tokenizer

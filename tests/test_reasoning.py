@@ -20,7 +20,6 @@ from fastpo.engine.reasoning import (
     tot_dfs,
 )
 from fastpo.engine.reasoning import SearchTrace
-from fastpo.engine.tokenizer import build_char_tokenizer
 
 GAME24_LINES = ["4 * 6 = 24 (left: 8 9 24)", "9 - 8 = 1 (left: 24 1)", "24 * 1 = 24 (left: 24)", "answer: (4*6)*(9-8)"]
 
@@ -186,21 +185,8 @@ def test_unknown_strategy():
 # ---------------------------------------------------------------- on a tiny model
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_char_tokenizer(CountdownTask.characters)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    return LlamaForCausalLM(config).eval(), tokenizer
-
-
-def test_self_values_match_a_plain_forward(tiny):
-    model, tokenizer = tiny
+def test_self_values_match_a_plain_forward(tiny_countdown):
+    model, tokenizer = tiny_countdown
     task = CountdownTask()
     prompt = task.prompt((4, 6, 8, 9), 24)
     states = [State(0), State(0, ("4 * 6 = 24 (left: 8 9 24)",)), State(0, ("garbage",))]
@@ -227,8 +213,8 @@ def test_self_values_match_a_plain_forward(tiny):
     "strategy, value",
     [(s, "self") for s in STRATEGIES] + [(s, v) for s in ("tot_bfs", "tot_dfs") for v in ("verifier", "self_checked")],
 )
-def test_each_strategy_on_a_tiny_model_counts_what_it_did(tiny, strategy, value):
-    model, tokenizer = tiny
+def test_each_strategy_on_a_tiny_model_counts_what_it_did(tiny_countdown, strategy, value):
+    model, tokenizer = tiny_countdown
     task = CountdownTask()
     problems = [((4, 6, 8, 9), 24), ((1, 2, 3, 4), 24), ((2, 3, 4, 12), 24)]
     options = ReasoningOptions(samples=3, breadth=2, proposals=2, node_budget=3, value=value,
@@ -257,8 +243,8 @@ def test_each_strategy_on_a_tiny_model_counts_what_it_did(tiny, strategy, value)
     assert format_table([report]).count("\n") == 2
 
 
-def test_checked_values_combine_the_verifier_and_the_model(tiny):
-    model, tokenizer = tiny
+def test_checked_values_combine_the_verifier_and_the_model(tiny_countdown):
+    model, tokenizer = tiny_countdown
     task = CountdownTask()
     prompt = task.prompt((4, 6, 8, 9), 24)
     states = [
@@ -274,8 +260,8 @@ def test_checked_values_combine_the_verifier_and_the_model(tiny):
     assert checked[0] == pytest.approx(reasoner.self_values(states[:1])[0])
 
 
-def test_searches_count_proposals_and_evaluations_exactly(tiny):
-    model, tokenizer = tiny
+def test_searches_count_proposals_and_evaluations_exactly(tiny_countdown):
+    model, tokenizer = tiny_countdown
     task = CountdownTask()
     prompts = [task.prompt((4, 6, 8, 9), 24), task.prompt((1, 2, 3, 4), 24)]
     options = ReasoningOptions(breadth=2, proposals=2, max_line_tokens=6, max_chain_tokens=8)

@@ -7,10 +7,8 @@ import math
 import pytest
 import torch
 
-from fastpo.engine.countdown import CountdownTask
 from fastpo.engine.forward import response_logprobs
 from fastpo.engine.rollout import rollout_from_tokens
-from fastpo.engine.tokenizer import build_char_tokenizer
 from fastpo.engine.tree_rollout import branch_points, sample_tree, tree_advantages, treerl_advantages
 
 # A hand-drawn tree of four leaves (tokens) and their rewards:
@@ -89,22 +87,9 @@ def test_branch_points_highest_entropy_first_never_a_used_prefix():
     assert branch_points(leaves, entropies, 3, used={()}, max_prefix=1) == [(0, 1)]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_char_tokenizer(CountdownTask.characters)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    return LlamaForCausalLM(config), tokenizer
-
-
 @pytest.mark.parametrize("split", ["entropy", "line"])
-def test_sample_tree_shares_prefixes_and_keeps_its_budget(tiny, split):
-    model, tokenizer = tiny
+def test_sample_tree_shares_prefixes_and_keeps_its_budget(tiny_countdown, split):
+    model, tokenizer = tiny_countdown
     prompts = ["4 6 8 9 to 24\n", "1 2 3 4 to 24\n"]
     torch.manual_seed(3)
     tree = sample_tree(model, tokenizer, prompts, leaves=7, initial=2, branches=2, points=1, split=split,
@@ -137,8 +122,8 @@ def test_sample_tree_shares_prefixes_and_keeps_its_budget(tiny, split):
         assert rollout.completions[i] == tokenizer.decode(tails[i], skip_special_tokens=True)
 
 
-def test_sample_tree_is_reproducible_and_checks_its_shape(tiny):
-    model, tokenizer = tiny
+def test_sample_tree_is_reproducible_and_checks_its_shape(tiny_countdown):
+    model, tokenizer = tiny_countdown
     draws = []
     for _ in range(2):
         torch.manual_seed(7)
