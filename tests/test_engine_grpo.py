@@ -11,9 +11,7 @@ from fastpo.engine.config import ConfigError, format_help
 from fastpo.engine.forward import IGNORE_INDEX, response_logprobs
 from fastpo.engine.models import load_causal_lm
 from fastpo.engine.rollout import concatenate_rollouts, reward_function, sample_completions
-
-QUICK = {"batch_size": 16, "grad_accum_steps": 1, "prompts_per_rollout": 4, "num_generations": 4,
-         "warmup_steps": 1, "log_every": 1, "eval_every": 0, "warm_start_steps": 0, "max_new_tokens": 4}
+from grpo_runs import QUICK, TREE
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +172,6 @@ def test_grpo_raises_a_dense_reward_from_a_random_model(tmp_path):
 
 
 # rollout=tree: the checkpoint also holds the RNG that samples the next tree.
-TREE = {"rollout": "tree", "tree_initial": 1, "tree_points": 1, "tree_branches": 2}
-
-
 @pytest.mark.parametrize("rollout", [{}, TREE], ids=["flat", "tree"])
 def test_grpo_resumes_mid_rollout_exactly(tmp_path, monkeypatch, rollout):
     # Two optimizer steps per rollout (num_iterations=2): the checkpoint after step 3

@@ -18,11 +18,8 @@ from fastpo.engine.models import load_causal_lm
 from fastpo.engine.rollout import Rollout
 from fastpo.engine.tree_rollout import tree_advantages
 from fastpo.engine.warm_start import settings
+from grpo_runs import QUICK, TREE
 
-# A GRPO run of seconds: 4 prompts x 4 completions of at most 4 tokens, one step a rollout.
-QUICK = {"batch_size": 16, "grad_accum_steps": 1, "prompts_per_rollout": 4, "num_generations": 4,
-         "warmup_steps": 1, "log_every": 1, "eval_every": 0, "warm_start_steps": 0, "max_new_tokens": 4}
-TREE = {"rollout": "tree", "tree_initial": 1, "tree_points": 1, "tree_branches": 2}
 SFT_STEPS = 150  # countdown SFT, batch 16: enough for the chain's format (100 gave 34% well formed)
 
 
