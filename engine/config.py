@@ -260,7 +260,8 @@ class RewardConfig(BaseConfig):
     """Reward model: Bradley-Terry on pairs, K-wise ranking loss on ranked rows."""
 
     # From the warm start, 800 steps reached held-out pairwise accuracy 0.825 (seed 0), still
-    # climbing when the cosine schedule ran out; 1600 passed 0.9 by step 850 on seeds 0 and 1.
+    # climbing when the cosine schedule ran out; 1600 passed 0.9 by step 850 on seeds 0 and 1,
+    # and with lm_coef=1 on seeds 0, 1 and 2 (docs/engine.md, reward).
     steps: int = option(1600, "Optimizer steps to run.", positive=True)
     batch_size: int = option(32, "Pairs (or ranked rows) per micro-batch.", positive=True)
     learning_rate: float = option(3e-4, "Peak learning rate of AdamW.", positive=True)
@@ -274,6 +275,13 @@ class RewardConfig(BaseConfig):
         None,
         "Std of a new score head's normal init; none: 1/sqrt(hidden size), scores of unit scale; "
         "0: a zero head, every score 0 and every pair tied at the start.",
+        minimum=0,
+    )
+    lm_coef: float = option(
+        1.0,
+        "Adds lm_coef * the chosen (best) response's mean negative log-likelihood per token under the LM head of "
+        "the causal LM the run starts from, frozen (GRM's hidden-state regularization); 0: none. No term when the "
+        "start has no LM head (a reward checkpoint, the random built-in model).",
         minimum=0,
     )
 

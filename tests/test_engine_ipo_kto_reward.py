@@ -230,7 +230,7 @@ def test_reward_takes_the_warm_starts_backbone(tmp_path):
 
     from fastpo.engine.models import load_causal_lm
 
-    summary = train("reward", {**QUICK, "warm_start_steps": 3, "steps": 1, "head_init_std": 0,
+    summary = train("reward", {**QUICK, "warm_start_steps": 3, "steps": 1, "head_init_std": 0, "lm_coef": 0,
                                "output_dir": str(tmp_path)})
     assert _losses(summary)[0] == pytest.approx(math.log(2), abs=1e-6)
     warm = load_file(tmp_path / "warm_start/checkpoints/step-00000003/model/model.safetensors")
@@ -265,7 +265,7 @@ def qwen_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "algorithm, options, first_loss",
     [  # (1/(2*0.1))**2; 1 - sigmoid(0); -log sigmoid(0) with a zero head
-        ("ipo", {}, 25.0), ("kto", {}, 0.5), ("reward", {"head_init_std": 0}, math.log(2)),
+        ("ipo", {}, 25.0), ("kto", {}, 0.5), ("reward", {"head_init_std": 0, "lm_coef": 0}, math.log(2)),
     ],
 )
 def test_a_local_causal_checkpoint_trains(tmp_path, qwen_checkpoint, algorithm, options, first_loss):
@@ -273,6 +273,48 @@ def test_a_local_causal_checkpoint_trains(tmp_path, qwen_checkpoint, algorithm, 
                                 **options})
     assert summary["status"] == "completed" and _losses(summary)[0] == pytest.approx(first_loss, abs=1e-4)
     assert summary["preference_accuracy_before"] == 0.5
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """builtin:tiny saved as a causal LM folder (an LM head of its own, not tied)."""
+    from fastpo.engine.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm("builtin:tiny", seed=3)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    return str(tmp_path / "tiny")
+
+
+@pytest.mark.parametrize("checkpoint, schema", [("tiny_checkpoint", "ranked"), ("qwen_checkpoint", "pairwise")])
+def test_reward_lm_term_is_the_chosen_nll_under_the_starting_lm_head(tmp_path, request, checkpoint, schema):
+    """With a zero score head the first loss is the ranking term of tied scores (log 2)
+    plus lm_coef times the chosen (best) response's mean NLL per token under the causal
+    checkpoint's own LM head (tied for Qwen), recomputed here in float64 from its logits.
+    Every row is the same, so the first micro-batch is known."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from fastpo.engine.forward import IGNORE_INDEX, encode_responses
+    from fastpo.engine.tokenizer import build_char_tokenizer
+
+    folder = request.getfixturevalue(checkpoint)
+    prompt, best, worse = "17+25=", "42", "45"
+    row = {"prompt": prompt, "chosen": best, "rejected": worse} if schema == "pairwise" else \
+        {"prompt": prompt, "responses": [best, worse, "51"]}
+    data = _write(tmp_path / "rows.jsonl", [row] * 8)
+    summary = train("reward", {**QUICK, "steps": 1, "model": folder, "data": data, "eval_data": data,
+                               "head_init_std": 0, "lm_coef": 0.7, "output_dir": str(tmp_path / "run")})
+    causal = AutoModelForCausalLM.from_pretrained(folder).double()
+    batch = encode_responses(build_char_tokenizer(), [prompt], [best], 64)
+    with torch.no_grad():
+        logits = causal(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    nll = F.cross_entropy(logits[0], batch["labels"][0], ignore_index=IGNORE_INDEX)  # mean over response tokens
+    assert _losses(summary)[0] == pytest.approx(math.log(2) + 0.7 * float(nll), abs=1e-5)
+    # A start with no LM head (the random built-in model) has no term: the loss is log 2.
+    plain = train("reward", {**QUICK, "steps": 1, "data": data, "head_init_std": 0, "lm_coef": 0.7,
+                             "output_dir": str(tmp_path / "plain")})
+    assert _losses(plain)[0] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_reward_keeps_the_head_of_a_reward_checkpoint(tmp_path):

@@ -22,6 +22,18 @@ Data decides the loss, whose unit is the row:
   of responses: ``fastpo.kernels.ranking_loss`` (InstructGPT's K-wise loss), when
   ``ranking=true``; it has no margin or centering.
 
+``lm_coef`` > 0 adds to each pair's (ranked row's) loss that weight times the chosen
+(best) response's mean negative log-likelihood per token under the LM head of the model
+the run starts from (the warm start, or a causal LM checkpoint), frozen: the
+hidden-state regularization of GRM (Yang et al., 2024). The backbone keeps computing
+what the generative model computed (on the built-in task, the sum: the warm start's own
+log-probs already rank the held-out pairs 0.915-0.955), and the score head learns to
+read it. Without the term the model found the check at a step that varied from run to
+run (150 to 950 on the built-in task's seed 2), and the held-out accuracy with it
+(0.74-0.97); with it, runs of seeds 0, 1 and 2 ended at 0.91-0.965 (docs/engine.md). A
+start with no LM head (a reward checkpoint, or the random built-in model) has no such
+term.
+
 Evaluation, before and after training: ``preference_accuracy``, the share of held-out
 pairs (the built-in task's, or ``eval_data``'s, a ranked row giving its K*(K-1)/2
 ordered pairs) whose chosen response scores higher, ties counting one half. A reward
@@ -36,9 +48,10 @@ from pathlib import Path
 
 import torch
 
-from fastpo.kernels import bradley_terry_loss, ranking_loss
+from fastpo.kernels import bradley_terry_loss, linear_token_logprobs, ranking_loss, sequence_logprobs
 
 from ..config import ConfigError, RewardConfig
+from ..forward import IGNORE_INDEX
 from ..models import load_causal_lm
 from ._common import micro_batches, prepare_run, train_and_evaluate
 from ._pairs import encode_pairs, encode_rankings, ordered_share, preference_data, preference_eval_data, ranked_first
@@ -93,13 +106,43 @@ def load_reward_model(
 def reward_scores(model, batch) -> torch.Tensor:
     """Scores ``(B,)`` float32: the head applied to the hidden state of each row's last
     valid token (rows are right-padded)."""
+    return _scores_and_hidden(model, batch)[0]
+
+
+def _scores_and_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, hidden)``: ``reward_scores`` and the last hidden states ``(B, T, H)``."""
     device = next(model.parameters()).device
     attention_mask = batch["attention_mask"].to(device)
     hidden = model.base_model(
         input_ids=batch["input_ids"].to(device), attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
     last = attention_mask.sum(dim=1) - 1
-    return model.score(hidden[torch.arange(hidden.shape[0], device=device), last]).squeeze(-1).float()
+    scores = model.score(hidden[torch.arange(hidden.shape[0], device=device), last]).squeeze(-1).float()
+    return scores, hidden
+
+
+def _starting_lm_head(config: RewardConfig, model, warm_start) -> torch.Tensor | None:
+    """The frozen ``(V, H)`` LM head of the causal LM the run starts from: the warm
+    start's, or ``config.model``'s when it is a causal LM checkpoint (a tied head: its
+    input embedding); none when there is none (a reward checkpoint, the random built-in
+    model)."""
+    from safetensors import safe_open
+
+    if warm_start is not None:
+        folder = Path(warm_start.model_dir)
+    elif not config.model.startswith("builtin:"):
+        folder = Path(config.model)
+    else:
+        return None
+    names = set()
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as tensors:
+            if "lm_head.weight" in tensors.keys():
+                return tensors.get_tensor("lm_head.weight").to(model.score.weight)
+            names.update(tensors.keys())
+    if "score.weight" in names or not getattr(model.config, "tie_word_embeddings", False):
+        return None  # a reward checkpoint, or no LM head stored
+    return model.get_input_embeddings().weight.detach().clone()  # tied: as loaded, before any step
 
 
 def run(config: RewardConfig, warm_start=None) -> dict:
@@ -112,6 +155,7 @@ def run(config: RewardConfig, warm_start=None) -> dict:
     eval_pairs, _ = preference_eval_data("reward", config)
     load_model = functools.partial(load_reward_model, head_std=config.head_init_std)
     run_dir, model, tokenizer, _ = prepare_run("reward", config, load_model=load_model, warm_start=warm_start)
+    lm_head = _starting_lm_head(config, model, warm_start) if config.lm_coef else None
 
     def collate(batch_rows):
         if schema == "pairwise":
@@ -123,18 +167,34 @@ def run(config: RewardConfig, warm_start=None) -> dict:
         batch["num_units"] = len(batch_rows)
         return batch
 
+    def chosen_nll(hidden, labels):
+        """Per row, the mean negative log-likelihood per token of its response under the
+        frozen LM head ``lm_head``."""
+        labels = labels.to(hidden.device)
+        token_lp = linear_token_logprobs(hidden, lm_head, labels, ignore_index=IGNORE_INDEX)
+        return -sequence_logprobs(token_lp, labels != IGNORE_INDEX, average=True)
+
     def loss_fn(model, batch):
-        scores = reward_scores(model, batch)
+        scores, hidden = _scores_and_hidden(model, batch)
         if schema == "pairwise":
             chosen, rejected = scores.chunk(2)
             losses = bradley_terry_loss(chosen, rejected, margin=config.margin, center_coef=config.center_coef)
-            return losses.sum(), {
+            metrics = {
                 "reward_accuracy": ranked_first(chosen, rejected).sum(),
                 "reward_margin": (chosen - rejected).sum(),
             }
-        ranked = scores.view(batch["num_units"], -1)
-        # reward_accuracy: per row, the share of its ordered pairs that the scores order.
-        return ranking_loss(ranked).sum(), {"reward_accuracy": ordered_share(ranked.detach()).sum()}
+            best_rows = slice(0, batch["num_units"])  # the chosen responses
+        else:
+            ranked = scores.view(batch["num_units"], -1)
+            losses = ranking_loss(ranked)
+            # reward_accuracy: per row, the share of its ordered pairs that the scores order.
+            metrics = {"reward_accuracy": ordered_share(ranked.detach()).sum()}
+            best_rows = slice(0, None, ranked.shape[1])  # each ranking's first response
+        if lm_head is not None:
+            nll = chosen_nll(hidden[best_rows], batch["labels"][best_rows])
+            losses = losses + config.lm_coef * nll
+            metrics["chosen_nll"] = nll.detach().sum()
+        return losses.sum(), metrics
 
     @torch.no_grad()
     def evaluate(model):
