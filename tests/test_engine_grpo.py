@@ -11,7 +11,7 @@ from fastpo.engine.config import ConfigError, format_help
 from fastpo.engine.forward import IGNORE_INDEX, response_logprobs
 from fastpo.engine.models import load_causal_lm
 from fastpo.engine.rollout import concatenate_rollouts, reward_function, sample_completions
-from grpo_runs import QUICK, TREE
+from grpo_runs import QUICK, TREE, record_rollouts
 
 
 @pytest.fixture(scope="module")
@@ -126,17 +126,9 @@ def test_grpo_runs_and_logs_its_metrics(tmp_path):
 def test_the_loss_gets_the_written_out_advantages(tmp_path, monkeypatch):
     """The advantages the loss gets, written out per group for three estimators
     (reinforce_pp's per token)."""
-    from fastpo.engine.algorithms import grpo
     from fastpo.kernels import ADVANTAGE_ESTIMATORS
 
-    seen = []
-    real_split = grpo.split_micro_batches
-
-    def recording_split(tensors, *args):
-        seen.append(tensors)
-        return real_split(tensors, *args)
-
-    monkeypatch.setattr(grpo, "split_micro_batches", recording_split)
+    seen = record_rollouts(monkeypatch)
     eval_file = tmp_path / "heldout.jsonl"  # two prompts: a cheap evaluation
     eval_file.write_text('{"prompt": "12+34="}\n{"prompt": "1+2="}\n')
     names = ["group", "rloo", "reinforce_pp"]  # every estimator: tests/test_engine_grpo_options.py

@@ -18,7 +18,7 @@ from fastpo.engine.models import load_causal_lm
 from fastpo.engine.rollout import Rollout
 from fastpo.engine.tree_rollout import tree_advantages
 from fastpo.engine.warm_start import settings
-from grpo_runs import QUICK, TREE
+from grpo_runs import QUICK, TREE, record_rollouts
 
 SFT_STEPS = 150  # countdown SFT, batch 16: enough for the chain's format (100 gave 34% well formed)
 
@@ -184,16 +184,7 @@ def test_reason_reports_each_strategy_as_a_json_line_and_a_table(tmp_path, capsy
 
 
 def test_grpo_tree_rollout_trains_on_treerl_advantages(tmp_path, monkeypatch):
-    from fastpo.engine.algorithms import grpo
-
-    seen = []
-    real_split = grpo.split_micro_batches
-
-    def recording_split(tensors, *args):
-        seen.append(tensors)
-        return real_split(tensors, *args)
-
-    monkeypatch.setattr(grpo, "split_micro_batches", recording_split)
+    seen = record_rollouts(monkeypatch)
     summary = train("grpo", {**QUICK, **TREE, "steps": 2, "max_new_tokens": 6, "rewards": "online_rewards:digit_share",
                              "output_dir": str(tmp_path)})
     assert summary["status"] == "completed"
