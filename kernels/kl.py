@@ -47,7 +47,7 @@ from ._validate import (
     row_temperature,
 )
 from .linear_logprobs import _add_weight_grad, _check_chunk_size, _chunk_logits, _chunk_rows
-from .logprobs import TORCH_CHUNK_ELEMENTS, _row_layout, _rows_view, _triton_config
+from .logprobs import _row_layout, _rows_view, _torch_chunk_rows, _triton_config
 
 if HAS_TRITON:
     import triton
@@ -352,7 +352,7 @@ def _torch_chunks(layout, ref_layout, n_rows: int):
     """Yield (start, stop, logits_chunk, ref_chunk) over the rows, a bounded number at a time."""
     view = _rows_view(layout, n_rows)
     ref_view = _rows_view(ref_layout, n_rows)
-    chunk = max(1, TORCH_CHUNK_ELEMENTS // max(1, layout[0].shape[-1]))
+    chunk = _torch_chunk_rows(layout[0].shape[-1], view.device)
     for start in range(0, n_rows, chunk):
         stop = min(start + chunk, n_rows)
         yield start, stop, _row_range(view, start, stop), _row_range(ref_view, start, stop)

@@ -23,8 +23,8 @@ same 4-matmul path.
 GPU path: chunked cuBLAS matmuls (torch.mm) feeding the foundation's Triton row
 kernels, rather than a GEMM with an online-logsumexp epilogue. cuBLAS keeps the
 matmuls at full speed for any shape, and the row kernels add one read and one write
-of the chunk per pass. This choice has not been measured here (no GPU was
-available when it was written); the chunk size is the knob to tune.
+of the chunk per pass. Measured on an H200 (bench/RESULTS.md, 2026-12-04, bf16): 1.66-1.81x
+the three unavoidable matmuls' time, against the 1.33x floor of four matmuls.
 
 Precision. The chunk's logits are computed in the inputs' dtype (as
 ``hidden @ weight.T + bias`` would be, bias added inside the matmul). The gradient of
@@ -79,7 +79,7 @@ from .sequence import sequence_logprobs
 # streamed once per chunk) while the workspace stays far below the logits of a real
 # batch. On the GPU the weight-gradient accumulator (V x H) is read and written once
 # per chunk, so chunks must be long for that traffic to be small next to the matmuls:
-# 2^28 elements is ~1700 rows at V = 151936 (512 MiB in bf16). Not tuned on a GPU yet.
+# 2^28 elements is ~1700 rows at V = 151936 (512 MiB in bf16); measured on an H200, not tuned.
 CPU_WORKSPACE_ELEMENTS = 1 << 24
 CUDA_WORKSPACE_ELEMENTS = 1 << 28
 
@@ -118,7 +118,10 @@ def _add_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch
         acc.addmm_(grad_logits.t(), hidden)
         return
     vocab, width = acc.shape
-    step = max(1, grad_logits.numel() // (2 * max(1, width)))
+    # slices start at multiples of 128 columns: a slice of grad_logits at an unaligned
+    # offset sends cuBLAS to slow kernels (an H200: 2.7x the three matmuls' time at
+    # V = 151,936, whose slices were 32,755 wide, against 1.8x at V = 128,256)
+    step = max(128, grad_logits.numel() // (2 * max(1, width)) // 128 * 128)
     for start in range(0, vocab, step):
         stop = min(start + step, vocab)
         acc[start:stop].add_(torch.mm(grad_logits[:, start:stop].t(), hidden))

@@ -62,9 +62,14 @@ if HAS_TRITON:
 STATISTICS = ("log_sum_sq_probs", "mean_logit", "is_top1", "top1_logprob")
 
 # Rows of a torch-backend chunk are chosen so that one fp32 (rows, V) temporary stays
-# near this many elements (4 MiB): large enough for the vectorized ops to run at full
-# speed, small enough that the extra memory is a few such temporaries, whatever N is.
+# near this many elements: on the CPU 2^20 (4 MiB), large enough for the vectorized ops to
+# run at full speed, small enough that the extra memory is a few such temporaries,
+# whatever N is. On a GPU every op of the chunk loop is a kernel launch of a few
+# microseconds, and 4 MiB chunks made the loop launch-bound (an H200, 2026-12-04: 90x
+# eager's time at 4096 x 32,000); 2^24 elements (64 MiB) per temporary keep the launches
+# small next to the work and the extra memory bounded.
 TORCH_CHUNK_ELEMENTS = 1 << 20
+GPU_TORCH_CHUNK_ELEMENTS = 1 << 24
 
 # Values read past the k-th for top-k, so that its ties are among them: low-precision
 # logits have many (bf16: about 8 tokens per rounding step near the 50th largest of 32,000
@@ -448,22 +453,23 @@ def _torch_chunks(layout, n_rows: int):
     n_inner = layout[1]
     vocab = layout[0].shape[-1]
     view = _rows_view(layout, n_rows)
-    chunk = _torch_chunk_rows(vocab)
+    chunk = _torch_chunk_rows(vocab, view.device)
     for outer in range(view.shape[0]):
         for start in range(0, n_inner, chunk):
             stop = min(start + chunk, n_inner)
             yield outer * n_inner + start, outer * n_inner + stop, view[outer, start:stop]
 
 
-def _torch_chunk_rows(vocab: int) -> int:
-    return max(1, TORCH_CHUNK_ELEMENTS // max(1, vocab))
+def _torch_chunk_rows(vocab: int, device: torch.device) -> int:
+    elements = TORCH_CHUNK_ELEMENTS if device.type == "cpu" else GPU_TORCH_CHUNK_ELEMENTS
+    return max(1, elements // max(1, vocab))
 
 
 def _workspace(count: int, n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
     """``count`` reusable (rows, V) buffers for the chunk loop. Reusing them, rather than
     allocating per chunk, keeps the extra memory at exactly these buffers (the allocator
     would otherwise hold on to a few generations of freed chunks)."""
-    rows = min(n_rows, _torch_chunk_rows(vocab))
+    rows = min(n_rows, _torch_chunk_rows(vocab, torch.device(device)))
     return torch.empty((count, rows, vocab), dtype=dtype, device=device).unbind(0)
 
 

@@ -194,6 +194,29 @@ def test_weight_and_bias_gradients_accumulate_in_fp32_across_chunks():
         torch.testing.assert_close(grad.double(), ref, rtol=1e-2, atol=1e-2)
 
 
+def test_weight_gradient_slices_start_at_aligned_columns(monkeypatch):
+    # A bf16 weight gradient is formed a vocabulary slice at a time; a slice at an
+    # unaligned column offset sent cuBLAS to slow kernels on an H200 (V = 151,936).
+    from fastpo.kernels.linear_logprobs import _add_weight_grad
+
+    grad_logits = torch.randn(4, 5003).bfloat16()
+    hidden = torch.randn(4, 64).bfloat16()
+    acc = torch.zeros(5003, 64)
+    offsets = []
+    mm = torch.mm
+
+    def recording_mm(a, b, *args, **kwargs):
+        offsets.append(a.storage_offset())
+        return mm(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    _add_weight_grad(acc, grad_logits, hidden)
+    monkeypatch.undo()
+    assert len(offsets) > 1 and all(offset % 128 == 0 for offset in offsets), offsets
+    expected = grad_logits.double().t() @ hidden.double()
+    torch.testing.assert_close(acc.double(), expected, rtol=1e-2, atol=1e-2)
+
+
 def test_only_some_inputs_require_grad(logprobs_backend):
     hidden, weight, _, targets = make_inputs((9,), 6, 40, torch.float32)
     h = hidden.clone().requires_grad_()

@@ -35,7 +35,7 @@ def test_largest_values_equal_torch_topk(n, values):
 def test_top_p_cut_keeps_exactly_hf_kept_set(vocab, scale, top_p, dtype, top_p_cut_path):
     # rows of distinct values: the kept set {z - max >= cut} must be HF's exactly, and the
     # kept mass, when returned (always but from the second round), the masked sum's
-    rows = min(64, logprobs_module._torch_chunk_rows(vocab))  # the workspace holds one chunk
+    rows = min(64, logprobs_module._torch_chunk_rows(vocab, torch.device("cpu")))  # the workspace holds one chunk
     g = torch.Generator().manual_seed(vocab)
     z = torch.randn(rows, vocab, generator=g, dtype=dtype) * scale
     shifted = z - z.amax(-1, keepdim=True)
