@@ -95,19 +95,23 @@ class ReasoningOptions:
         value: ``"self"`` or ``"verifier"`` (the module docstring says what each is).
         threshold: ``tot_dfs`` prunes children valued below it, in [0, 1].
         node_budget: most states ``tot_dfs`` expands per problem (>= 1).
-        temperature: of every sampled line or chain (> 0); greedy strategies ignore it.
+        temperature: of the searches' proposed lines (> 0).
+        chain_temperature: of ``self_consistency``'s sampled chains (> 0). Lower than the
+            searches': a vote gains only when single samples are nearly as good as the
+            greedy chain (docs/reasoning.md measures both).
         max_line_tokens: token budget of one proposed line (>= 1).
         max_chain_tokens: token budget of a whole chain or of its greedy finish (>= 1).
         batch_size: most rows per model call (>= 1).
     """
 
-    samples: int = 5
+    samples: int = 15
     breadth: int = 5
     proposals: int = 3
     value: str = "self"
     threshold: float = 0.25
     node_budget: int = 16
     temperature: float = 1.0
+    chain_temperature: float = 0.5
     max_line_tokens: int = 48
     max_chain_tokens: int = 192
     batch_size: int = 256
@@ -122,8 +126,9 @@ class ReasoningOptions:
             raise ValueError(f"option 'value': got {self.value!r}; expected one of {', '.join(VALUES)}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"option 'threshold': got {self.threshold!r}; expected a value in [0, 1]")
-        if not self.temperature > 0:
-            raise ValueError(f"option 'temperature': got {self.temperature!r}; expected a value > 0")
+        for name in ("temperature", "chain_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"option {name!r}: got {getattr(self, name)!r}; expected a value > 0")
 
 
 @dataclass(frozen=True)
@@ -280,13 +285,14 @@ class LanguageModelReasoner:
         the rest of the chain (stopped at eos). Greedy is top-k 1, which draws the
         argmax token."""
         o = self.options
+        temperature = 1.0 if greedy else o.temperature if one_line else o.chain_temperature
         texts = [self.text(state) for state in states for _ in range(samples)]
         owners = [state.problem for state in states for _ in range(samples)]
         outputs: list[str] = []
         for start in range(0, len(texts), o.batch_size):
             rollout = sample_completions(
                 self.model, self.tokenizer, texts[start : start + o.batch_size],
-                temperature=1.0 if greedy else o.temperature, top_k=1 if greedy else 0,
+                temperature=temperature, top_k=1 if greedy else 0,
                 max_new_tokens=o.max_line_tokens if one_line else o.max_chain_tokens,
                 stop_strings=["\n"] if one_line else (),
             )
@@ -483,7 +489,10 @@ class ReasonConfig:
     threshold: float = option(_DEFAULTS.threshold, "tot_dfs: children valued below this are pruned, in [0, 1].",
                               minimum=0)
     node_budget: int = option(_DEFAULTS.node_budget, "tot_dfs: most states expanded per problem.", positive=True)
-    temperature: float = option(_DEFAULTS.temperature, "Temperature of sampled lines and chains.", positive=True)
+    temperature: float = option(_DEFAULTS.temperature, "tot_bfs, tot_dfs: temperature of proposed lines.",
+                                positive=True)
+    chain_temperature: float = option(_DEFAULTS.chain_temperature,
+                                      "self_consistency: temperature of the sampled chains.", positive=True)
     max_line_tokens: int = option(_DEFAULTS.max_line_tokens, "Token budget of a proposed line.", positive=True)
     max_chain_tokens: int = option(_DEFAULTS.max_chain_tokens, "Token budget of a whole chain.", positive=True)
     batch_size: int = option(_DEFAULTS.batch_size, "Most rows per model call.", positive=True)
@@ -521,6 +530,7 @@ class ReasonConfig:
         return ReasoningOptions(
             samples=self.samples, breadth=self.breadth, proposals=self.proposals, value=self.value,
             threshold=self.threshold, node_budget=self.node_budget, temperature=self.temperature,
+            chain_temperature=self.chain_temperature,
             max_line_tokens=self.max_line_tokens, max_chain_tokens=self.max_chain_tokens, batch_size=self.batch_size,
         )
 

@@ -170,6 +170,7 @@ def test_self_consistency_votes_on_the_canonical_answer():
     "kwargs, match",
     [({"samples": 0}, "'samples'"), ({"breadth": 1.5}, "'breadth'"), ({"value": "oracle"}, "'value'"),
      ({"threshold": 1.5}, "'threshold'"), ({"temperature": 0}, "'temperature'"),
+     ({"chain_temperature": -0.5}, "'chain_temperature'"),
      ({"node_budget": True}, "'node_budget'")],
 )
 def test_bad_options(kwargs, match):
@@ -241,6 +242,30 @@ def test_each_strategy_on_a_tiny_model_counts_what_it_did(tiny_countdown, strate
     if value == "verifier" or strategy in ("direct", "cot", "self_consistency"):
         assert report["evaluations"] == 0  # the verifier costs no model call
     assert format_table([report]).count("\n") == 2
+
+
+def test_chains_and_proposed_lines_are_sampled_at_their_own_temperatures(tiny_countdown, monkeypatch):
+    from fastpo.engine import reasoning
+
+    model, tokenizer = tiny_countdown
+    task = CountdownTask()
+    seen = []
+    sample = reasoning.sample_completions
+
+    def recording_sample(*args, **kwargs):
+        seen.append((kwargs["temperature"], kwargs["top_k"], tuple(kwargs["stop_strings"])))
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(reasoning, "sample_completions", recording_sample)
+    options = ReasoningOptions(samples=2, proposals=2, breadth=1, temperature=0.9, chain_temperature=0.3,
+                               value="verifier", max_line_tokens=4, max_chain_tokens=6)
+    evaluate_strategy(model, tokenizer, task, [((4, 6, 8, 9), 24)], "self_consistency", options)
+    assert seen == [(0.3, 0, ())]
+    seen.clear()
+    evaluate_strategy(model, tokenizer, task, [((4, 6, 8, 9), 24)], "tot_bfs", options)
+    proposals = [call for call in seen if call[2] == ("\n",)]
+    assert proposals and all(call[:2] == (0.9, 0) for call in proposals)
+    assert all(call[:2] == (1.0, 1) for call in seen if call[2] != ("\n",))  # the greedy finish
 
 
 def test_checked_values_combine_the_verifier_and_the_model(tiny_countdown):
