@@ -766,7 +766,10 @@ class RLAIFConfig(BaseConfig):
         0.5, "Least judge probability of the chosen response that a labelled pair needs to train; 0.5: every pair.",
     )
     then: Literal["dpo", "reward+ppo"] = option("dpo", "What the labelled pairs train: dpo, or a reward model then ppo.")
-    beta: float = option(0.1, "dpo's beta (then=dpo), or ppo's KL coefficient (then=reward+ppo).", positive=True)
+    beta: float | None = option(
+        None, "dpo's beta (then=dpo), or ppo's KL coefficient (then=reward+ppo); none: 0.1 for dpo, 0.5 for ppo "
+        "(ppo's own default, 0.05, let it chase the reward model's errors: docs/online-rl.md).", positive=True,
+    )
     reward_steps: int = option(200, "Steps of the reward model on the labelled pairs (then=reward+ppo).", positive=True)
     rpo_alpha: float = option(
         1.0, "dpo's rpo_alpha (then=dpo): the weight of the chosen response's NLL per token in each pair's loss.",

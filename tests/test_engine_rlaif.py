@@ -167,7 +167,7 @@ def test_labelled_pairs_round_trip_through_dpo(tmp_path):
     assert result["run_dir"] == str(tmp_path / "run" / "dpo")
     dpo_config = yaml.safe_load((tmp_path / "run" / "dpo" / "config.yaml").read_text())
     assert dpo_config["data"] == str(tmp_path / "run" / rlaif.PAIRS_FILE)
-    assert dpo_config["model"] == str(tmp_path / "run" / "policy")
+    assert dpo_config["model"] == str(tmp_path / "run" / "policy") and dpo_config["beta"] == 0.1
 
 
 def test_pairs_below_judge_confidence_do_not_train(tmp_path, monkeypatch):
@@ -206,6 +206,7 @@ def test_reward_then_ppo_trains_on_the_labelled_pairs(tmp_path):
     assert result["run_dir"] == str(tmp_path / "run" / "ppo") and result["steps"] == 2
     assert "reward_model_preference_accuracy_after" in result
     ppo_config = yaml.safe_load((tmp_path / "run" / "ppo" / "config.yaml").read_text())
+    assert ppo_config["beta"] == 0.5  # rlaif's beta for ppo when none is given, not ppo's own 0.05
     assert ppo_config["rewards"] == [str(tmp_path / "run" / "reward" / "checkpoints" / "step-00000002" / "model")]
 
 

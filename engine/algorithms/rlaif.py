@@ -37,12 +37,12 @@ labelled pairs train the policy.
    config's loop options (``steps``, ``batch_size``, ``learning_rate``: none takes the
    stage's own default; ``eval_data`` is the stage's held-out data: pairs for dpo,
    prompts for ppo):
-   ``then=dpo`` (the default): ``fastpo dpo`` on the pairs (``beta`` its beta,
+   ``then=dpo`` (the default): ``fastpo dpo`` on the pairs (``beta`` its beta, 0.1 if none,
    ``rpo_alpha`` its NLL term on the chosen response), in ``output_dir/dpo``;
    ``then=reward+ppo``: ``fastpo reward`` on the pairs (``reward_steps`` steps from the
    policy's backbone, its own defaults otherwise) in ``output_dir/reward``, then
    ``fastpo ppo`` on the prompts of ``data`` with that reward model as its reward and
-   ``beta`` its KL coefficient (the reward of a completion is ``r_AI - beta * sum_t
+   ``beta`` its KL coefficient, 0.5 if none (the reward of a completion is ``r_AI - beta * sum_t
    log(pi/pi_ref)``, RLAIF's objective) in ``output_dir/ppo``; it stops after the reward
    stage when that was interrupted.
 
@@ -90,6 +90,9 @@ _JUDGE_HELDOUT_PAIRS = 200  # held-out pairs of the judge's evaluations
 _JUDGE_SEED = 0
 _SAMPLE_BATCH = 64  # prompts per sampling call
 _STAGE_DEFAULTS = ("steps", "batch_size", "learning_rate")  # none in the config: the training stage's default
+# beta when none is given: dpo's own default, and for ppo on a reward model trained on the
+# judge's labels a KL coefficient ten times ppo's (measured, docs/online-rl.md)
+_DEFAULT_BETA = {"dpo": 0.1, "reward+ppo": 0.5}
 
 
 def run(config: RLAIFConfig, warm_start=None) -> dict:
@@ -170,9 +173,10 @@ def _train(config: RLAIFConfig, run_dir: Path, policy_dir: Path, pairs_path: Pat
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(BaseConfig)}
     shared = {name: value for name, value in shared.items() if not (name in _STAGE_DEFAULTS and value is None)}
     shared.update(model=str(policy_dir), warm_start_steps=0)
+    beta = config.beta if config.beta is not None else _DEFAULT_BETA[config.then]
     if config.then == "dpo":
         return dpo.run(DPOConfig(
-            **{**shared, "data": str(pairs_path), "output_dir": str(run_dir / "dpo")}, beta=config.beta,
+            **{**shared, "data": str(pairs_path), "output_dir": str(run_dir / "dpo")}, beta=beta,
             rpo_alpha=config.rpo_alpha,
         ))
     reward_options = {} if config.batch_size is None else {"batch_size": config.batch_size}
@@ -187,7 +191,7 @@ def _train(config: RLAIFConfig, run_dir: Path, policy_dir: Path, pairs_path: Pat
         return reward_outcome
     reward_dir = reward_outcome["result"].checkpoint / "model"
     outcome = ppo.run(PPOConfig(
-        **{**shared, "output_dir": str(run_dir / "ppo")}, rewards=[str(reward_dir)], beta=config.beta,
+        **{**shared, "output_dir": str(run_dir / "ppo")}, rewards=[str(reward_dir)], beta=beta,
         temperature=config.temperature, max_new_tokens=config.max_new_tokens,
     ))
     outcome["metrics"].update({f"reward_model_{k}": v for k, v in reward_outcome["metrics"].items()})
