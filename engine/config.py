@@ -757,7 +757,8 @@ class RLAIFConfig(BaseConfig):
         None, "Judge reasons before its label: it greedily writes up to its first ', so ' (appended when it writes "
         "none within 32 tokens) and the label A or B is read next; none: true for the built-in judge (trained to "
         "solve the problem and restate answer A first, ' 12+34=46, A: 47, so B'), false for judge=PATH (the label "
-        "right after the prompt).",
+        "right after the prompt) unless the folder is a built-in judge fastpo trained (its fastpo_judge.json says how it "
+        "answers).",
     )
     num_prompts: int = option(512, "Prompts whose two sampled responses the judge labels.", positive=True)
     temperature: float = option(1.0, "Sampling temperature of the two responses.", positive=True)

@@ -133,6 +133,19 @@ def test_the_built_in_judge_reasons_and_a_given_one_reads_its_label_directly(opt
     assert rlaif.judge_reasoning(RLAIFConfig(**options)) is reasoning
 
 
+def test_a_built_in_judge_reused_by_path_keeps_its_reasoning(tmp_path):
+    config = RLAIFConfig(judge_steps=2, max_length=64, output_dir=str(tmp_path / "run"))
+    model_dir = rlaif.builtin_judge(config, tmp_path / "run")
+    assert json.loads((model_dir / rlaif.JUDGE_CARD).read_text())["reasoning"] is True
+    assert rlaif.judge_reasoning(RLAIFConfig(judge=str(model_dir))) is True
+    assert rlaif.judge_reasoning(RLAIFConfig(judge=str(model_dir), judge_reasoning=False)) is False
+    # a judge trained to answer directly says so, and its reuse reads the label directly
+    direct = RLAIFConfig(judge_steps=2, max_length=64, judge_reasoning=False, output_dir=str(tmp_path / "direct"))
+    direct_dir = rlaif.builtin_judge(direct, tmp_path / "direct")
+    assert rlaif.judge_reasoning(RLAIFConfig(judge=str(direct_dir))) is False
+    assert rlaif.builtin_judge(config, tmp_path / "run") == model_dir  # reused: the same checkpoint
+
+
 def _judge_folder(tmp_path):
     judge, tokenizer = load_causal_lm("builtin:tiny", seed=1)
     judge.save_pretrained(tmp_path / "judge")

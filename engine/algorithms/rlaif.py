@@ -82,6 +82,9 @@ JUDGE_LABELS = ("A", "B")  # the label of the response shown first, and of the s
 REASONING_END = ", so "  # ends a reasoning judge's reasoning; its label is read next
 _REASONING_MAX_TOKENS = 32  # the built-in judge's longest reasoning, " 99+99=198, A: 198, so ", is 23
 JUDGE_DIR = "judge"
+# Written into the built-in judge's model folder: how it was trained to answer, so that
+# reusing it by path (judge=PATH) reads its label where it was trained to give it.
+JUDGE_CARD = "fastpo_judge.json"
 PAIRS_FILE = "pairs.jsonl"
 _JUDGE_BATCH = 64  # rows per SFT micro-batch of the built-in judge, and per judge forward
 _JUDGE_HELDOUT_PAIRS = 200  # held-out pairs of the judge's evaluations
@@ -149,8 +152,14 @@ def run(config: RLAIFConfig, warm_start=None) -> dict:
 
 def judge_reasoning(config: RLAIFConfig) -> bool:
     """Whether the judge reasons before its label: ``judge_reasoning``, or when none
-    true for the built-in judge and false for ``judge=PATH``."""
-    return config.judge_reasoning if config.judge_reasoning is not None else config.judge is None
+    true for the built-in judge, and for ``judge=PATH`` what the folder's JUDGE_CARD says
+    (a built-in judge fastpo trained), else false."""
+    if config.judge_reasoning is not None:
+        return config.judge_reasoning
+    if config.judge is None:
+        return True
+    card = Path(config.judge) / JUDGE_CARD
+    return bool(json.loads(card.read_text())["reasoning"]) if card.is_file() else False
 
 
 def _judge_heldout_accuracy(judge, tokenizer, config: RLAIFConfig, reasoning: bool) -> float:
@@ -335,9 +344,12 @@ def builtin_judge(config: RLAIFConfig, run_dir: Path) -> Path:
     )
     if cached:
         print(f"fastpo: rlaif: reusing the judge {checkpoint}", file=sys.stderr)
-        return checkpoint / "model"
-    print(f"fastpo: rlaif: training the judge ({config.judge_steps} SFT steps) in {folder}", file=sys.stderr)
-    folder.mkdir(parents=True, exist_ok=True)
-    for path, text in texts.items():
-        path.write_text(text)
-    return sft.run(sft_config)["result"].checkpoint / "model"
+        model_dir = checkpoint / "model"
+    else:
+        print(f"fastpo: rlaif: training the judge ({config.judge_steps} SFT steps) in {folder}", file=sys.stderr)
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, text in texts.items():
+            path.write_text(text)
+        model_dir = sft.run(sft_config)["result"].checkpoint / "model"
+    (model_dir / JUDGE_CARD).write_text(json.dumps({"reasoning": reasoning, "template": config.judge_template}) + "\n")
+    return model_dir
