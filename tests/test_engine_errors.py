@@ -6,30 +6,16 @@ an input error in under 5 s); an error inside training keeps its traceback."""
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from cli_checks import fails_in_one_line
 
 from fastpo.engine import cli, train
 from fastpo.engine.config import format_help
 from fastpo.kernels import ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _fails_in_one_line(args, tmp_path, capsys, within_s):
-    """Run ``fastpo args`` with its run folder in ``tmp_path``; the one stderr line."""
-    started = time.perf_counter()
-    status = cli.main([*args, f"output_dir={tmp_path / 'run'}"])
-    elapsed = time.perf_counter() - started
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert status == 2, captured.err
-    assert len(lines) == 1 and lines[0].startswith("fastpo: error: "), lines
-    assert elapsed < within_s, elapsed
-    assert not (tmp_path / "run").exists()  # stopped before the run folder, the model and the warm start
-    return lines[0]
 
 
 @pytest.mark.parametrize("args, names", [
@@ -57,7 +43,7 @@ def _fails_in_one_line(args, tmp_path, capsys, within_s):
     (["rlaif", "judge_template=Q: {prompt}"], ["option 'judge_template'", "{a}"]),
 ])
 def test_a_bad_config_fails_in_one_line_before_any_work(args, names, tmp_path, capsys):
-    line = _fails_in_one_line(args, tmp_path, capsys, within_s=2.0)
+    line = fails_in_one_line(args, capsys, within_s=2.0, run_dir=tmp_path / "run")
     for name in names:
         assert name in line, (name, line)
 
@@ -98,7 +84,7 @@ def test_bad_inputs_fail_in_one_line_before_the_model_loads(tmp_path, capsys):
     ]
     for args, names in cases:
         # warm_start_steps=0: a case that wrongly passed would not start a long warm start.
-        line = _fails_in_one_line([*args, "warm_start_steps=0"], tmp_path, capsys, within_s=5.0)
+        line = fails_in_one_line([*args, "warm_start_steps=0"], capsys, within_s=5.0, run_dir=tmp_path / "run")
         for name in names:
             assert name in line, (args, name, line)
 
