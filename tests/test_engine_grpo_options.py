@@ -13,6 +13,7 @@ import types
 
 import pytest
 import torch
+from cli_checks import fails_in_one_line
 
 from fastpo.engine import cli
 from fastpo.engine.algorithms import grpo
@@ -21,7 +22,7 @@ from fastpo.engine.forward import IGNORE_INDEX, greedy_completions, response_log
 from fastpo.engine.models import load_causal_lm
 from fastpo.kernels import ADVANTAGE_ESTIMATORS, PolicyLossOptions
 from fastpo.kernels.registry import Registry
-from test_engine_errors import _fails_in_one_line
+from grpo_runs import record_rollouts
 
 G = 4
 # one step on one rollout of 4 prompts x 4 completions; evaluation on two prompts
@@ -75,11 +76,10 @@ def _spying(calls: list) -> Registry:
 def _run(tmp_path, monkeypatch, *overrides):
     """``fastpo grpo QUICK overrides`` in this process: the estimator's calls, the
     rollout tensors the loss trains on, the logged records and the greedy completions."""
-    calls, rollouts, greedy = [], [], []
+    calls, greedy = [], []
     monkeypatch.setattr(grpo, "ADVANTAGE_ESTIMATORS", _spying(calls))
-    real_split, real_greedy = grpo.split_micro_batches, grpo.greedy_completions
-    monkeypatch.setattr(grpo, "split_micro_batches",
-                        lambda tensors, *a: rollouts.append(tensors) or real_split(tensors, *a))
+    rollouts = record_rollouts(monkeypatch)
+    real_greedy = grpo.greedy_completions
     monkeypatch.setattr(grpo, "greedy_completions", lambda *a, **k: greedy.append(real_greedy(*a, **k)) or greedy[-1])
     _scored_calls().clear()
     eval_file = tmp_path / "heldout.jsonl"
@@ -207,7 +207,7 @@ def test_needs_rollout_logprobs(options, needs):
     (["seq_log_ratio_cap=10"], ["option 'seq_log_ratio_cap'", "sequence ratio only"]),
 ])
 def test_bad_grpo_options_fail_in_one_line(args, names, tmp_path, capsys):
-    line = _fails_in_one_line(["grpo", *args], tmp_path, capsys, within_s=2.0)
+    line = fails_in_one_line(["grpo", *args], capsys, run_dir=tmp_path / "run")
     for name in names:
         assert name in line, (name, line)
 
