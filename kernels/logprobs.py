@@ -66,8 +66,8 @@ STATISTICS = ("log_sum_sq_probs", "mean_logit", "is_top1", "top1_logprob")
 # run at full speed, small enough that the extra memory is a few such temporaries,
 # whatever N is. On a GPU every op of the chunk loop is a kernel launch of a few
 # microseconds, and 4 MiB chunks made the loop launch-bound (an H200, 2026-12-04: 90x
-# eager's time at 4096 x 32,000); 2^24 elements (64 MiB) per temporary keep the launches
-# small next to the work and the extra memory bounded.
+# eager's time at 4096 x 32,000); 2^24 elements (64 MiB) per temporary cut the time 8-10x
+# there, the extra memory still bounded (bench/RESULTS.md).
 TORCH_CHUNK_ELEMENTS = 1 << 20
 GPU_TORCH_CHUNK_ELEMENTS = 1 << 24
 
