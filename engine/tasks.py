@@ -63,6 +63,9 @@ CONFIG_DEFAULTS: dict[str, dict[str, dict]] = {
     "builtin:countdown": {
         "*": {"max_new_tokens": 128, "max_length": 160, "rewards": ["builtin:countdown"]},
         "grpo": {"steps": 100, "eval_every": 25},
+        # a chain of thought is about 8x a direct answer's or a value judgement's tokens:
+        # padded rows were half padding (packed, SFT ran 1.3x faster for the same rows)
+        "sft": {"packing": True},
     },
 }
 

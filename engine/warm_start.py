@@ -56,7 +56,7 @@ from .algorithms._common import (
     warm_start_steps,
 )
 from .config import ConfigError, SFTConfig, config_to_dict
-from .tasks import BUILTIN_TASKS
+from .tasks import BUILTIN_TASKS, config_defaults
 from .distributed import launched_world, resolve_device
 from .models import BUILTIN_MODELS, load_causal_lm, tiny_config
 from .tokenizer import build_char_tokenizer
@@ -136,6 +136,7 @@ def _sft_config(config, steps: int, folder: Path) -> SFTConfig:
         max_length=config.max_length, steps=steps, batch_size=64, learning_rate=2e-3, warmup_steps=20,
         lr_schedule="constant", eval_every=CHECK_EVERY, eval_data=str(folder / "check_prompts.jsonl"),
         target_accuracy=config.warm_start_accuracy, output_dir=str(folder),
+        packing=config_defaults(config.data, "sft").get("packing", False),
     )
 
 

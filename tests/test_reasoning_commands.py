@@ -37,7 +37,8 @@ def test_countdown_sets_its_defaults_and_the_user_still_wins():
     grpo = load_config("grpo", overrides=["data=builtin:countdown"])
     assert (grpo.max_new_tokens, grpo.max_length, grpo.rewards) == (128, 160, ["builtin:countdown"])
     assert load_config("grpo", overrides=["data=builtin:countdown", "max_new_tokens=96"]).max_new_tokens == 96
-    assert from_dict(SFTConfig, {"data": "builtin:countdown"}).max_length == 160
+    countdown_sft = from_dict(SFTConfig, {"data": "builtin:countdown"})
+    assert countdown_sft.max_length == 160 and countdown_sft.packing and not from_dict(SFTConfig, {}).packing
     # The order of the overrides does not matter: the task's defaults come first.
     assert load_config("grpo", overrides=["max_length=200", "data=builtin:countdown"]).max_length == 200
     plain = load_config("grpo")
@@ -115,6 +116,7 @@ def test_countdown_models_and_warm_starts_are_the_tasks_own(tmp_path):
     keyed = settings(countdown, 50)
     assert keyed["data"] == "builtin:countdown" and "*" in keyed["vocabulary"] and "/" in keyed["vocabulary"]
     assert settings(addition, 50)["data"] == "builtin:addition" and "*" not in settings(addition, 50)["vocabulary"]
+    assert keyed["packing"] and not settings(addition, 50)["packing"]  # the task's SFT default, packed chains
     _, model, tokenizer, _ = _common.prepare_run("grpo", from_dict(GRPOConfig, {
         "data": "builtin:countdown", "warm_start_steps": 0, "output_dir": str(tmp_path)}))
     ids = tokenizer.encode("13 * 2 / 1", add_special_tokens=False)
