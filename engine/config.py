@@ -690,7 +690,7 @@ class TRPOConfig(RolloutOptions, RunConfig):
     learning_rate, weight_decay, warmup_steps, lr_schedule and max_grad_norm, and
     grad_accum_steps and num_iterations, do not apply and are refused)."""
 
-    steps: int = option(50, "Rollouts to run, one TRPO update each.", positive=True)
+    steps: int = option(60, "Rollouts to run, one TRPO update each.", positive=True)
     eval_every: int = option(10, "Evaluate on held-out data every N steps (0: only at the end).", minimum=0)
     batch_size: int = option(64, "Completions per forward pass of the update (the whole rollout is one step).", positive=True)
     prompts_per_rollout: int = option(32, "Prompts sampled per rollout.", positive=True)
@@ -698,11 +698,21 @@ class TRPOConfig(RolloutOptions, RunConfig):
         "group", "Std that divides the group-centered rewards (the advantage): group, batch, none."
     )
     advantage_eps: float = option(1e-4, "Added to the std of the advantage.", minimum=0)
-    max_kl: float = option(0.02, "Trust region delta: mean KL(old || new) over completion tokens <= max_kl.", positive=True)
-    cg_iters: int = option(3, "Conjugate-gradient iterations for the direction H^-1 g.", positive=True)
+    advantage: Literal["group", "tree"] = option(
+        "tree", "Advantage: tree (TreeRL's per-token advantage over the prefixes that the group's completions share, "
+        "of the scaled rewards) or group (the completion's group z-score on each of its tokens).",
+    )
+    max_kl: float = option(0.04, "Trust region delta: mean KL(old || new) over completion tokens <= max_kl.", positive=True)
+    cg_iters: int = option(
+        1, "Conjugate-gradient iterations for the direction H^-1 g (1: the preconditioned gradient).", positive=True
+    )
     cg_damping: float = option(0.1, "Damping added to the KL Hessian: (H + cg_damping I) d = g.", minimum=0)
+    cg_preconditioner: Literal["gradient_rms", "none"] = option(
+        "gradient_rms", "Conjugate gradient's diagonal preconditioner: gradient_rms (the root mean square of the "
+        "updates' gradients so far, Adam's second moment) or none.",
+    )
     fisher_every: int = option(
-        2, "Conjugate gradient's KL-Hessian products on every N-th completion of the rollout (1: all).", positive=True
+        8, "Conjugate gradient's KL-Hessian products on every N-th completion of the rollout (1: all).", positive=True
     )
     backtrack_factor: float = option(0.5, "Line search: each try shrinks the step by this factor, in (0, 1).", positive=True)
     line_search_tries: int = option(10, "Line search: steps tried at most (the full step first); none kept: no step.", positive=True)

@@ -3,10 +3,12 @@
 One optimizer step of the shared loop is one rollout and one TRPO update:
 
 1. Rollout: ``prompts_per_rollout`` prompts, ``num_generations`` samples each, and their
-   rewards. The advantage of a completion is its group z-score
-   (``fastpo.kernels.group_advantages`` with ``scale_rewards`` and ``advantage_eps``, as
-   in grpo): the baseline is the mean reward of the prompt's samples, and no value
-   function is fitted. Every completion token carries its completion's advantage.
+   rewards. The advantages are relative to the prompt's group of samples (no value
+   function is fitted): with ``advantage=tree``, per token, TreeRL's advantage over the
+   prefixes that the group's completions share (``fastpo.engine.tree_rollout.tree_advantages``)
+   of the rewards scaled by the group's std; with ``advantage=group``, the completion's
+   group z-score (``fastpo.kernels.group_advantages`` with ``scale_rewards`` and
+   ``advantage_eps``, as in grpo) on each of its tokens.
 2. Surrogate ``L(theta) = sum_t r_t A_t / N`` over the rollout's ``N`` completion tokens,
    ``r = exp(lp - lp_old)`` with ``lp_old`` the log-probs at the sampling weights
    ``theta_old`` (from the training forward, so ``r = 1`` there); ``g = grad L(theta_old)``.
@@ -16,7 +18,12 @@ One optimizer step of the shared loop is one rollout and one TRPO update:
    (``kl_hessian_product``): a Jacobian-vector product below the LM head, the head and
    the softmax's Fisher by ``fastpo.kernels.linear_fisher_vector_product`` without the
    (N, V) logits, and a vector-Jacobian product back. ``cg_iters`` steps of conjugate
-   gradient give ``d ~ (H + cg_damping I)^-1 g``. The products are taken on every
+   gradient give ``d ~ (H + cg_damping I)^-1 g``, preconditioned with
+   ``cg_preconditioner=gradient_rms`` by the diagonal ``M = sqrt(v) + eps``, ``v`` the
+   bias-corrected running mean of the squared gradients of the updates so far (Adam's
+   second moment): one iteration gives ``d = M^-1 g`` (at the first update the
+   gradient's sign). Conjugate gradient also returns ``d^T (H + cg_damping I) d`` from
+   its residual, so one iteration is one product. The products are taken on every
    ``fisher_every``-th completion of the rollout (``every_nth_completion``; Schulman's
    TRPO also estimates the Fisher on a subsample), whose hidden states' graph is built
    once per update and kept during the solve.
@@ -63,6 +70,7 @@ from .. import distributed
 from ..config import TRPOConfig
 from ..loop import StepOutcome, Update
 from ..step_metrics import StepMetrics
+from ..tree_rollout import tree_advantages
 from ._common import prepare_run, train_and_evaluate
 from ._online import OnlineRun, RolloutStream, per_completion_metrics
 
@@ -79,6 +87,9 @@ __all__ = [
 
 # Conjugate gradient stops early once |residual|^2 <= this share of |g|^2.
 _CG_RELATIVE_TOLERANCE = 1e-10
+# cg_preconditioner=gradient_rms: Adam's second-moment decay and epsilon.
+_RMS_DECAY = 0.99
+_RMS_EPS = 1e-8
 
 
 def run(config: TRPOConfig, warm_start=None) -> dict:
@@ -93,6 +104,10 @@ def run(config: TRPOConfig, warm_start=None) -> dict:
         advantages = group_advantages(
             rewards, config.num_generations, scale=config.scale_rewards, eps=config.advantage_eps
         )
+        if config.advantage == "tree":
+            # TreeRL's advantages are differences of the group's mean rewards: the group
+            # z-scores give those of the scaled rewards (each group's mean cancels).
+            advantages = tree_advantages(rollout, advantages, config.num_generations)
         return [{
             "chunks": rollout_chunks(rollout, advantages, config.batch_size),
             "metrics": online.rollout_metrics(rollout, rewards),
@@ -108,38 +123,63 @@ class TRPOUpdate(Update):
     """The loop's step for trpo: ``trpo_update`` on the step's one micro-batch (a whole
     rollout: ``chunks``, per-completion ``metrics`` and ``num_units``, its completion
     tokens), with dropout off so that the line search compares deterministic functions
-    of the parameters. It keeps no state across steps (a checkpoint of an older fastpo,
-    whose TRPO ran beside an idle AdamW, holds an optimizer state that is ignored)."""
+    of the parameters. With ``cg_preconditioner=gradient_rms`` its state is the running
+    mean of the squared gradients and the number of updates taken (restored from a
+    checkpoint's step); a checkpoint of an older fastpo, whose TRPO ran beside an idle
+    AdamW, holds an optimizer state that is ignored."""
 
     def __init__(self, *, model, params, config: TRPOConfig, world):
         self.config = config
+        self.updates = 0
+        self.square_average = None
+
+    def gradient_rms_preconditioner(self, gradient: torch.Tensor) -> torch.Tensor:
+        """``1 / (sqrt(v) + eps)``, ``v`` the bias-corrected running mean of the squared
+        gradients of the updates so far, this one's included (Adam's second moment)."""
+        squared = gradient.square()
+        if self.square_average is None:
+            self.square_average = torch.zeros_like(squared)
+        self.square_average.mul_(_RMS_DECAY).add_(squared, alpha=1 - _RMS_DECAY)
+        corrected = self.square_average / (1 - _RMS_DECAY ** (self.updates + 1))
+        return 1 / (corrected.sqrt() + _RMS_EPS)
 
     def step(self, model, loss_fn, micro_batches, *, world, autocast) -> StepOutcome:
         (batch,) = micro_batches
+        preconditioner = self.gradient_rms_preconditioner if self.config.cg_preconditioner == "gradient_rms" else None
         model.eval()
         with torch.autocast(world.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
-            stats, surrogate = trpo_update(model, batch["chunks"], self.config)
+            stats, surrogate = trpo_update(model, batch["chunks"], self.config, preconditioner=preconditioner)
         model.train()
+        self.updates += 1
         metrics = StepMetrics(world.device)
         metrics.add(per_completion_metrics(batch["metrics"]))
         record = {"surrogate": surrogate, **stats, "units": batch["num_units"], **metrics.reduce(batch["num_units"])}
         return StepOutcome(record, None if math.isfinite(surrogate) else "non-finite surrogate")
 
+    def state_dict(self) -> dict:
+        return {} if self.square_average is None else {"trpo_gradient_square_average": self.square_average}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = state["step"]
+        self.square_average = state.get("trpo_gradient_square_average")
+
 
 def rollout_chunks(rollout, advantages: torch.Tensor, batch_size: int) -> list[dict]:
     """The rollout cut into forward passes of ``batch_size`` completions, each holding
     ``input_ids``, ``attention_mask``, ``mask`` (B, T) and, per completion token in
-    mask order, ``targets`` and ``advantages`` (N,)."""
+    mask order, ``targets`` and ``advantages`` (N,); ``advantages`` are one per
+    completion (B,) or per token (B, T)."""
     chunks = []
     for start in range(0, rollout.input_ids.shape[0], batch_size):
         rows = slice(start, start + batch_size)
         mask = rollout.mask[rows]
+        per_token = advantages[rows] if advantages.dim() == 2 else advantages[rows, None].expand(mask.shape)
         chunks.append({
             "input_ids": rollout.input_ids[rows],
             "attention_mask": rollout.attention_mask[rows],
             "mask": mask,
             "targets": rollout.labels[rows][mask],
-            "advantages": advantages[rows, None].expand(mask.shape)[mask],
+            "advantages": per_token[mask],
         })
     return chunks
 
@@ -254,13 +294,21 @@ def kl_hessian_product(model, params: list, chunks: list[dict],
     return product
 
 
-def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iterations: int) -> torch.Tensor:
-    """``x ~ A^-1 b`` after at most ``iterations`` steps of conjugate gradient, for the
-    symmetric positive definite ``A`` of ``matvec(v) = A v``, starting from 0."""
+def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iterations: int,
+                       inverse_preconditioner: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, x^T A x)``: ``x ~ A^-1 b`` after at most ``iterations`` steps of conjugate
+    gradient, for the symmetric positive definite ``A`` of ``matvec(v) = A v``, starting
+    from 0; preconditioned by the diagonal ``M`` given as ``inverse_preconditioner = 1 / M``
+    (positive; none: ``M = I``). ``x^T A x = x^T (b - r)`` with the residual ``r = b - A x``
+    that the iteration keeps, so it costs no further product."""
+    def precondition(vector):
+        return vector if inverse_preconditioner is None else inverse_preconditioner * vector
+
     x = torch.zeros_like(b)
     residual = b.clone()
-    direction = b.clone()
-    squared = residual @ residual
+    preconditioned = precondition(residual)
+    direction = preconditioned.clone()
+    squared = residual @ preconditioned
     stop = _CG_RELATIVE_TOLERANCE * squared
     for _ in range(iterations):
         if squared <= stop:
@@ -269,10 +317,11 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
         alpha = squared / (direction @ product)
         x += alpha * direction
         residual -= alpha * product
-        new_squared = residual @ residual
-        direction = residual + (new_squared / squared) * direction
+        preconditioned = precondition(residual)
+        new_squared = residual @ preconditioned
+        direction = preconditioned + (new_squared / squared) * direction
         squared = new_squared
-    return x
+    return x, x @ (b - residual)
 
 
 @torch.no_grad()
@@ -286,12 +335,14 @@ def _surrogate_and_kl(model, chunks, old_logits, old_logprobs, temperature, toke
     return surrogate, kl
 
 
-def trpo_update(model, chunks: list[dict], config) -> tuple[dict, float]:
+def trpo_update(model, chunks: list[dict], config, *,
+                preconditioner: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[dict, float]:
     """One TRPO update of ``model``'s parameters in place on a rollout's ``chunks``
     (``rollout_chunks``); ``(stats, surrogate)``: the logged statistics and the
     surrogate of the kept parameters. ``config`` gives ``temperature``, ``max_kl``,
     ``cg_iters``, ``cg_damping``, ``fisher_every``, ``backtrack_factor`` and
-    ``line_search_tries``."""
+    ``line_search_tries``; ``preconditioner(gradient)`` gives conjugate gradient's
+    inverse diagonal preconditioner (none: plain conjugate gradient)."""
     device = next(model.parameters()).device
     chunks = [{name: value.to(device) for name, value in chunk.items()} for chunk in chunks]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -319,8 +370,8 @@ def trpo_update(model, chunks: list[dict], config) -> tuple[dict, float]:
     def damped_product(vector):
         return hessian_product(vector) + config.cg_damping * vector
 
-    direction = conjugate_gradient(damped_product, gradient, config.cg_iters)
-    curvature = direction @ damped_product(direction)
+    inverse_preconditioner = None if preconditioner is None else preconditioner(gradient)
+    direction, curvature = conjugate_gradient(damped_product, gradient, config.cg_iters, inverse_preconditioner)
     if not curvature > 0:
         return no_step, old_surrogate
     step = torch.sqrt(2 * config.max_kl / curvature) * direction
