@@ -65,8 +65,8 @@ CONFIG_DEFAULTS: dict[str, dict[str, dict]] = {
         # grpo's own 2e-4 took seed 0's SFT model from 30.5% to 17.5% held-out in 100 steps;
         # 5e-5 to 35.5% (docs/reasoning.md)
         "grpo": {"steps": 100, "eval_every": 25, "learning_rate": 5e-5},
-        # a chain of thought is about 8x a direct answer's or a value judgement's tokens:
-        # padded rows were half padding (packed, SFT ran 1.3x faster for the same rows)
+        # a chain-of-thought row has 3-4x the tokens of a direct answer's or a value
+        # judgement's: padded batches were 40% padding (packed, SFT ran 1.3x faster)
         "sft": {"packing": True},
     },
 }

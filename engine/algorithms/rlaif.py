@@ -351,5 +351,5 @@ def builtin_judge(config: RLAIFConfig, run_dir: Path) -> Path:
         for path, text in texts.items():
             path.write_text(text)
         model_dir = sft.run(sft_config)["result"].checkpoint / "model"
-    (model_dir / JUDGE_CARD).write_text(json.dumps({"reasoning": reasoning, "template": config.judge_template}) + "\n")
+    (model_dir / JUDGE_CARD).write_text(json.dumps({"reasoning": reasoning}) + "\n")
     return model_dir
