@@ -285,7 +285,7 @@ class LanguageModelReasoner:
         the rest of the chain (stopped at eos). Greedy is top-k 1, which draws the
         argmax token."""
         o = self.options
-        temperature = 1.0 if greedy else o.temperature if one_line else o.chain_temperature
+        temperature = 1.0 if greedy else (o.temperature if one_line else o.chain_temperature)
         texts = [self.text(state) for state in states for _ in range(samples)]
         owners = [state.problem for state in states for _ in range(samples)]
         outputs: list[str] = []

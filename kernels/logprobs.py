@@ -469,7 +469,7 @@ def _workspace(count: int, n_rows: int, vocab: int, dtype: torch.dtype, device: 
     """``count`` reusable (rows, V) buffers for the chunk loop. Reusing them, rather than
     allocating per chunk, keeps the extra memory at exactly these buffers (the allocator
     would otherwise hold on to a few generations of freed chunks)."""
-    rows = min(n_rows, _torch_chunk_rows(vocab, torch.device(device)))
+    rows = min(n_rows, _torch_chunk_rows(vocab, device))
     return torch.empty((count, rows, vocab), dtype=dtype, device=device).unbind(0)
 
 
