@@ -10,8 +10,8 @@ Cases (forward+backward where there is a gradient):
 - policy_loss_types: fastpo's policy_loss for each loss type of ``POLICY_LOSSES``
   (same inputs and KL term as policy_loss) against its own ``grpo``: the cost of each
   objective relative to the default one (``time_vs_grpo``);
-- gae: fastpo's gae (torch and native backends) against the reverse Python loop over
-  time steps that TRL's PPO trainer and OpenRLHF use;
+- gae: fastpo's gae (torch, Triton on a GPU, native where it is built) against the
+  reverse Python loop over time steps that TRL's PPO trainer and OpenRLHF use;
 - dpo: summing padded (and packed) token log-probs per sequence plus the DPO sigmoid
   loss, against eager masked sums and ``-logsigmoid``, at B = 64 pairs, T = 4096.
 
@@ -141,7 +141,8 @@ def case_step(name: str, impl: str, shape: tuple, device: str):
             return lambda: eager_gae(rewards, values, mask)
         from fastpo.kernels import gae
 
-        backend = {"fastpo_torch": "torch", "fastpo_native": "cuda" if device == "cuda" else "cpp"}[impl]
+        backend = {"fastpo_torch": "torch", "fastpo_triton": "triton",
+                   "fastpo_native": "cuda" if device == "cuda" else "cpp"}[impl]
         return lambda: gae(rewards, values, mask, gamma=1.0, lam=0.95, backend=backend)
     if name == "dpo":
         from fastpo.kernels import dpo_loss, sequence_logprobs
@@ -187,12 +188,23 @@ def _loss_types() -> list[str]:
 CASES = {
     "policy_loss": ([(512, 1024), (1024, 4096)], ["eager", "fastpo"]),
     "policy_loss_types": ([(512, 1024)], _loss_types()),
-    "gae": ([(512, 1024), (1024, 4096)], ["eager", "fastpo_torch", "fastpo_native"]),
+    "gae": ([(512, 1024), (1024, 4096)], ["eager", "fastpo_torch", "fastpo_triton", "fastpo_native"]),
     "dpo": ([(64, 4096)], ["eager", "fastpo", "fastpo_packed"]),
 }
 # The implementation each case's others are compared with (default "eager": speedup_vs_eager).
 BASELINE = {"policy_loss_types": "grpo"}
 QUICK = {"policy_loss": [(64, 256)], "policy_loss_types": [(64, 1024)], "gae": [(64, 256)], "dpo": [(8, 512)]}
+
+
+def runs_on(impl: str, device: str) -> bool:
+    """Whether ``impl`` has a backend on ``device``: Triton on GPUs, native kernels where built."""
+    if impl == "fastpo_triton":
+        return device == "cuda"
+    if impl == "fastpo_native":
+        from fastpo.kernels import _native
+
+        return _native.available(torch.device(device))
+    return True
 
 
 def count_ops(step, device: str) -> int:
@@ -241,7 +253,7 @@ def run(device: str, quick: bool, only: str | None, out_dir: str | None) -> list
         baseline = BASELINE.get(name, "eager")
         for shape in (QUICK[name] if quick else shapes):
             base = None
-            for impl in impls:
+            for impl in [impl for impl in impls if runs_on(impl, device)]:
                 result = harness.run_child("fastpo.bench.losses",
                                            {"case": name, "impl": impl, "shape": list(shape), "device": device})
                 row = {"case": name, "impl": impl, "shape": "x".join(map(str, shape)),

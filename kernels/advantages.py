@@ -264,26 +264,30 @@ def _batch_std(rewards: torch.Tensor, unbiased: bool) -> torch.Tensor:
 
 def _torch_gae(rewards, values, valid, gamma, lam):
     acc = acc_dtype(rewards, values)
-    rewards = rewards.to(acc)
-    values = values.to(acc)
     n_rows, n_steps = rewards.shape
-    next_advantage = torch.zeros(n_rows, dtype=acc, device=rewards.device)
-    next_value = torch.zeros_like(next_advantage)
-    advantages_reversed = []
-    for t in reversed(range(n_steps)):
-        valid_t = valid[:, t]
-        # Masked positions may hold garbage rewards or values: where() drops them.
-        reward = torch.where(valid_t, rewards[:, t], 0.0)
-        value = torch.where(valid_t, values[:, t], 0.0)
-        advantage = reward + gamma * next_value - value + (gamma * lam) * next_advantage
-        advantages_reversed.append(torch.where(valid_t, advantage, 0.0))
-        next_advantage = torch.where(valid_t, advantage, next_advantage)
-        next_value = torch.where(valid_t, value, next_value)
-    if not advantages_reversed:
+    if n_steps == 0:
         empty = torch.zeros((n_rows, 0), dtype=acc, device=rewards.device)
         return empty, empty.clone()
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
-    returns = torch.where(valid, advantages + torch.where(valid, values, 0.0), 0.0)
+    # Masked positions may hold garbage rewards or values: where() drops them.
+    rewards = torch.where(valid, rewards.to(acc), 0.0)
+    values = torch.where(valid, values.to(acc), 0.0)
+    # V[t_{i+1}] for every position at once: the first valid position after t, by a
+    # reversed running minimum of the valid positions (n_steps: none, value 0).
+    steps = torch.arange(n_steps, device=rewards.device)
+    valid_steps = torch.where(valid, steps, n_steps)
+    first_valid_from = torch.cummin(valid_steps.flip(1), dim=1).values.flip(1)
+    first_valid_after = torch.cat([first_valid_from[:, 1:], valid_steps.new_full((n_rows, 1), n_steps)], dim=1)
+    next_values = torch.cat([values, values.new_zeros(n_rows, 1)], dim=1).gather(1, first_valid_after)
+    deltas = torch.where(valid, rewards + gamma * next_values - values, 0.0)
+    # A_t = b_t + m_t * A_{t+1}: (delta_t, gamma * lam) at a valid position, (0, 1) at a
+    # masked one, which carries A across it; one fused multiply-add per step, so that
+    # a GPU launches T kernels, not a dozen per step.
+    decay = torch.full_like(rewards, gamma * lam).masked_fill_(~valid, 1.0)
+    carried = [torch.zeros(n_rows, dtype=acc, device=rewards.device)]
+    for t in reversed(range(n_steps)):
+        carried.append(torch.addcmul(deltas[:, t], decay[:, t], carried[-1]))
+    advantages = torch.where(valid, torch.stack(carried[:0:-1], dim=1), 0.0)
+    returns = torch.where(valid, advantages + values, 0.0)
     return advantages, returns
 
 

@@ -234,6 +234,26 @@ def test_child_reports_a_mismatch_and_a_failed_compile_as_notes(monkeypatch):
     assert result == {"error": "torch.compile failed: RuntimeError: no compiler here"}
 
 
+def test_child_checks_an_implementation_that_overwrites_its_inputs_against_untouched_ones(monkeypatch):
+    # Liger's cross entropy writes its gradient into the logits during the forward pass:
+    # its right answer must not be judged against the reference of the overwritten logits.
+    token = suite.SUITES["token_logprobs"]
+
+    def overwriting():
+        def fn(logits, targets):
+            (lp,) = suite._token_reference(logits.detach(), targets)
+            logits.data.mul_(0.5)
+            return (lp.float().requires_grad_(),)
+        return fn
+
+    monkeypatch.setitem(suite.SUITES, "token_logprobs",
+                        dataclasses.replace(token, impls=lambda device, peers: {"liger": overwriting}))
+    result = suite.child({"suite": "token_logprobs", "impl": "liger", "shape": {"tokens": 16, "vocab": 50},
+                          "dtype": "fp32", "device": "cpu", "reps": 1})
+    assert "error" not in result, result
+    assert result["timings"]["fwd"]["median_ms"] > 0
+
+
 def test_every_suite_has_shapes_with_tokens_and_a_work_model():
     for name, case in suite.SUITES.items():
         for device in ("cpu", "cuda"):
