@@ -98,6 +98,17 @@ def test_exact_match_checks_countdown_chains_with_the_verifier(monkeypatch):
     assert seen["budget"] == 128  # the task's completion budget, above every reference's length
 
 
+def test_exact_match_cuts_greedy_completions_at_the_stop_strings(monkeypatch):
+    """An online run's samples end at its stop strings; its held-out completions must too,
+    or text after a stop makes a right chain wrong."""
+    rows = CountdownTask().rows("prompt", 2, "heldout")
+    monkeypatch.setattr(_common, "greedy_completions",
+                        lambda model, tokenizer, prompts, max_new_tokens: [r["completion"] + "###1+1=2" for r in rows])
+    _, tokenizer = load_causal_lm("builtin:tiny", characters=CountdownTask.characters)
+    assert _common.exact_match_accuracy(None, tokenizer, rows) == 0.0
+    assert _common.exact_match_accuracy(None, tokenizer, rows, ["###"]) == 1.0
+
+
 def _solutions(numbers, target):
     """The chains of steps from ``numbers`` that end at ``target``, depth first over ``moves``."""
     if len(numbers) == 1:

@@ -22,6 +22,7 @@ from ..distributed import launched_world, resolve_device
 from ..loop import latest_checkpoint, load_model_weights, micro_batches_per_step, train_loop, write_run_config
 from ..models import BUILTIN_MODELS, load_causal_lm
 from ..plots import write_run_plot
+from ..rollout import cut_at_stop
 from ..tasks import BUILTIN_TASKS, DEFAULT_TASK, Task, config_defaults, task_of_prompt
 from ..tasks import builtin_task as make_task
 
@@ -177,19 +178,21 @@ def answer_rows(config, eval_rows: list[dict], answer_field: str) -> list[dict]:
     return [{"prompt": row["prompt"], "completion": row[answer_field]} for row in eval_rows]
 
 
-def exact_match_accuracy(model, tokenizer, rows: list[dict]) -> float:
+def exact_match_accuracy(model, tokenizer, rows: list[dict], stop_strings: list[str] = ()) -> float:
     """Share of ``{"prompt", "completion"}`` rows whose greedy completion of the prompt is
     right: checked by the verifier of the built-in task whose prompt it is
     (``tasks.task_of_prompt``: an addition's sum, a countdown chain's every step and
     answer), else equal (stripped, up to the first newline) to the row's completion. The
     completions get the reference's length plus one token, or the task's completion
-    budget when that is larger (a countdown chain other than the reference may be longer)."""
+    budget when that is larger (a countdown chain other than the reference may be longer),
+    and are cut at the first of ``stop_strings``, as an online run's samples are."""
     tasks = [task_of_prompt(row["prompt"]) for row in rows]
     longest = max(len(tokenizer.encode(row["completion"], add_special_tokens=False)) for row in rows)
     budgets = {config_defaults(name, None).get("max_new_tokens", 0) for name, cls in BUILTIN_TASKS.items()
                if any(isinstance(task, cls) for task in tasks)}
     budget = max([longest + 1, *budgets])
-    completions = greedy_completions(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=budget)
+    texts = greedy_completions(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=budget)
+    completions = [cut_at_stop(text, list(stop_strings)) for text in texts]
     correct = 0.0
     for row, task, completion in zip(rows, tasks, completions):
         if task is not None:
