@@ -125,9 +125,18 @@ def prompt_width(encoded: list[list[int]], max_new_tokens: int, max_length: int 
 
 
 @torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+def cut_at_stop(text: str, stop_strings: list[str]) -> str:
+    """``text`` up to the first of ``stop_strings`` it holds (the stop string left out):
+    the completion text that rewards and judges see."""
+    cuts = [text.index(stop) for stop in stop_strings if stop in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
+                       stop_strings: list[str] = ()) -> list[str]:
     """The greedy completion of each prompt (``[bos] prompt`` left-padded, as in
-    training), decoded without special tokens."""
+    training), decoded without special tokens and cut at the first of ``stop_strings``,
+    as sampled completions are."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -146,6 +155,7 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
         )
-        outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+        outputs += [cut_at_stop(text, list(stop_strings)) for text in texts]
     model.train(was_training)
     return outputs

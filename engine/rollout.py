@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from fastpo.kernels import token_logprobs as kernel_token_logprobs
-from .forward import IGNORE_INDEX, encode_prompts, generation_pad_id, prompt_width
+from .forward import IGNORE_INDEX, cut_at_stop, encode_prompts, generation_pad_id, prompt_width
 from .tasks import BUILTIN_TASKS, builtin_task
 
 __all__ = ["RewardSources", "Rollout", "check_reward_source", "concatenate_rollouts", "cut_at_stop",
@@ -85,13 +85,6 @@ def _completion_length(tokens: list[int], tokenizer, eos: int | None, stop_strin
             if any(stop in text for stop in stop_strings):
                 return length, True
     return end, ended
-
-
-def cut_at_stop(text: str, stop_strings: list[str]) -> str:
-    """``text`` up to the first of ``stop_strings`` it holds (the stop string left out):
-    the completion text that rewards and judges see."""
-    cuts = [text.index(stop) for stop in stop_strings if stop in text]
-    return text[: min(cuts)] if cuts else text
 
 
 class _SampledTokenLogprobs:

@@ -12,7 +12,7 @@ from fastpo.engine import cli, train
 from fastpo.engine.algorithms import _common
 from fastpo.engine.config import ConfigError, GRPOConfig, SFTConfig, format_help, from_dict, load_config
 from fastpo.engine.countdown import CountdownTask, moves
-from fastpo.engine.forward import greedy_completions
+from fastpo.engine.forward import generation_pad_id, greedy_completions
 from fastpo.engine.loop import STATE_FILE
 from fastpo.engine.models import load_causal_lm
 from fastpo.engine.rollout import Rollout
@@ -88,7 +88,7 @@ def test_exact_match_checks_countdown_chains_with_the_verifier(monkeypatch):
                    rows[2]["completion"].replace("answer: ", "answer: 1+"), rows[0]["completion"]]
     seen = {}
 
-    def greedy(model, tokenizer, prompts, max_new_tokens):
+    def greedy(model, tokenizer, prompts, max_new_tokens, stop_strings=()):
         seen["budget"] = max_new_tokens
         return completions
 
@@ -98,15 +98,28 @@ def test_exact_match_checks_countdown_chains_with_the_verifier(monkeypatch):
     assert seen["budget"] == 128  # the task's completion budget, above every reference's length
 
 
-def test_exact_match_cuts_greedy_completions_at_the_stop_strings(monkeypatch):
+def test_greedy_completions_are_cut_at_the_stop_strings_and_exact_match_passes_them_on():
     """An online run's samples end at its stop strings; its held-out completions must too,
     or text after a stop makes a right chain wrong."""
     rows = CountdownTask().rows("prompt", 2, "heldout")
-    monkeypatch.setattr(_common, "greedy_completions",
-                        lambda model, tokenizer, prompts, max_new_tokens: [r["completion"] + "###1+1=2" for r in rows])
     _, tokenizer = load_causal_lm("builtin:tiny", characters=CountdownTask.characters)
-    assert _common.exact_match_accuracy(None, tokenizer, rows) == 0.0
-    assert _common.exact_match_accuracy(None, tokenizer, rows, ["###"]) == 1.0
+    continued = [tokenizer.encode(r["completion"] + "  +1", add_special_tokens=False) for r in rows]
+
+    class Writer(torch.nn.Module):  # greedily "writes" each row's chain, then text past a stop
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, **options):
+            width = max(len(ids) for ids in continued)
+            tail = [ids + [generation_pad_id(tokenizer)] * (width - len(ids)) for ids in continued]
+            return torch.cat([input_ids, torch.tensor(tail)], dim=1)
+
+    prompts = [r["prompt"] for r in rows]
+    assert greedy_completions(Writer(), tokenizer, prompts, 128) == [r["completion"] + "  +1" for r in rows]
+    assert greedy_completions(Writer(), tokenizer, prompts, 128, stop_strings=["  "]) == [r["completion"] for r in rows]
+    assert _common.exact_match_accuracy(Writer(), tokenizer, rows) == 0.0
+    assert _common.exact_match_accuracy(Writer(), tokenizer, rows, ["  "]) == 1.0
 
 
 def _solutions(numbers, target):

@@ -22,7 +22,6 @@ from ..distributed import launched_world, resolve_device
 from ..loop import latest_checkpoint, load_model_weights, micro_batches_per_step, train_loop, write_run_config
 from ..models import BUILTIN_MODELS, load_causal_lm
 from ..plots import write_run_plot
-from ..rollout import cut_at_stop
 from ..tasks import BUILTIN_TASKS, DEFAULT_TASK, Task, config_defaults, task_of_prompt
 from ..tasks import builtin_task as make_task
 
@@ -191,8 +190,8 @@ def exact_match_accuracy(model, tokenizer, rows: list[dict], stop_strings: list[
     budgets = {config_defaults(name, None).get("max_new_tokens", 0) for name, cls in BUILTIN_TASKS.items()
                if any(isinstance(task, cls) for task in tasks)}
     budget = max([longest + 1, *budgets])
-    texts = greedy_completions(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=budget)
-    completions = [cut_at_stop(text, list(stop_strings)) for text in texts]
+    completions = greedy_completions(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=budget,
+                                     stop_strings=stop_strings)
     correct = 0.0
     for row, task, completion in zip(rows, tasks, completions):
         if task is not None:

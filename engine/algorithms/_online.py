@@ -28,7 +28,7 @@ import torch
 from .. import distributed
 from ..forward import greedy_completions
 from ..loop import autocast_dtype
-from ..rollout import Rollout, concatenate_rollouts, cut_at_stop, reward_function, sample_completions
+from ..rollout import Rollout, concatenate_rollouts, reward_function, sample_completions
 from ..step_metrics import maximum
 from ..tasks import BUILTIN_TASKS
 from ._common import exact_match_accuracy, heldout_rows, micro_batches, training_rows
@@ -145,8 +145,8 @@ class OnlineRun:
         if self.config.data in BUILTIN_TASKS and self.config.eval_data is None:
             return {"heldout_accuracy": exact_match_accuracy(model, self.tokenizer, self.eval_rows, stops)}
         prompts = [row["prompt"] for row in self.eval_rows]
-        texts = greedy_completions(model, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens)
-        completions = [cut_at_stop(text, stops) for text in texts]
+        completions = greedy_completions(model, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
+                                         stop_strings=stops)
         return {"heldout_reward": float(self.rewards(prompts, completions, self.eval_rows).mean())}
 
 

@@ -55,7 +55,6 @@ from fastpo.kernels import ADVANTAGE_ESTIMATORS, policy_loss
 
 from ..config import GRPOConfig
 from ..forward import greedy_completions, response_logprobs
-from ..rollout import cut_at_stop
 from ..tree_rollout import grpo_tree_rollout
 from ._common import prepare_run, train_and_evaluate
 from ._online import (
@@ -100,8 +99,8 @@ def run(config: GRPOConfig, warm_start=None) -> dict:
         (one per group), cut at the stop strings as the samples are."""
         firsts = rows[:: config.num_generations]
         prompts = [row["prompt"] for row in firsts]
-        texts = greedy_completions(model, tokenizer, prompts, config.max_new_tokens)
-        completions = [cut_at_stop(text, config.stop_strings) for text in texts]
+        completions = greedy_completions(model, tokenizer, prompts, config.max_new_tokens,
+                                         stop_strings=config.stop_strings)
         return online.rewards(prompts, completions, firsts).repeat_interleave(config.num_generations)
 
     def estimate_advantages(rows, rollout, rewards, components, sampling) -> torch.Tensor:
