@@ -750,14 +750,15 @@ class RLAIFConfig(BaseConfig):
         positive=True,
     )
     learning_rate: float | None = option(
-        None, "Peak learning rate of the training stage's AdamW; none: the stage's default (ppo 3e-4, dpo 1e-4).",
+        None, "Peak learning rate of the training stage's AdamW; none: ppo's default (3e-4), or for dpo 2e-4 (twice "
+        "dpo's own).",
         positive=True,
     )
     judge: str | None = option(
         None, "Judge: a local causal LM checkpoint folder; none: a builtin:tiny judge trained by sft on the "
         "built-in task's judgement rows (cached in output_dir/judge).",
     )
-    judge_steps: int = option(1500, "SFT steps of the built-in judge.", positive=True)
+    judge_steps: int = option(2500, "SFT steps of the built-in judge.", positive=True)
     judge_template: str = option(
         "Q: {prompt}? A: {a} B: {b}. Better:",
         "Judge prompt; the judge's next token (after its reasoning, with judge_reasoning), A or B, names the better "
@@ -770,11 +771,16 @@ class RLAIFConfig(BaseConfig):
         "right after the prompt) unless the folder is a built-in judge fastpo trained (its fastpo_judge.json says how it "
         "answers).",
     )
-    num_prompts: int = option(512, "Prompts whose two sampled responses the judge labels.", positive=True)
+    num_prompts: int = option(1024, "Prompts whose sampled responses the judge labels.", positive=True)
+    samples_per_prompt: int = option(
+        4, "Responses sampled per prompt; the judge compares every two distinct ones and the pair of the best- and "
+        "worst-scoring (summed win probabilities) trains.", minimum=2,
+    )
     temperature: float = option(1.0, "Sampling temperature of the two responses.", positive=True)
     max_new_tokens: int = option(8, "Response budget in tokens.", positive=True)
     judge_confidence: float = option(
-        0.5, "Least judge probability of the chosen response that a labelled pair needs to train; 0.5: every pair.",
+        0.75, "Least judge probability of the chosen response that a labelled pair needs to train; 0.5: every pair "
+        "(the built-in judge's pairs of two wrong answers are near 0.5).",
     )
     then: Literal["dpo", "reward+ppo"] = option("dpo", "What the labelled pairs train: dpo, or a reward model then ppo.")
     beta: float | None = option(

@@ -19,12 +19,13 @@ from fastpo.engine.task import AdditionTask
 from fastpo.engine.tokenizer import build_char_tokenizer
 
 TEMPLATE = RLAIFConfig().judge_template
-# The learning test's budget: 256 prompts (about 90 labelled pairs) and 50 dpo steps. With
+# The learning test's budget: 256 prompts (about 140 labelled pairs at 4 samples each) and 50 dpo steps. With
 # the verifier's labels of 512 prompts (175 pairs), seed 0, dpo took held-out exact match from
 # 0.41 to 0.135 at step 50 and 0.13 at 200 without rpo_alpha, to 0.615 and 0.625 with 1.
 RIGHT_JUDGE_DPO = {"num_prompts": 256, "steps": 50, "eval_every": 0}
+# judge_confidence 0.5: the random judges of these tests are rarely confident.
 QUICK = {"warm_start_steps": 0, "num_prompts": 16, "max_new_tokens": 4, "steps": 2, "batch_size": 4,
-         "log_every": 1, "eval_every": 0}
+         "log_every": 1, "eval_every": 0, "judge_confidence": 0.5}
 
 
 class _PositionBiasedJudge(torch.nn.Module):
@@ -125,6 +126,40 @@ def test_judgement_rows_show_both_orders_with_the_reasoning_before_the_label():
     assert [row["completion"] for row in rlaif.judgement_rows([pair], TEMPLATE)] == ["A", "B"]
 
 
+def test_a_pair_of_two_wrong_answers_is_labelled_b_in_both_orders():
+    ranking = {"prompt": "12+34=", "responses": ["46", "47", "44", "40"]}
+    assert rlaif.neither_rows([ranking], TEMPLATE) == [
+        {"prompt": "Q: 12+34=? A: 47 B: 44. Better:", "completion": " 12+34=46, A: 47, so B"},
+        {"prompt": "Q: 12+34=? A: 44 B: 47. Better:", "completion": " 12+34=46, A: 44, so B"},
+    ]
+
+
+def test_each_prompt_trains_its_best_scoring_response_against_its_worst(monkeypatch):
+    # The stand-in judge prefers the larger number, p = sigmoid(x - y), except on a
+    # rock-paper-scissors prompt, where each response beats the next with 0.9.
+    cycle = {("r", "p"): 0.1, ("p", "s"): 0.1, ("r", "s"): 0.9}
+    shown = []
+
+    def preferences(judge, tokenizer, template, prompts, first, second, reasoning=False):
+        shown.extend(zip(prompts, first, second))
+        p = [cycle[x, y] if prompt == "rps" else 1 / (1 + math.exp(int(y) - int(x)))
+             for prompt, x, y in zip(prompts, first, second)]
+        return torch.tensor(p, dtype=torch.float64), None, None
+
+    monkeypatch.setattr(rlaif, "judge_preferences", preferences)
+    prompts = ["ordered", "same", "rps", "two"]
+    responses = [["3", "1", "3", "7"], ["5", "5", "5", "5"], ["r", "p", "s", "r"], ["4", "2", "4", "4"]]
+    labelled = rlaif._label_best_and_worst(None, None, RLAIFConfig(samples_per_prompt=4), prompts, responses)
+    # Every two distinct responses of a prompt are compared once; identical ones never.
+    assert shown == [("ordered", "3", "1"), ("ordered", "3", "7"), ("ordered", "1", "7"),
+                     ("rps", "r", "p"), ("rps", "r", "s"), ("rps", "p", "s"), ("two", "4", "2")]
+    # "rps": every response wins 1.0 in all, a tie: no pair.
+    assert labelled == [
+        {"prompt": "ordered", "chosen": "7", "rejected": "1", "judge_probability": pytest.approx(1 / (1 + math.exp(-6)))},
+        {"prompt": "two", "chosen": "4", "rejected": "2", "judge_probability": pytest.approx(1 / (1 + math.exp(-2)))},
+    ]
+
+
 @pytest.mark.parametrize("options, reasoning", [
     ({}, True), ({"judge": "some/judge"}, False), ({"judge_reasoning": False}, False),
     ({"judge": "some/judge", "judge_reasoning": True}, True),
@@ -181,6 +216,17 @@ def test_labelled_pairs_round_trip_through_dpo(tmp_path):
     dpo_config = yaml.safe_load((tmp_path / "run" / "dpo" / "config.yaml").read_text())
     assert dpo_config["data"] == str(tmp_path / "run" / rlaif.PAIRS_FILE)
     assert dpo_config["model"] == str(tmp_path / "run" / "policy") and dpo_config["beta"] == 0.1
+    assert dpo_config["learning_rate"] == 2e-4  # rlaif's default for its dpo stage, not dpo's 1e-4
+
+
+def test_the_judged_samples_are_the_seeds_whatever_ran_before(tmp_path):
+    judge_dir = str(_judge_folder(tmp_path))
+    pairs = []
+    for before, (run, seed) in enumerate((("a", 0), ("b", 0), ("c", 1))):
+        torch.manual_seed(before)  # what ran before in the process left the global RNG anywhere
+        train("rlaif", {**QUICK, "judge": judge_dir, "seed": seed, "output_dir": str(tmp_path / run)})
+        pairs.append((tmp_path / run / rlaif.PAIRS_FILE).read_text())
+    assert pairs[0] == pairs[1] != pairs[2]
 
 
 def test_pairs_below_judge_confidence_do_not_train(tmp_path, monkeypatch):
@@ -195,6 +241,7 @@ def test_pairs_below_judge_confidence_do_not_train(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rlaif, "judge_preferences", preferences)
     result = train("rlaif", {**QUICK, "judge": str(_judge_folder(tmp_path)), "then": "dpo", "judge_confidence": 0.68,
+                             "samples_per_prompt": 2,
                              "eval_data": _eval_pairs(tmp_path), "output_dir": str(tmp_path / "run")})
     prompts, first, second = shown[0]  # the policy's samples (then the judge's own evaluation)
     expected, unconfident = [], 0
@@ -234,11 +281,14 @@ def test_bad_options_name_the_option_and_value(tmp_path, override, message):
 
 
 @pytest.mark.slow
-def test_dpo_on_a_right_judges_labels_does_not_lower_heldout_accuracy(tmp_path, monkeypatch):
+def test_dpo_on_a_right_judges_labels_raises_heldout_accuracy_by_12_points(tmp_path, monkeypatch):
     # The judge here is the verifier behind the judge's interface (every pair with one right
     # answer labelled right, with probability 1 - e^-10; two wrong answers tie and drop out),
     # so what is measured is then=dpo on the policy's own samples after the default warm
-    # start. Without rpo_alpha the same labels took held-out exact match from 0.41 to 0.17.
+    # start, with rlaif's defaults on 256 prompts and 50 steps: 0.41 -> 0.605 (seed 0). With two
+    # samples per prompt at dpo's own learning rate the same judge gave 0.575; without
+    # rpo_alpha 0.17. What the built-in judge adds (its labels on two wrong answers) needs
+    # its 2,500 training steps, measured in docs/online-rl.md, not here.
     tokenizer = build_char_tokenizer()
     judge_dir = _judge_folder(tmp_path)
     real_load = rlaif.load_causal_lm
@@ -248,5 +298,7 @@ def test_dpo_on_a_right_judges_labels_does_not_lower_heldout_accuracy(tmp_path, 
     ))
     result = train("rlaif", {"then": "dpo", "judge": str(judge_dir), "judge_reasoning": False,
                              **RIGHT_JUDGE_DPO, "output_dir": str(tmp_path / "run")})
-    assert result["judge_agreement"] == 1.0 and result["labelled_pairs"] > 50
-    assert result["heldout_accuracy_after"] >= result["heldout_accuracy_before"]
+    assert result["judge_agreement"] == 1.0 and result["labelled_pairs"] > 100
+    # The verifier is right on every held-out near miss and ties every pair of two of them.
+    assert result["judge_heldout_accuracy"] == 1.0 and result["judge_heldout_two_wrong_confident"] == 0.0
+    assert result["heldout_accuracy_after"] >= result["heldout_accuracy_before"] + 0.12

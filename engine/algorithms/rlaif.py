@@ -14,31 +14,37 @@ labelled pairs train the policy.
    that the label is a comparison of two adjacent numbers: A when they are equal, B
    otherwise. One label per row from a random init is too little signal to learn
    addition from: such a judge stays at chance on near misses, and so does a reasoning
-   judge without the demonstrations. It stands for a given labeller, so it does not
-   depend on the run's seed (it is trained with seed 0): it is cached in
-   ``output_dir/judge`` and reused, by every seed, while its config and rows are
-   unchanged.
-3. Labels: two responses sampled from the policy (``temperature``, ``max_new_tokens``)
-   for each of ``num_prompts`` prompts. The judge's preference for a shown order is its
-   next-token distribution restricted to the two labels (``softmax`` of their two
-   logits), read right after the judge prompt, or with ``judge_reasoning`` after the
-   judge's own greedy reasoning for that order (up to its first ``", so "``). Response
-   ``x`` beats ``y`` with probability ``p = 0.5 * (P("A" | x shown as A) + P("B" | x
-   shown as B))``: averaging both presentation orders cancels the judge's position
-   bias, and ``p(x, y) = 1 - p(y, x)`` exactly, so the label does not depend on which
-   response was sampled first. A pair is labelled ``chosen = x`` when ``p > 0.5`` and
-   ``y`` when ``p < 0.5``; pairs of two identical responses, and exact ties, are
-   dropped, and so are the pairs whose ``max(p, 1 - p)`` is below ``judge_confidence``
-   (on the built-in task mostly pairs of two wrong answers, where the judge has no right
-   answer to prefer). The pairs kept are written to ``output_dir/pairs.jsonl``
-   (``prompt``, ``chosen``, ``rejected``, and ``judge_probability``, the ``p`` of the
-   chosen response).
+   judge without the demonstrations. A reasoning judge also sees pairs of two wrong
+   answers, labelled by the same rule (B in both orders, so their debiased preference is
+   0.5, below ``judge_confidence``): a judge that only ever saw one right answer among
+   the two copies one of them as its sum, and then confidently prefers a wrong answer.
+   It stands for a given labeller, so it does not depend on the run's seed (it is
+   trained with seed 0): it is cached in ``output_dir/judge`` and reused, by every seed,
+   while its config and rows are unchanged.
+3. Labels: ``samples_per_prompt`` responses sampled from the policy (``temperature``,
+   ``max_new_tokens``, the global RNG seeded with the run's seed) for each of
+   ``num_prompts`` prompts. The judge's preference for a shown order is its next-token
+   distribution restricted to the two labels (``softmax`` of their two logits), read
+   right after the judge prompt, or with ``judge_reasoning`` after the judge's own greedy
+   reasoning for that order (up to its first ``", so "``). Response ``x`` beats ``y``
+   with probability ``p = 0.5 * (P("A" | x shown as A) + P("B" | x shown as B))``:
+   averaging both presentation orders cancels the judge's position bias, and ``p(x, y) =
+   1 - p(y, x)`` exactly, so the label does not depend on which response was sampled
+   first. The judge compares every two distinct responses of a prompt; each response
+   scores the sum of its ``p``, and the best-scoring one is paired with the
+   worst-scoring one, ``chosen`` the one the judge prefers of the two (with two
+   responses: the pair's own label). Prompts whose responses are all identical, or all
+   score the same, and exact ties are dropped, and so are the pairs whose ``max(p, 1 -
+   p)`` is below ``judge_confidence``. The pairs kept are written to
+   ``output_dir/pairs.jsonl`` (``prompt``, ``chosen``, ``rejected``, and
+   ``judge_probability``, the ``p`` of the chosen response).
 4. Training, from the sampling policy (saved as ``output_dir/policy``), with this
    config's loop options (``steps``, ``batch_size``, ``learning_rate``: none takes the
    stage's own default; ``eval_data`` is the stage's held-out data: pairs for dpo,
    prompts for ppo):
    ``then=dpo`` (the default): ``fastpo dpo`` on the pairs (``beta`` its beta, 0.1 if none,
-   ``rpo_alpha`` its NLL term on the chosen response), in ``output_dir/dpo``;
+   ``rpo_alpha`` its NLL term on the chosen response, ``learning_rate`` 2e-4 if none), in
+   ``output_dir/dpo``;
    ``then=reward+ppo``: ``fastpo reward`` on the pairs (``reward_steps`` steps from the
    policy's backbone, its own defaults otherwise) in ``output_dir/reward``, then
    ``fastpo ppo`` on the prompts of ``data`` with that reward model as its reward and
@@ -48,12 +54,15 @@ labelled pairs train the policy.
 
 The result is the training stage's (its folder is the ``run_dir`` reported, where
 ``metrics.jsonl`` and the checkpoints are), plus ``labelled_pairs`` (the pairs kept),
-``unconfident_pairs`` (those dropped by ``judge_confidence``), ``identical_pairs``
-and, on the built-in task, ``judge_heldout_accuracy``: the share of the task's held-out
-preference pairs (the correct answer and a near miss, 1 to 20 away) whose debiased label
-is the correct answer; ``judge_agreement``: among the labelled pairs with exactly one
-correct response, the share whose chosen response is the correct one; and
-``trained_pairs_agreement``, the same among the pairs kept.
+``unconfident_pairs`` (those dropped by ``judge_confidence``), ``identical_pairs`` (the
+prompts whose sampled responses were all the same) and, on the built-in task,
+``judge_heldout_accuracy``: the share of the task's held-out preference pairs (the
+correct answer and a near miss, 1 to 20 away) whose debiased label is the correct answer;
+``judge_heldout_two_wrong_confident``: the share of held-out pairs of two near misses
+that the judge labels at or above ``judge_confidence`` (such pairs teach nothing right);
+``judge_agreement``: among the labelled pairs with exactly one correct response, the
+share whose chosen response is the correct one; and ``trained_pairs_agreement``, the
+same among the pairs kept.
 """
 
 from __future__ import annotations
@@ -92,10 +101,14 @@ _JUDGE_HELDOUT_PAIRS = 200  # held-out pairs of the judge's evaluations
 # folder's judge serves every seed.
 _JUDGE_SEED = 0
 _SAMPLE_BATCH = 64  # prompts per sampling call
+_SCORE_TIE = 1e-6  # summed win probabilities closer than this are a tie (float rounding)
 _STAGE_DEFAULTS = ("steps", "batch_size", "learning_rate")  # none in the config: the training stage's default
 # beta when none is given: dpo's own default, and for ppo on a reward model trained on the
 # judge's labels a KL coefficient ten times ppo's (measured, docs/online-rl.md)
 _DEFAULT_BETA = {"dpo": 0.1, "reward+ppo": 0.5}
+# learning_rate when none is given, where rlaif's differs from the stage's own: dpo on the
+# judge's pairs of the policy's samples gained more at twice dpo's 1e-4 (docs/online-rl.md)
+_DEFAULT_LEARNING_RATE = {"dpo": 2e-4}
 
 
 def run(config: RLAIFConfig, warm_start=None) -> dict:
@@ -109,18 +122,11 @@ def run(config: RLAIFConfig, warm_start=None) -> dict:
         if config.data == BUILTIN_DATA
         else training_rows("rlaif", config, "prompt")[: config.num_prompts]
     )
-    prompts, first, second = _sample_pairs(policy, tokenizer, rows, config)
-    reasoning = judge_reasoning(config)
-    preference, _, _ = judge_preferences(
-        judge, judge_tokenizer, config.judge_template, prompts, first, second, reasoning
-    )
-    labelled = [
-        {"prompt": p, "chosen": x if q > 0.5 else y, "rejected": y if q > 0.5 else x, "judge_probability": max(q, 1 - q)}
-        for p, x, y, q in zip(prompts, first, second, preference.tolist())
-        if x != y and q != 0.5
-    ]
+    torch.manual_seed(config.seed)  # the samples are the seed's, whatever drew from the RNG before
+    prompts, responses = _sample_responses(policy, tokenizer, rows, config)
+    labelled = _label_best_and_worst(judge, judge_tokenizer, config, prompts, responses)
     if not labelled:
-        raise ValueError("rlaif: the judge labelled no pair (every pair of responses was identical or a tie)")
+        raise ValueError("rlaif: the judge labelled no pair (every prompt's responses were identical or tied)")
     pairs = [pair for pair in labelled if pair["judge_probability"] >= config.judge_confidence]
     if not pairs:
         raise ValueError(
@@ -131,10 +137,10 @@ def run(config: RLAIFConfig, warm_start=None) -> dict:
     pairs_path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
     labelling = {
         "labelled_pairs": len(pairs), "unconfident_pairs": len(labelled) - len(pairs),
-        "identical_pairs": sum(x == y for x, y in zip(first, second)),
+        "identical_pairs": sum(len(set(sampled)) == 1 for sampled in responses),
     }
     if config.data == BUILTIN_DATA:
-        labelling["judge_heldout_accuracy"] = _judge_heldout_accuracy(judge, judge_tokenizer, config, reasoning)
+        labelling.update(_judge_heldout_metrics(judge, judge_tokenizer, config))
         for name, among in (("judge_agreement", labelled), ("trained_pairs_agreement", pairs)):
             agreement = _verifier_agreement(among)
             if agreement is not None:
@@ -162,15 +168,27 @@ def judge_reasoning(config: RLAIFConfig) -> bool:
     return bool(json.loads(card.read_text())["reasoning"]) if card.is_file() else False
 
 
-def _judge_heldout_accuracy(judge, tokenizer, config: RLAIFConfig, reasoning: bool) -> float:
-    """The share of the built-in task's held-out preference pairs (the correct answer
-    and a near miss) whose debiased judge label is the correct answer."""
-    pairs = builtin_task(config).preference_pairs(_JUDGE_HELDOUT_PAIRS, "heldout")
+def _judge_heldout_metrics(judge, tokenizer, config: RLAIFConfig) -> dict:
+    """``judge_heldout_accuracy``: the share of the built-in task's held-out preference
+    pairs (the correct answer and a near miss) whose debiased judge label is the correct
+    answer; ``judge_heldout_two_wrong_confident``: the share of held-out pairs of two
+    near misses labelled at or above ``judge_confidence``."""
+    task = builtin_task(config)
+    pairs = task.preference_pairs(_JUDGE_HELDOUT_PAIRS, "heldout")
+    rankings = task.rankings(_JUDGE_HELDOUT_PAIRS, 3, "heldout")  # the correct answer, then two near misses
     preference, _, _ = judge_preferences(
-        judge, tokenizer, config.judge_template, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
-        [p["rejected"] for p in pairs], reasoning,
+        judge, tokenizer, config.judge_template,
+        [p["prompt"] for p in pairs] + [r["prompt"] for r in rankings],
+        [p["chosen"] for p in pairs] + [r["responses"][1] for r in rankings],
+        [p["rejected"] for p in pairs] + [r["responses"][2] for r in rankings], judge_reasoning(config),
     )
-    return float((preference > 0.5).float().mean())
+    right, two_wrong = preference[: len(pairs)], preference[len(pairs) :]
+    return {
+        "judge_heldout_accuracy": float((right > 0.5).float().mean()),
+        "judge_heldout_two_wrong_confident": float(
+            (torch.maximum(two_wrong, 1 - two_wrong) >= config.judge_confidence).float().mean()
+        ),
+    }
 
 
 def _train(config: RLAIFConfig, run_dir: Path, policy_dir: Path, pairs_path: Path) -> dict:
@@ -182,6 +200,8 @@ def _train(config: RLAIFConfig, run_dir: Path, policy_dir: Path, pairs_path: Pat
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(BaseConfig)}
     shared = {name: value for name, value in shared.items() if not (name in _STAGE_DEFAULTS and value is None)}
     shared.update(model=str(policy_dir), warm_start_steps=0)
+    if config.learning_rate is None and config.then in _DEFAULT_LEARNING_RATE:
+        shared["learning_rate"] = _DEFAULT_LEARNING_RATE[config.then]
     beta = config.beta if config.beta is not None else _DEFAULT_BETA[config.then]
     if config.then == "dpo":
         return dpo.run(DPOConfig(
@@ -207,19 +227,60 @@ def _train(config: RLAIFConfig, run_dir: Path, policy_dir: Path, pairs_path: Pat
     return outcome
 
 
-def _sample_pairs(policy, tokenizer, rows: list[dict], config) -> tuple[list[str], list[str], list[str]]:
-    """``(prompts, first, second)``: two sampled responses per row's prompt."""
-    prompts, first, second = [], [], []
+def _sample_responses(policy, tokenizer, rows: list[dict], config) -> tuple[list[str], list[list[str]]]:
+    """``(prompts, responses)``: ``samples_per_prompt`` sampled responses per row's prompt."""
+    prompts, responses = [], []
+    k = config.samples_per_prompt
     for start in range(0, len(rows), _SAMPLE_BATCH):
         batch = [row["prompt"] for row in rows[start : start + _SAMPLE_BATCH]]
         rollout = sample_completions(
-            policy, tokenizer, [p for p in batch for _ in range(2)], temperature=config.temperature,
+            policy, tokenizer, [p for p in batch for _ in range(k)], temperature=config.temperature,
             max_new_tokens=config.max_new_tokens, max_length=config.max_length,
         )
         prompts += batch
-        first += rollout.completions[0::2]
-        second += rollout.completions[1::2]
-    return prompts, first, second
+        responses += [rollout.completions[i : i + k] for i in range(0, len(rollout.completions), k)]
+    return prompts, responses
+
+
+def _label_best_and_worst(judge, tokenizer, config, prompts: list[str], responses: list[list[str]]) -> list[dict]:
+    """One labelled pair per prompt with two distinct responses: the judge compares every
+    two distinct responses of the prompt (both orders, ``judge_preferences``), each
+    response scores the sum of its win probabilities, and the best-scoring response is
+    paired with the worst-scoring one (the first on ties), ordered by the judge's own
+    preference between the two; prompts whose responses all score the same, and exact
+    ties between the two, are dropped. With two responses per prompt
+    this is the judge's label of the pair."""
+    distinct = [list(dict.fromkeys(sampled)) for sampled in responses]
+    matches = [(n, i, j) for n, sampled in enumerate(distinct) for i in range(len(sampled)) for j in range(i + 1, len(sampled))]
+    if not matches:
+        return []
+    preference, _, _ = judge_preferences(
+        judge, tokenizer, config.judge_template, [prompts[n] for n, _, _ in matches],
+        [distinct[n][i] for n, i, _ in matches], [distinct[n][j] for n, _, j in matches], judge_reasoning(config),
+    )
+    wins = {}  # (prompt index, response index) -> summed win probability
+    beats = {}  # (prompt index, i, j) -> the probability that response i beats response j
+    for (n, i, j), p in zip(matches, preference.tolist()):
+        wins[n, i] = wins.get((n, i), 0.0) + p
+        wins[n, j] = wins.get((n, j), 0.0) + 1 - p
+        beats[n, i, j], beats[n, j, i] = p, 1 - p
+    labelled = []
+    for n, sampled in enumerate(distinct):
+        if len(sampled) < 2:
+            continue
+        scores = [wins[n, i] for i in range(len(sampled))]
+        if max(scores) - min(scores) < _SCORE_TIE:  # every response scored the same
+            continue
+        best, worst = scores.index(max(scores)), scores.index(min(scores))
+        p = beats[n, best, worst]
+        if p == 0.5:
+            continue
+        chosen, rejected = (best, worst) if p > 0.5 else (worst, best)
+        labelled.append({
+            "prompt": prompts[n], "chosen": sampled[chosen], "rejected": sampled[rejected],
+            "judge_probability": max(p, 1 - p),
+        })
+    return labelled
 
 
 def _verifier_agreement(pairs: list[dict]) -> float | None:
@@ -297,11 +358,30 @@ def judgement_rows(pairs: list[dict], template: str, reasoning: bool = False) ->
     solved), then the response shown as A (``" 12+34=46, A: 47, so B"``)."""
     rows = []
     for pair in pairs:
-        for label, a, b in ((JUDGE_LABELS[0], pair["chosen"], pair["rejected"]),
-                            (JUDGE_LABELS[1], pair["rejected"], pair["chosen"])):
-            reasoned = f" {pair['prompt']}{pair['chosen']}, {JUDGE_LABELS[0]}: {a}{REASONING_END}" if reasoning else ""
-            rows.append({"prompt": template.format(prompt=pair["prompt"], a=a, b=b), "completion": reasoned + label})
+        for a, b in ((pair["chosen"], pair["rejected"]), (pair["rejected"], pair["chosen"])):
+            rows.append(_judgement_row(template, pair["prompt"], pair["chosen"], a, b, reasoning))
     return rows
+
+
+def neither_rows(rankings: list[dict], template: str) -> list[dict]:
+    """SFT rows of a reasoning judge on pairs of two wrong answers: the two worse
+    responses of each ranking (the correct answer first) in both orders, labelled by the
+    same rule as ``judgement_rows`` (A when answer A is the solved sum, else B), so B in
+    both orders: the debiased preference of such a pair is 0.5, which ``judge_confidence``
+    drops. Without them the judge only ever saw one right answer among the two, and on
+    two wrong ones it copied one as its sum and preferred it confidently."""
+    rows = []
+    for ranking in rankings:
+        answer, x, y = ranking["responses"][:3]
+        for a, b in ((x, y), (y, x)):
+            rows.append(_judgement_row(template, ranking["prompt"], answer, a, b, reasoning=True))
+    return rows
+
+
+def _judgement_row(template: str, prompt: str, answer: str, a: str, b: str, reasoning: bool) -> dict:
+    label = JUDGE_LABELS[0] if a == answer else JUDGE_LABELS[1]
+    reasoned = f" {prompt}{answer}, {JUDGE_LABELS[0]}: {a}{REASONING_END}" if reasoning else ""
+    return {"prompt": template.format(prompt=prompt, a=a, b=b), "completion": reasoned + label}
 
 
 def builtin_judge(config: RLAIFConfig, run_dir: Path) -> Path:
@@ -312,7 +392,9 @@ def builtin_judge(config: RLAIFConfig, run_dir: Path) -> Path:
 
     A reasoning judge also trains on the task's addition demonstrations (``"12+34="`` ->
     ``"46"``), as many as the pairs: without them its reasoning's sum stayed about half
-    right after 1,000 steps, and its labels at chance."""
+    right after 1,000 steps, and its labels at chance; and on half as many pairs of two
+    wrong answers (``neither_rows``), which it needs more steps to learn from (0.69 on
+    held-out near misses after 1,500 steps, 0.98 after 2,500)."""
     from . import sft
 
     folder = run_dir / JUDGE_DIR
@@ -321,6 +403,7 @@ def builtin_judge(config: RLAIFConfig, run_dir: Path) -> Path:
     pairs = min(config.judge_steps * _JUDGE_BATCH // 2, MAX_BUILTIN_ROWS)
     rows = judgement_rows(task.preference_pairs(pairs, "train"), config.judge_template, reasoning)
     if reasoning:
+        rows += neither_rows(task.rankings(pairs // 2, 3, "train"), config.judge_template)
         rows += task.sft_examples(pairs, "train")
     files = {
         folder / "judgements.jsonl": rows,
