@@ -784,7 +784,7 @@ class RLAIFConfig(BaseConfig):
     )
     then: Literal["dpo", "reward+ppo"] = option("dpo", "What the labelled pairs train: dpo, or a reward model then ppo.")
     beta: float | None = option(
-        None, "dpo's beta (then=dpo), or ppo's KL coefficient (then=reward+ppo); none: 0.1 for dpo, 0.5 for ppo "
+        None, "dpo's beta (then=dpo), or ppo's KL coefficient (then=reward+ppo); none: 0.1 for dpo, 2 for ppo "
         "(ppo's own default, 0.05, let it chase the reward model's errors: docs/online-rl.md).", positive=True,
     )
     reward_steps: int = option(200, "Steps of the reward model on the labelled pairs (then=reward+ppo).", positive=True)

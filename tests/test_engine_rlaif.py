@@ -266,7 +266,7 @@ def test_reward_then_ppo_trains_on_the_labelled_pairs(tmp_path):
     assert result["run_dir"] == str(tmp_path / "run" / "ppo") and result["steps"] == 2
     assert "reward_model_preference_accuracy_after" in result
     ppo_config = yaml.safe_load((tmp_path / "run" / "ppo" / "config.yaml").read_text())
-    assert ppo_config["beta"] == 0.5  # rlaif's beta for ppo when none is given, not ppo's own 0.05
+    assert ppo_config["beta"] == 2.0  # rlaif's beta for ppo when none is given, not ppo's own 0.05
     assert ppo_config["rewards"] == [str(tmp_path / "run" / "reward" / "checkpoints" / "step-00000002" / "model")]
 
 

@@ -48,7 +48,7 @@ labelled pairs train the policy.
    ``then=reward+ppo``: ``fastpo reward`` on the pairs (``reward_steps`` steps from the
    policy's backbone, its own defaults otherwise) in ``output_dir/reward``, then
    ``fastpo ppo`` on the prompts of ``data`` with that reward model as its reward and
-   ``beta`` its KL coefficient, 0.5 if none (the reward of a completion is ``r_AI - beta * sum_t
+   ``beta`` its KL coefficient, 2 if none (the reward of a completion is ``r_AI - beta * sum_t
    log(pi/pi_ref)``, RLAIF's objective) in ``output_dir/ppo``; it stops after the reward
    stage when that was interrupted.
 
@@ -104,8 +104,8 @@ _SAMPLE_BATCH = 64  # prompts per sampling call
 _SCORE_TIE = 1e-6  # summed win probabilities closer than this are a tie (float rounding)
 _STAGE_DEFAULTS = ("steps", "batch_size", "learning_rate")  # none in the config: the training stage's default
 # beta when none is given: dpo's own default, and for ppo on a reward model trained on the
-# judge's labels a KL coefficient ten times ppo's (measured, docs/online-rl.md)
-_DEFAULT_BETA = {"dpo": 0.1, "reward+ppo": 0.5}
+# judge's labels a KL coefficient forty times ppo's (measured, docs/online-rl.md)
+_DEFAULT_BETA = {"dpo": 0.1, "reward+ppo": 2.0}
 # learning_rate when none is given, where rlaif's differs from the stage's own: dpo on the
 # judge's pairs of the policy's samples gained more at twice dpo's 1e-4 (docs/online-rl.md)
 _DEFAULT_LEARNING_RATE = {"dpo": 2e-4}
@@ -248,10 +248,12 @@ def _label_best_and_worst(judge, tokenizer, config, prompts: list[str], response
     response scores the sum of its win probabilities, and the best-scoring response is
     paired with the worst-scoring one (the first on ties), ordered by the judge's own
     preference between the two; prompts whose responses all score the same, and exact
-    ties between the two, are dropped. With two responses per prompt
-    this is the judge's label of the pair."""
+    ties between the two, are dropped. With two responses per prompt this is the judge's
+    label of the pair."""
     distinct = [list(dict.fromkeys(sampled)) for sampled in responses]
-    matches = [(n, i, j) for n, sampled in enumerate(distinct) for i in range(len(sampled)) for j in range(i + 1, len(sampled))]
+    matches = [  # (prompt index, i, j): response i shown first against response j
+        (n, i, j) for n, sampled in enumerate(distinct) for i in range(len(sampled)) for j in range(i + 1, len(sampled))
+    ]
     if not matches:
         return []
     preference, _, _ = judge_preferences(
