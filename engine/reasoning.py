@@ -106,7 +106,7 @@ class ReasoningOptions:
 
     samples: int = 15
     breadth: int = 5
-    proposals: int = 3
+    proposals: int = 4
     value: str = "self"
     threshold: float = 0.25
     node_budget: int = 16
