@@ -30,6 +30,17 @@ class Timing:
     p80_ms: float
 
 
+def fastpo_backends(device: str) -> list[str]:
+    """fastpo's backends that run at full speed on ``device`` (not the Triton interpreter):
+    torch everywhere, Triton on GPUs, the native kernels (cuda or cpp) where built."""
+    from fastpo.kernels import _native
+
+    backends = ["torch"] + (["triton"] if device == "cuda" else [])
+    if _native.available(torch.device(device)):
+        backends.append("cuda" if device == "cuda" else "cpp")
+    return backends
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

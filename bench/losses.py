@@ -197,14 +197,10 @@ QUICK = {"policy_loss": [(64, 256)], "policy_loss_types": [(64, 1024)], "gae": [
 
 
 def runs_on(impl: str, device: str) -> bool:
-    """Whether ``impl`` has a backend on ``device``: Triton on GPUs, native kernels where built."""
-    if impl == "fastpo_triton":
-        return device == "cuda"
-    if impl == "fastpo_native":
-        from fastpo.kernels import _native
-
-        return _native.available(torch.device(device))
-    return True
+    """Whether ``impl`` has a backend on ``device``: fastpo's Triton and native rows only
+    where ``harness.fastpo_backends`` lists that backend."""
+    backend = {"fastpo_triton": "triton", "fastpo_native": "cuda" if device == "cuda" else "cpp"}.get(impl)
+    return backend is None or backend in harness.fastpo_backends(device)
 
 
 def count_ops(step, device: str) -> int:

@@ -82,16 +82,6 @@ def _logit_dtypes(device: str, quick: bool) -> list[str]:
     return ["fp32"] if quick else ["fp32", "bf16"]
 
 
-def _fastpo_backends(device: str) -> list[str]:
-    """fastpo's backends that run at full speed on ``device`` (not the Triton interpreter)."""
-    from fastpo.kernels import _native
-
-    backends = ["torch"] + (["triton"] if device == "cuda" else [])
-    if _native.available(torch.device(device)):
-        backends.append("cuda" if device == "cuda" else "cpp")
-    return backends
-
-
 def _leaf(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.requires_grad_()
 
@@ -138,7 +128,7 @@ def _token_impls(device: str, peers: set) -> dict:
         "eager": lambda: lambda logits, targets: (_gather(logits.log_softmax(-1), targets),),
         "eager_fp32": lambda: lambda logits, targets: (_gather(logits.float().log_softmax(-1), targets),),
     }
-    for backend in _fastpo_backends(device):
+    for backend in harness.fastpo_backends(device):
         impls[f"fastpo_{backend}"] = (
             lambda b=backend: lambda logits, targets: (token_logprobs(logits, targets, backend=b),))
     if "trl" in peers:
@@ -181,7 +171,7 @@ def _token_entropy_impls(device: str, peers: set) -> dict:
         return _gather(logp, targets), _entropy(logp)
 
     impls = {"eager": lambda: eager}
-    for backend in _fastpo_backends(device):
+    for backend in harness.fastpo_backends(device):
         impls[f"fastpo_{backend}"] = (
             lambda b=backend: lambda logits, targets: token_logprobs(logits, targets, return_entropy=True, backend=b))
     if "trl" in peers:
@@ -285,7 +275,7 @@ def _policy_impls(device: str, peers: set) -> dict:
         return (loss, *metrics)
 
     impls = {"eager": lambda: eager}
-    for backend in [b for b in _fastpo_backends(device) if b in ("torch", "triton")]:
+    for backend in [b for b in harness.fastpo_backends(device) if b in ("torch", "triton")]:
         def fused(b=backend):
             from fastpo.kernels import policy_loss
 
@@ -322,7 +312,7 @@ def _kl_impls(device: str, peers: set) -> dict:
     from fastpo.kernels import kl_penalty
 
     impls = {"eager": lambda: _k3}
-    for backend in [b for b in _fastpo_backends(device) if b in ("torch", "triton")]:
+    for backend in [b for b in harness.fastpo_backends(device) if b in ("torch", "triton")]:
         impls[f"fastpo_{backend}"] = lambda b=backend: lambda lp, ref: (kl_penalty(lp, ref, "k3", backend=b),)
     return impls
 
@@ -343,7 +333,7 @@ def _logits_kl_impls(device: str, peers: set) -> dict:
     from fastpo.kernels import logits_kl
 
     impls = {"eager": lambda: _full_kl}
-    for backend in [b for b in _fastpo_backends(device) if b in ("torch", "triton")]:
+    for backend in [b for b in harness.fastpo_backends(device) if b in ("torch", "triton")]:
         impls[f"fastpo_{backend}"] = lambda b=backend: lambda logits, ref_logits: (
             logits_kl(logits, ref_logits, backend=b),)
     return impls
@@ -375,7 +365,7 @@ def _group_impls(device: str, peers: set) -> dict:
     from fastpo.kernels import group_advantages
 
     impls = {"eager": lambda: _eager_group}
-    for backend in [b for b in _fastpo_backends(device) if b in ("torch", "triton")]:
+    for backend in [b for b in harness.fastpo_backends(device) if b in ("torch", "triton")]:
         impls[f"fastpo_{backend}"] = lambda b=backend: lambda rewards: (
             group_advantages(rewards, GROUP_SIZE, eps=TRL_EPS, backend=b),)
     return impls
@@ -403,7 +393,7 @@ def _gae_impls(device: str, peers: set) -> dict:
     from fastpo.kernels import gae
 
     impls = {"eager": lambda: _eager_gae}
-    for backend in _fastpo_backends(device):
+    for backend in harness.fastpo_backends(device):
         impls[f"fastpo_{backend}"] = lambda b=backend: lambda rewards, values, mask: gae(
             rewards, values, mask, gamma=GAE_GAMMA, lam=GAE_LAM, backend=b)
     return impls
@@ -428,7 +418,7 @@ def _preference_impls(device: str, peers: set) -> dict:
     from fastpo.kernels import dpo_loss, sequence_logprobs
 
     impls = {"eager": lambda: _eager_dpo}
-    for backend in [b for b in _fastpo_backends(device) if b in ("torch", "triton")]:
+    for backend in [b for b in harness.fastpo_backends(device) if b in ("torch", "triton")]:
         def fused(b=backend):
             def run(token_lp, ref, mask):
                 pairs = ref.shape[0] // 2
