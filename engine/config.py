@@ -776,7 +776,7 @@ class RLAIFConfig(BaseConfig):
         4, "Responses sampled per prompt; the judge compares every two distinct ones and the pair of the best- and "
         "worst-scoring (summed win probabilities) trains.", minimum=2,
     )
-    temperature: float = option(1.0, "Sampling temperature of the two responses.", positive=True)
+    temperature: float = option(1.0, "Sampling temperature of the responses.", positive=True)
     max_new_tokens: int = option(8, "Response budget in tokens.", positive=True)
     judge_confidence: float = option(
         0.75, "Least judge probability of the chosen response that a labelled pair needs to train; 0.5: every pair "
