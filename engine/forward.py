@@ -124,7 +124,6 @@ def prompt_width(encoded: list[list[int]], max_new_tokens: int, max_length: int 
     return width
 
 
-@torch.no_grad()
 def cut_at_stop(text: str, stop_strings: list[str]) -> str:
     """``text`` up to the first of ``stop_strings`` it holds (the stop string left out):
     the completion text that rewards and judges see."""
@@ -132,6 +131,7 @@ def cut_at_stop(text: str, stop_strings: list[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
+@torch.no_grad()
 def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
                        stop_strings: list[str] = ()) -> list[str]:
     """The greedy completion of each prompt (``[bos] prompt`` left-padded, as in
@@ -156,6 +156,6 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
             eos_token_id=tokenizer.eos_token_id,
         )
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-        outputs += [cut_at_stop(text, list(stop_strings)) for text in texts]
+        outputs += [cut_at_stop(text, stop_strings) for text in texts]
     model.train(was_training)
     return outputs

@@ -41,7 +41,7 @@ from fastpo.kernels import token_logprobs as kernel_token_logprobs
 from .forward import IGNORE_INDEX, cut_at_stop, encode_prompts, generation_pad_id, prompt_width
 from .tasks import BUILTIN_TASKS, builtin_task
 
-__all__ = ["RewardSources", "Rollout", "check_reward_source", "concatenate_rollouts", "cut_at_stop",
+__all__ = ["RewardSources", "Rollout", "check_reward_source", "concatenate_rollouts",
            "reward_function", "rollout_from_tokens", "sample_completions"]
 
 
@@ -206,7 +206,7 @@ def sample_completions(
         rows.append((ids, tokens[:length]))
         row_logprobs.append(token_logprobs[i, :length])
         text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
-        texts.append(cut_at_stop(text, list(stop_strings)))
+        texts.append(cut_at_stop(text, stop_strings))
         truncated.append(not ended)
     return rollout_from_tokens(list(prompts), texts, rows, row_logprobs, truncated, pad)
 

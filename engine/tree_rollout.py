@@ -57,8 +57,8 @@ from typing import Sequence
 import torch
 
 from .distributed import launched_world
-from .forward import encode_prompts, generation_pad_id, prompt_width, response_logprobs
-from .rollout import Rollout, cut_at_stop, rollout_from_tokens, sample_completions
+from .forward import cut_at_stop, encode_prompts, generation_pad_id, prompt_width, response_logprobs
+from .rollout import Rollout, rollout_from_tokens, sample_completions
 
 __all__ = ["SPLITS", "GroupTrees", "TreeRollout", "branch_points", "grpo_tree_rollout", "sample_tree",
            "tree_advantages", "treerl_advantages"]

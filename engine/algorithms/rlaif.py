@@ -260,17 +260,14 @@ def _label_best_and_worst(judge, tokenizer, config, prompts: list[str], response
         judge, tokenizer, config.judge_template, [prompts[n] for n, _, _ in matches],
         [distinct[n][i] for n, i, _ in matches], [distinct[n][j] for n, _, j in matches], judge_reasoning(config),
     )
-    wins = {}  # (prompt index, response index) -> summed win probability
     beats = {}  # (prompt index, i, j) -> the probability that response i beats response j
     for (n, i, j), p in zip(matches, preference.tolist()):
-        wins[n, i] = wins.get((n, i), 0.0) + p
-        wins[n, j] = wins.get((n, j), 0.0) + 1 - p
         beats[n, i, j], beats[n, j, i] = p, 1 - p
     labelled = []
     for n, sampled in enumerate(distinct):
         if len(sampled) < 2:
             continue
-        scores = [wins[n, i] for i in range(len(sampled))]
+        scores = [sum(beats[n, i, j] for j in range(len(sampled)) if j != i) for i in range(len(sampled))]
         if max(scores) - min(scores) < _SCORE_TIE:  # every response scored the same
             continue
         best, worst = scores.index(max(scores)), scores.index(min(scores))
