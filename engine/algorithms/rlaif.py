@@ -84,7 +84,7 @@ from ._common import BUILTIN_DATA, MAX_BUILTIN_ROWS, builtin_task, prepare_run, 
 
 __all__ = [
     "JUDGE_LABELS", "REASONING_END", "builtin_judge", "judge_preferences", "judge_reasoning", "judgement_rows",
-    "label_probabilities", "reasoned_prompts", "run",
+    "label_probabilities", "neither_rows", "reasoned_prompts", "run",
 ]
 
 JUDGE_LABELS = ("A", "B")  # the label of the response shown first, and of the second
