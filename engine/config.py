@@ -743,15 +743,15 @@ class RLAIFConfig(BaseConfig):
     loop options are the training stage's."""
 
     steps: int | None = option(
-        None, "Optimizer steps of the training stage; none: the stage's default (ppo 150, dpo 200).", positive=True
+        None, "Optimizer steps of the training stage; none: 300 for ppo (twice ppo's own), dpo's 200.", positive=True
     )
     batch_size: int | None = option(
         None, "Micro-batch of the training stage; none: the stage's default (ppo 64 completions, dpo 16 pairs).",
         positive=True,
     )
     learning_rate: float | None = option(
-        None, "Peak learning rate of the training stage's AdamW; none: ppo's default (3e-4), or for dpo 2e-4 (twice "
-        "dpo's own).",
+        None, "Peak learning rate of the training stage's AdamW; none: 5e-5 for ppo (a sixth of ppo's own), 2e-4 "
+        "for dpo (twice dpo's own).",
         positive=True,
     )
     judge: str | None = option(
@@ -771,7 +771,10 @@ class RLAIFConfig(BaseConfig):
         "right after the prompt) unless the folder is a built-in judge fastpo trained (its fastpo_judge.json says how it "
         "answers).",
     )
-    num_prompts: int = option(1024, "Prompts whose sampled responses the judge labels.", positive=True)
+    num_prompts: int | None = option(
+        None, "Prompts whose sampled responses the judge labels; none: 4096 for reward+ppo (a reward model needs more "
+        "pairs), 1024 for dpo.", positive=True,
+    )
     samples_per_prompt: int = option(
         4, "Responses sampled per prompt; the judge compares every two distinct ones and the pair of the best- and "
         "worst-scoring (summed win probabilities) trains.", minimum=2,
@@ -782,12 +785,18 @@ class RLAIFConfig(BaseConfig):
         0.75, "Least judge probability of the chosen response that a labelled pair needs to train; 0.5: every pair "
         "(the built-in judge's pairs of two wrong answers are near 0.5).",
     )
-    then: Literal["dpo", "reward+ppo"] = option("dpo", "What the labelled pairs train: dpo, or a reward model then ppo.")
+    then: Literal["reward+ppo", "dpo"] = option(
+        "reward+ppo", "What the labelled pairs train: a reward model then ppo (RLAIF's pipeline), or dpo."
+    )
     beta: float | None = option(
         None, "dpo's beta (then=dpo), or ppo's KL coefficient (then=reward+ppo); none: 0.1 for dpo, 2 for ppo "
         "(ppo's own default, 0.05, let it chase the reward model's errors: docs/online-rl.md).", positive=True,
     )
-    reward_steps: int = option(200, "Steps of the reward model on the labelled pairs (then=reward+ppo).", positive=True)
+    reward_steps: int = option(1600, "Steps of the reward model on the labelled pairs (then=reward+ppo).", positive=True)
+    reward_learning_rate: float = option(
+        1e-3, "Peak learning rate of the reward model on the labelled pairs (then=reward+ppo); reward's own 3e-4 left "
+        "it ordering a quarter of the policy's own samples wrong.", positive=True
+    )
     rpo_alpha: float = option(
         1.0, "dpo's rpo_alpha (then=dpo): the weight of the chosen response's NLL per token in each pair's loss.",
         minimum=0,

@@ -267,7 +267,10 @@ def test_reward_then_ppo_trains_on_the_labelled_pairs(tmp_path):
     assert result["run_dir"] == str(tmp_path / "run" / "ppo") and result["steps"] == 2
     assert "reward_model_preference_accuracy_after" in result
     ppo_config = yaml.safe_load((tmp_path / "run" / "ppo" / "config.yaml").read_text())
-    assert ppo_config["beta"] == 2.0  # rlaif's beta for ppo when none is given, not ppo's own 0.05
+    # rlaif's beta and learning rate for ppo when none is given, not ppo's own 0.05 and 3e-4
+    assert ppo_config["beta"] == 2.0 and ppo_config["learning_rate"] == 5e-5
+    reward_config = yaml.safe_load((tmp_path / "run" / "reward" / "config.yaml").read_text())
+    assert reward_config["learning_rate"] == 1e-3 and reward_config["steps"] == 2  # reward_learning_rate, reward_steps
     assert ppo_config["rewards"] == [str(tmp_path / "run" / "reward" / "checkpoints" / "step-00000002" / "model")]
 
 

@@ -23,8 +23,9 @@ labelled pairs train the policy.
    while its config and rows are unchanged.
 3. Labels: ``samples_per_prompt`` responses sampled from the policy (``temperature``,
    ``max_new_tokens``, the global RNG seeded with the run's seed) for each of
-   ``num_prompts`` prompts. The judge's preference for a shown order is its next-token
-   distribution restricted to the two labels (``softmax`` of their two logits), read
+   ``num_prompts`` prompts (4096 for reward+ppo, 1024 for dpo, if none). The judge's
+   preference for a shown order is its next-token distribution restricted to the two
+   labels (``softmax`` of their two logits), read
    right after the judge prompt, or with ``judge_reasoning`` after the judge's own greedy
    reasoning for that order (up to its first ``", so "``). Response ``x`` beats ``y``
    with probability ``p = 0.5 * (P("A" | x shown as A) + P("B" | x shown as B))``:
@@ -39,18 +40,19 @@ labelled pairs train the policy.
    ``output_dir/pairs.jsonl`` (``prompt``, ``chosen``, ``rejected``, and
    ``judge_probability``, the ``p`` of the chosen response).
 4. Training, from the sampling policy (saved as ``output_dir/policy``), with this
-   config's loop options (``steps``, ``batch_size``, ``learning_rate``: none takes the
-   stage's own default; ``eval_data`` is the stage's held-out data: pairs for dpo,
+   config's loop options (``steps``, ``batch_size``, ``learning_rate``: none takes rlaif's
+   default for the stage, below, else the stage's own; ``eval_data`` is the stage's held-out data: pairs for dpo,
    prompts for ppo):
-   ``then=dpo`` (the default): ``fastpo dpo`` on the pairs (``beta`` its beta, 0.1 if none,
+   ``then=reward+ppo`` (the default, RLAIF's pipeline): ``fastpo reward`` on the pairs
+   (``reward_steps`` steps at ``reward_learning_rate`` from the policy's backbone, its own
+   defaults otherwise) in ``output_dir/reward``, then ``fastpo ppo`` on the prompts of
+   ``data`` with that reward model as its reward and ``beta`` its KL coefficient, 2 if none
+   (the reward of a completion is ``r_AI - beta * sum_t log(pi/pi_ref)``, RLAIF's
+   objective), 300 steps at 5e-5 if none, in ``output_dir/ppo``; it stops after the reward
+   stage when that was interrupted;
+   ``then=dpo``: ``fastpo dpo`` on the pairs (``beta`` its beta, 0.1 if none,
    ``rpo_alpha`` its NLL term on the chosen response, ``learning_rate`` 2e-4 if none), in
-   ``output_dir/dpo``;
-   ``then=reward+ppo``: ``fastpo reward`` on the pairs (``reward_steps`` steps from the
-   policy's backbone, its own defaults otherwise) in ``output_dir/reward``, then
-   ``fastpo ppo`` on the prompts of ``data`` with that reward model as its reward and
-   ``beta`` its KL coefficient, 2 if none (the reward of a completion is ``r_AI - beta * sum_t
-   log(pi/pi_ref)``, RLAIF's objective) in ``output_dir/ppo``; it stops after the reward
-   stage when that was interrupted.
+   ``output_dir/dpo``.
 
 The result is the training stage's (its folder is the ``run_dir`` reported, where
 ``metrics.jsonl`` and the checkpoints are), plus ``labelled_pairs`` (the pairs kept),
@@ -106,9 +108,14 @@ _STAGE_DEFAULTS = ("steps", "batch_size", "learning_rate")  # none in the config
 # beta when none is given: dpo's own default, and for ppo on a reward model trained on the
 # judge's labels a KL coefficient forty times ppo's (measured, docs/online-rl.md)
 _DEFAULT_BETA = {"dpo": 0.1, "reward+ppo": 2.0}
-# learning_rate when none is given, where rlaif's differs from the stage's own: dpo on the
-# judge's pairs of the policy's samples gained more at twice dpo's 1e-4 (docs/online-rl.md)
-_DEFAULT_LEARNING_RATE = {"dpo": 2e-4}
+# learning_rate and steps when none is given, where rlaif's differ from the stage's own: dpo
+# on the judge's pairs of the policy's samples gained more at twice dpo's 1e-4; ppo on a
+# reward model of those pairs gained +8.5 on the weakest seed at 1e-4 for 150 steps and +11
+# at 5e-5 for 300 (docs/online-rl.md)
+_DEFAULT_LEARNING_RATE = {"dpo": 2e-4, "reward+ppo": 5e-5}
+_DEFAULT_STEPS = {"reward+ppo": 300}
+# num_prompts when none is given: a reward model needs more pairs than dpo
+_DEFAULT_NUM_PROMPTS = {"dpo": 1024, "reward+ppo": 4096}
 
 
 def run(config: RLAIFConfig, warm_start=None) -> dict:
@@ -117,10 +124,11 @@ def run(config: RLAIFConfig, warm_start=None) -> dict:
     judge, judge_tokenizer = load_causal_lm(str(judge_dir))
     judge = judge.to(device).eval()
 
+    num_prompts = config.num_prompts if config.num_prompts is not None else _DEFAULT_NUM_PROMPTS[config.then]
     rows = (
-        builtin_task(config).rows("prompt", config.num_prompts, "train")
+        builtin_task(config).rows("prompt", num_prompts, "train")
         if config.data == BUILTIN_DATA
-        else training_rows("rlaif", config, "prompt")[: config.num_prompts]
+        else training_rows("rlaif", config, "prompt")[:num_prompts]
     )
     torch.manual_seed(config.seed)  # the samples are the seed's, whatever drew from the RNG before
     prompts, responses = _sample_responses(policy, tokenizer, rows, config)
@@ -202,6 +210,8 @@ def _train(config: RLAIFConfig, run_dir: Path, policy_dir: Path, pairs_path: Pat
     shared.update(model=str(policy_dir), warm_start_steps=0)
     if config.learning_rate is None and config.then in _DEFAULT_LEARNING_RATE:
         shared["learning_rate"] = _DEFAULT_LEARNING_RATE[config.then]
+    if config.steps is None and config.then in _DEFAULT_STEPS:
+        shared["steps"] = _DEFAULT_STEPS[config.then]
     beta = config.beta if config.beta is not None else _DEFAULT_BETA[config.then]
     if config.then == "dpo":
         return dpo.run(DPOConfig(
@@ -211,7 +221,8 @@ def _train(config: RLAIFConfig, run_dir: Path, policy_dir: Path, pairs_path: Pat
     reward_options = {} if config.batch_size is None else {"batch_size": config.batch_size}
     reward_config = RewardConfig(
         model=str(policy_dir), data=str(pairs_path),
-        output_dir=str(run_dir / "reward"), warm_start_steps=0, steps=config.reward_steps, eval_every=0,
+        output_dir=str(run_dir / "reward"), warm_start_steps=0, steps=config.reward_steps,
+        learning_rate=config.reward_learning_rate, eval_every=0,
         seed=config.seed, device=config.device, dtype=config.dtype, autocast=config.autocast,
         max_length=config.max_length, **reward_options,
     )
