@@ -41,8 +41,8 @@ labelled pairs train the policy.
    ``judge_probability``, the ``p`` of the chosen response).
 4. Training, from the sampling policy (saved as ``output_dir/policy``), with this
    config's loop options (``steps``, ``batch_size``, ``learning_rate``: none takes rlaif's
-   default for the stage, below, else the stage's own; ``eval_data`` is the stage's held-out data: pairs for dpo,
-   prompts for ppo):
+   default for the stage, below, else the stage's own; ``eval_data`` is the stage's
+   held-out data: pairs for dpo, prompts for ppo):
    ``then=reward+ppo`` (the default, RLAIF's pipeline): ``fastpo reward`` on the pairs
    (``reward_steps`` steps at ``reward_learning_rate`` from the policy's backbone, its own
    defaults otherwise) in ``output_dir/reward``, then ``fastpo ppo`` on the prompts of
@@ -105,17 +105,16 @@ _JUDGE_SEED = 0
 _SAMPLE_BATCH = 64  # prompts per sampling call
 _SCORE_TIE = 1e-6  # summed win probabilities closer than this are a tie (float rounding)
 _STAGE_DEFAULTS = ("steps", "batch_size", "learning_rate")  # none in the config: the training stage's default
-# beta when none is given: dpo's own default, and for ppo on a reward model trained on the
-# judge's labels a KL coefficient forty times ppo's (measured, docs/online-rl.md)
-_DEFAULT_BETA = {"dpo": 0.1, "reward+ppo": 2.0}
-# learning_rate and steps when none is given, where rlaif's differ from the stage's own: dpo
-# on the judge's pairs of the policy's samples gained more at twice dpo's 1e-4; ppo on a
-# reward model of those pairs gained +8.5 on the weakest seed at 1e-4 for 150 steps and +11
-# at 5e-5 for 300 (docs/online-rl.md)
-_DEFAULT_LEARNING_RATE = {"dpo": 2e-4, "reward+ppo": 5e-5}
-_DEFAULT_STEPS = {"reward+ppo": 300}
-# num_prompts when none is given: a reward model needs more pairs than dpo
-_DEFAULT_NUM_PROMPTS = {"dpo": 1024, "reward+ppo": 4096}
+# rlaif's values of the options left none, per training stage (measured, docs/online-rl.md):
+# beta, dpo's own and for ppo on a reward model of the judge's labels forty times ppo's
+# (its own let it chase the reward model's errors); learning_rate and steps where they
+# differ from the stage's own: dpo on the judge's pairs gained more at twice dpo's 1e-4,
+# ppo gained +8.5 on the weakest seed at 1e-4 for 150 steps and +11 at 5e-5 for 300;
+# num_prompts, more for a reward model than for dpo.
+_DEFAULTS = {
+    "dpo": {"beta": 0.1, "learning_rate": 2e-4, "num_prompts": 1024},
+    "reward+ppo": {"beta": 2.0, "learning_rate": 5e-5, "steps": 300, "num_prompts": 4096},
+}
 
 
 def run(config: RLAIFConfig, warm_start=None) -> dict:
@@ -124,7 +123,7 @@ def run(config: RLAIFConfig, warm_start=None) -> dict:
     judge, judge_tokenizer = load_causal_lm(str(judge_dir))
     judge = judge.to(device).eval()
 
-    num_prompts = config.num_prompts if config.num_prompts is not None else _DEFAULT_NUM_PROMPTS[config.then]
+    num_prompts = _option(config, "num_prompts")
     rows = (
         builtin_task(config).rows("prompt", num_prompts, "train")
         if config.data == BUILTIN_DATA
@@ -162,6 +161,13 @@ def run(config: RLAIFConfig, warm_start=None) -> dict:
     outcome = _train(config, run_dir, policy_dir, pairs_path)
     outcome["metrics"].update(labelling)
     return outcome
+
+
+def _option(config: RLAIFConfig, name: str):
+    """``config``'s value of option ``name``, or when it is none rlaif's for the training
+    stage (``_DEFAULTS``; none when rlaif has none)."""
+    value = getattr(config, name)
+    return value if value is not None else _DEFAULTS[config.then].get(name)
 
 
 def judge_reasoning(config: RLAIFConfig) -> bool:
@@ -203,16 +209,12 @@ def _train(config: RLAIFConfig, run_dir: Path, policy_dir: Path, pairs_path: Pat
     """The training stage on the labelled pairs: the stage's ``run`` result."""
     from . import dpo, ppo, reward
 
-    # The loop options of this config are the training stage's (those left none: the stage's
-    # defaults); it starts from the saved policy.
-    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(BaseConfig)}
+    # The loop options of this config are the training stage's (those left none: rlaif's
+    # value, else the stage's default); it starts from the saved policy.
+    shared = {f.name: _option(config, f.name) for f in dataclasses.fields(BaseConfig)}
     shared = {name: value for name, value in shared.items() if not (name in _STAGE_DEFAULTS and value is None)}
     shared.update(model=str(policy_dir), warm_start_steps=0)
-    if config.learning_rate is None and config.then in _DEFAULT_LEARNING_RATE:
-        shared["learning_rate"] = _DEFAULT_LEARNING_RATE[config.then]
-    if config.steps is None and config.then in _DEFAULT_STEPS:
-        shared["steps"] = _DEFAULT_STEPS[config.then]
-    beta = config.beta if config.beta is not None else _DEFAULT_BETA[config.then]
+    beta = _option(config, "beta")
     if config.then == "dpo":
         return dpo.run(DPOConfig(
             **{**shared, "data": str(pairs_path), "output_dir": str(run_dir / "dpo")}, beta=beta,
