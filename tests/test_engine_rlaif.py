@@ -24,6 +24,12 @@ TEMPLATE = RLAIFConfig().judge_template
 # 0, dpo took held-out exact match from 0.41 to 0.135 at step 50 and 0.13 at 200 without
 # rpo_alpha, to 0.615 and 0.625 with 1.
 RIGHT_JUDGE_DPO = {"num_prompts": 256, "steps": 50, "eval_every": 0}
+# then=reward+ppo's: 1024 prompts (about 580 labelled pairs), 800 reward steps, 100 ppo
+# steps. The right judge's labels, seed 0, one thread: the reward model 0.56 -> 0.745,
+# held-out exact match 0.41 -> 0.495 (400 reward steps: 0.605, 0.485); the same with ppo's
+# own learning rate and beta (3e-4, 0.05) in place of rlaif's (5e-5, 2): 0.41 -> 0.075.
+# Seeds 1 and 2 at this budget: 0.47 -> 0.46 (the reward model 0.54) and 0.38 -> 0.43.
+RIGHT_JUDGE_REWARD_PPO = {"num_prompts": 1024, "reward_steps": 800, "steps": 100, "eval_every": 0}
 # judge_confidence 0.5: the random judges of these tests are rarely confident.
 QUICK = {"warm_start_steps": 0, "num_prompts": 16, "max_new_tokens": 4, "steps": 2, "batch_size": 4,
          "log_every": 1, "eval_every": 0, "judge_confidence": 0.5}
@@ -48,7 +54,10 @@ class _PositionBiasedJudge(torch.nn.Module):
             last = int(mask.sum()) - 1
             text = self.tokenizer.decode(ids[: last + 1], skip_special_tokens=True)
             self.read_texts.append(text)
-            prompt, a, b, reasoning = re.fullmatch(r"Q: (.*)\? A: (.*) B: (.*)\. Better:(.*)", text).groups()
+            # DOTALL: a sampled answer may hold a newline (the tokenizer has one)
+            prompt, a, b, reasoning = re.fullmatch(
+                r"Q: (.*)\? A: (.*) B: (.*)\. Better:(.*)", text, re.DOTALL
+            ).groups()
             if reasoning:
                 written = re.fullmatch(r" \d+\+\d+=(\d+), A: \d+, so ", reasoning).group(1)
                 good_a, good_b = float(a == written), float(b == written)
@@ -284,15 +293,10 @@ def test_bad_options_name_the_option_and_value(tmp_path, override, message):
         train("rlaif", {**QUICK, **override, "output_dir": str(tmp_path)})
 
 
-@pytest.mark.slow
-def test_dpo_on_a_right_judges_labels_raises_heldout_accuracy_by_12_points(tmp_path, monkeypatch):
-    # The judge here is the verifier behind the judge's interface (every pair with one right
-    # answer labelled right, with probability 1 - e^-10; two wrong answers tie and drop out),
-    # so what is measured is then=dpo on the policy's own samples after the default warm
-    # start, with rlaif's defaults on 256 prompts and 50 steps: 0.41 -> 0.605 (seed 0). With two
-    # samples per prompt at dpo's own learning rate the same judge gave 0.575; without
-    # rpo_alpha 0.17. What the built-in judge adds (its labels on two wrong answers) needs
-    # its 2,500 training steps, measured in docs/online-rl.md, not here.
+def _right_judge(tmp_path, monkeypatch):
+    """The verifier behind the judge's interface: every pair with one right answer
+    labelled right, with probability 1 - e^-10; two wrong answers tie and drop out. The
+    folder it stands for, to pass as ``judge``."""
     tokenizer = build_char_tokenizer()
     judge_dir = _judge_folder(tmp_path)
     real_load = rlaif.load_causal_lm
@@ -300,9 +304,31 @@ def test_dpo_on_a_right_judges_labels_raises_heldout_accuracy_by_12_points(tmp_p
         (_PositionBiasedJudge(tokenizer, bias=0.0, scale=10.0), tokenizer) if name == str(judge_dir)
         else real_load(name, **kw)
     ))
+    return judge_dir
+
+
+@pytest.mark.slow
+def test_dpo_on_a_right_judges_labels_raises_heldout_accuracy_by_12_points(tmp_path, monkeypatch):
+    # What is measured is then=dpo on the policy's own samples after the default warm
+    # start, with rlaif's defaults on 256 prompts and 50 steps: 0.41 -> 0.605 (seed 0). With two
+    # samples per prompt at dpo's own learning rate the same judge gave 0.575; without
+    # rpo_alpha 0.17. What the built-in judge adds (its labels on two wrong answers) needs
+    # its 2,500 training steps, measured in docs/online-rl.md, not here.
+    judge_dir = _right_judge(tmp_path, monkeypatch)
     result = train("rlaif", {"then": "dpo", "judge": str(judge_dir), "judge_reasoning": False,
                              **RIGHT_JUDGE_DPO, "output_dir": str(tmp_path / "run")})
     assert result["judge_agreement"] == 1.0 and result["labelled_pairs"] > 100
     # The verifier is right on every held-out near miss and ties every pair of two of them.
     assert result["judge_heldout_accuracy"] == 1.0 and result["judge_heldout_two_wrong_confident"] == 0.0
     assert result["heldout_accuracy_after"] >= result["heldout_accuracy_before"] + 0.12
+
+
+@pytest.mark.slow
+def test_reward_then_ppo_on_a_right_judges_labels_raises_heldout_accuracy_by_5_points(tmp_path, monkeypatch):
+    # then=reward+ppo, the default, at a CI budget: RIGHT_JUDGE_REWARD_PPO's comment.
+    judge_dir = _right_judge(tmp_path, monkeypatch)
+    result = train("rlaif", {"judge": str(judge_dir), "judge_reasoning": False, **RIGHT_JUDGE_REWARD_PPO,
+                             "output_dir": str(tmp_path / "run")})
+    assert result["run_dir"] == str(tmp_path / "run" / "ppo") and result["labelled_pairs"] > 400
+    assert result["reward_model_preference_accuracy_after"] > result["reward_model_preference_accuracy_before"]
+    assert result["heldout_accuracy_after"] >= result["heldout_accuracy_before"] + 0.05
