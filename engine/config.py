@@ -220,8 +220,8 @@ class BaseConfig(RunConfig):
     learning_rate: float = option(1e-3, "Peak learning rate of AdamW.", positive=True)
     weight_decay: float = option(0.0, "AdamW decoupled weight decay.", minimum=0)
     warmup_steps: int = option(10, "Steps of linear warmup from 0 to the peak learning rate.", minimum=0)
-    lr_schedule: Literal["cosine", "linear", "constant"] = option(
-        "cosine", "Learning-rate decay after warmup."
+    lr_schedule: Literal["cosine", "linear", "constant", "wsd"] = option(
+        "cosine", "Learning-rate decay after warmup (wsd: constant, then linear to 0 over the last 20% of the steps)."
     )
     max_grad_norm: float | None = option(1.0, "Clip the global gradient norm to this; none disables.", positive=True)
 

@@ -165,23 +165,30 @@ class LoopResult:
     target_reached: bool = False
 
 
+WSD_DECAY_SHARE = 0.2  # of the steps: the decay of lr_schedule=wsd
+
+
 def learning_rate_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """The multiplier of the peak learning rate for optimizer step ``step`` (from 0).
 
     Linear warmup ``(step + 1) / (warmup_steps + 1)`` (nanoGPT's; the first step is never
     at 0), then ``cosine`` (half a cosine from 1 to 0 over the remaining steps), ``linear``
-    (1 to 0) or ``constant``.
+    (1 to 0), ``constant``, or ``wsd`` (warmup-stable-decay, MiniCPM's: constant, then
+    linear from 1 to 0 over the last ``WSD_DECAY_SHARE`` of the steps).
     """
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     if schedule == "constant":
         return 1.0
+    if schedule == "wsd":
+        decay_steps = max(1, round(WSD_DECAY_SHARE * total_steps))
+        return min(1.0, (total_steps - step) / decay_steps)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "linear":
         return 1.0 - progress
-    raise ValueError(f"lr_schedule must be cosine, linear or constant, got {schedule!r}")
+    raise ValueError(f"lr_schedule must be cosine, linear, constant or wsd, got {schedule!r}")
 
 
 # ---------------------------------------------------------------- options

@@ -66,6 +66,11 @@ def test_learning_rate_schedule():
         assert learning_rate_factor(s, schedule="linear", **kw) == pytest.approx(1 - progress)
         assert learning_rate_factor(s, schedule="constant", **kw) == 1.0
     assert learning_rate_factor(9, schedule="cosine", **kw) > 0  # the last step still learns
+    # wsd over 20 steps: warmup 3, peak through step 15, then the last 4 (20%) at 4/4 .. 1/4
+    wsd = [learning_rate_factor(s, schedule="wsd", total_steps=20, warmup_steps=3) for s in range(20)]
+    assert wsd == [0.25, 0.5, 0.75] + [1.0] * 13 + [1.0, 0.75, 0.5, 0.25]
+    with pytest.raises(ValueError, match="got 'step'"):
+        learning_rate_factor(5, schedule="step", **kw)
 
 
 def test_accumulation_gives_the_gradient_of_one_large_batch():
