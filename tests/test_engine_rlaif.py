@@ -118,6 +118,30 @@ def test_a_reasoning_judge_is_read_after_its_reasoning_in_both_orders():
     assert (preference < 0.5).all()
 
 
+def test_batches_of_the_token_budget_read_each_pair_as_alone(monkeypatch):
+    """Labelling batches as many judge prompts as fit ``_JUDGE_FORWARD_TOKENS`` (the rows
+    over the longest row's tokens); with a budget of a few rows, prompts of different
+    widths spread over several batches, each pair's preference is the one it gets alone."""
+    tokenizer = build_char_tokenizer()
+    judge = _PositionBiasedJudge(tokenizer, bias=0.5, reasoning_sum=lambda a, b: a + b + (a % 3 == 0))
+    prompts = [f"{a}+{b}=" for a, b in [(1, 2), (12, 34), (5, 70), (3, 3), (98, 9), (6, 41), (60, 6)]]
+    right = [str(sum(map(int, p[:-1].split("+")))) for p in prompts]
+    wrong = [str(int(r) + 1) for r in right]
+    alone = torch.cat([
+        rlaif.judge_preferences(judge, tokenizer, TEMPLATE, [p], [x], [y], reasoning=True)[0]
+        for p, x, y in zip(prompts, right, wrong)
+    ])
+    longest = len(tokenizer.encode(TEMPLATE.format(prompt=prompts[4], a=right[4], b=wrong[4]))) + 1
+    monkeypatch.setattr(rlaif, "_JUDGE_FORWARD_TOKENS", 3 * (longest + rlaif._REASONING_MAX_TOKENS))
+    assert rlaif._judge_rows_per_forward(longest + rlaif._REASONING_MAX_TOKENS) == 3
+    judge.read_texts.clear()
+    batched, _, _ = rlaif.judge_preferences(judge, tokenizer, TEMPLATE, prompts, right, wrong, reasoning=True)
+    assert len(judge.read_texts) == 2 * len(prompts)
+    torch.testing.assert_close(batched, alone)
+    misled = torch.tensor([int(p.split("+")[0]) % 3 == 0 for p in prompts])  # their reasoning's sum is off by one
+    assert torch.equal(batched < 0.5, misled) and 0 < int(misled.sum()) < len(prompts)
+
+
 def test_a_reasoning_that_never_ends_is_cut_at_the_budget_and_ended():
     tokenizer = build_char_tokenizer()
     judge = _PositionBiasedJudge(tokenizer, bias=0.0, reasoning_sum=lambda a, b: 10**40)  # never reaches ", so "
