@@ -131,12 +131,20 @@ def test_batches_of_the_token_budget_read_each_pair_as_alone(monkeypatch):
         rlaif.judge_preferences(judge, tokenizer, TEMPLATE, [p], [x], [y], reasoning=True)[0]
         for p, x, y in zip(prompts, right, wrong)
     ])
-    longest = len(tokenizer.encode(TEMPLATE.format(prompt=prompts[4], a=right[4], b=wrong[4]))) + 1
-    monkeypatch.setattr(rlaif, "_JUDGE_FORWARD_TOKENS", 3 * (longest + rlaif._REASONING_MAX_TOKENS))
-    assert rlaif._judge_rows_per_forward(longest + rlaif._REASONING_MAX_TOKENS) == 3
+    longest = max(len(tokenizer.encode(TEMPLATE.format(prompt=p, a=x, b=y))) for p, x, y in zip(prompts, right, wrong))
+    monkeypatch.setattr(rlaif, "_JUDGE_FORWARD_TOKENS", 3 * (longest + 1 + rlaif._REASONING_MAX_TOKENS))
+    batches = []  # rows of each label-reading forward
+    read = judge.forward
+
+    def counted(input_ids, attention_mask):
+        batches.append(len(input_ids))
+        return read(input_ids, attention_mask)
+
+    monkeypatch.setattr(judge, "forward", counted)
     judge.read_texts.clear()
     batched, _, _ = rlaif.judge_preferences(judge, tokenizer, TEMPLATE, prompts, right, wrong, reasoning=True)
-    assert len(judge.read_texts) == 2 * len(prompts)
+    assert len(judge.read_texts) == 2 * len(prompts) and sum(batches) == 2 * len(prompts)
+    assert len(batches) >= 4 and max(batches) < len(prompts)  # several batches in each order
     torch.testing.assert_close(batched, alone)
     misled = torch.tensor([int(p.split("+")[0]) % 3 == 0 for p in prompts])  # their reasoning's sum is off by one
     assert torch.equal(batched < 0.5, misled) and 0 < int(misled.sum()) < len(prompts)

@@ -101,13 +101,9 @@ _JUDGE_BATCH = 64  # rows per SFT micro-batch of the built-in judge
 # Tokens per judge forward when labelling: the rows of a batch are this over the longest
 # row's tokens (the old 64 rows for judge prompts of 256 tokens, so no more memory there).
 # On the built-in task's short prompts (about 40 tokens and a 32-token reasoning) that is
-# about 230 rows, which on the CPU label 1024 pairs in both orders in 7.0-7.2 s against
+# about 230 rows, which on the CPU label 1024 pairs in both orders in 7.0-7.8 s against
 # 8.7-10.6 s at 64 rows.
 _JUDGE_FORWARD_TOKENS = 64 * 256
-
-
-def _judge_rows_per_forward(longest: int) -> int:
-    return max(1, _JUDGE_FORWARD_TOKENS // max(1, longest))
 _JUDGE_HELDOUT_PAIRS = 200  # held-out pairs of the judge's evaluations
 # The built-in judge stands for a given labeller, the same whatever the run's seed: a run
 # folder's judge serves every seed.
@@ -314,6 +310,11 @@ def _verifier_agreement(pairs: list[dict]) -> float | None:
     ]
     decided = [chosen for chosen, rejected in decided if chosen != rejected]
     return sum(decided) / len(decided) if decided else None
+
+
+def _judge_rows_per_forward(longest: int) -> int:
+    """Rows per judge forward when its longest row holds ``longest`` tokens."""
+    return max(1, _JUDGE_FORWARD_TOKENS // max(1, longest))
 
 
 def reasoned_prompts(judge, tokenizer, texts: list[str]) -> list[str]:
