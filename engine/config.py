@@ -756,7 +756,7 @@ class RLAIFConfig(BaseConfig):
     )
     judge: str | None = option(
         None, "Judge: a local causal LM checkpoint folder; none: a builtin:tiny judge trained by sft on the "
-        "built-in task's judgement rows (cached in output_dir/judge).",
+        "built-in task's judgement rows (cached beside the warm starts, linked from output_dir/judge).",
     )
     judge_steps: int = option(2500, "SFT steps of the built-in judge.", positive=True)
     judge_template: str = option(

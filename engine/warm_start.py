@@ -61,7 +61,10 @@ from .distributed import launched_world, resolve_device
 from .models import BUILTIN_MODELS, load_causal_lm, tiny_config
 from .tokenizer import build_char_tokenizer
 
-__all__ = ["CHECK_EVERY", "CHECK_PROMPTS", "WarmStart", "cache_root", "prepare", "settings"]
+__all__ = [
+    "CHECK_EVERY", "CHECK_PROMPTS", "WarmStart", "cache_entry", "cache_root", "device_type", "exclusive", "link_run",
+    "prepare", "settings",
+]
 
 CHECK_PROMPTS = 200
 CHECK_EVERY = 50
@@ -108,7 +111,9 @@ def cache_root() -> Path:
     return (base / "fastpo").resolve()
 
 
-def _device_type(name: str) -> str:
+def device_type(name: str) -> str:
+    """The device type (``cpu``, ``cuda``, ...) a ``device`` option resolves to: part of
+    a cache key, since weights trained on another device type differ."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name).type
@@ -147,19 +152,21 @@ def settings(config, steps: int) -> dict:
     for name in ("output_dir", "eval_data", "device"):
         options.pop(name)
     # options hold data, the task (builtin:addition's entries keep the key they always had)
-    values = {"recipe": _RECIPE, "device_type": _device_type(config.device),
+    values = {"recipe": _RECIPE, "device_type": device_type(config.device),
               **options, **_model_identity(config.model, builtin_task(config).characters)}
     return json.loads(json.dumps(values))  # as done.json stores them (tuples as lists, keys as strings)
 
 
-def _key(values: dict) -> str:
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+def cache_entry(kind: str, values: dict) -> Path:
+    """The cache folder of a ``kind`` of entry (``warm_start``, ``judge``) made with
+    ``values``: ``cache_root()/kind/<key>``, ``key`` a hash of the values."""
+    return cache_root() / kind / hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
-def _exclusive(folder: Path):
-    """Hold a lock on ``folder`` (another process making the same warm start waits for
-    it); under torchrun none: every rank takes part in the one SFT run."""
+def exclusive(folder: Path):
+    """Hold a lock on the cache entry ``folder`` (another process making the same entry
+    waits for it); under torchrun none: every rank takes part in the one SFT run."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -187,10 +194,10 @@ def _finished(folder: Path, values: dict) -> dict | None:
     return record
 
 
-def _link(run_dir: Path, folder: Path) -> None:
-    """Point ``run_dir/warm_start`` at the entry (a folder of that name from an older
-    fastpo, which kept the warm start there, is left alone)."""
-    link = run_dir / RUN_LINK
+def link_run(run_dir: Path, folder: Path, name: str = RUN_LINK) -> None:
+    """Point ``run_dir/name`` at the cache entry ``folder`` (a folder of that name from
+    an older fastpo, which kept the entry there, is left alone)."""
+    link = run_dir / name
     if link.exists() and not link.is_symlink():
         return
     with contextlib.suppress(OSError):  # a file system without links: the summary still names the entry
@@ -215,9 +222,9 @@ def prepare(algorithm: str, config) -> WarmStart | None:
             "and pass model=PATH"
         )
     values = settings(config, steps)
-    folder = cache_root() / "warm_start" / _key(values)
+    folder = cache_entry("warm_start", values)
     is_main = launched_world()[0] == 0
-    with _exclusive(folder):
+    with exclusive(folder):
         record = _finished(folder, values)
         reused = record is not None
         if reused:
@@ -229,7 +236,7 @@ def prepare(algorithm: str, config) -> WarmStart | None:
     run_dir = run_folder(algorithm, config)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _link(run_dir, folder)
+        link_run(run_dir, folder)
     return WarmStart(folder, folder / record["checkpoint"] / "model", reused, record["steps"],
                      record["check_accuracy"], record["heldout_accuracy"])
 

@@ -1,15 +1,18 @@
 """fastpo rlaif: the judge's debiased preference, the labelled pairs and the training
 stages they feed, and the built-in judge."""
 
+import dataclasses
 import json
 import math
 import re
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
+from fastpo.engine import warm_start
 from fastpo.engine.algorithms import rlaif
 from fastpo.engine.config import ConfigError, RLAIFConfig
 from fastpo.engine.data import load_dataset
@@ -221,6 +224,25 @@ def test_a_built_in_judge_reused_by_path_keeps_its_reasoning(tmp_path):
     direct_dir = rlaif.builtin_judge(direct, tmp_path / "direct")
     assert rlaif.judge_reasoning(RLAIFConfig(judge=str(direct_dir))) is False
     assert rlaif.builtin_judge(config, tmp_path / "run") == model_dir  # reused: the same checkpoint
+
+
+def test_the_built_in_judge_is_cached_for_every_output_folder(tmp_path, capsys):
+    config = RLAIFConfig(judge_steps=2, max_length=64, output_dir=str(tmp_path / "run"))
+    model_dir = rlaif.builtin_judge(config, tmp_path / "run")
+    assert model_dir.is_relative_to(warm_start.cache_root() / rlaif.JUDGE_DIR)
+    assert (tmp_path / "run" / rlaif.JUDGE_DIR).resolve() == model_dir.parents[2].resolve()
+    capsys.readouterr()
+    # another output folder and seed: the same judge, not trained again, and a link to it
+    other = dataclasses.replace(config, output_dir=str(tmp_path / "other"), seed=3)
+    assert rlaif.builtin_judge(other, tmp_path / "other") == model_dir
+    assert "reusing the judge" in capsys.readouterr().err
+    assert (tmp_path / "other" / rlaif.JUDGE_DIR).resolve() == model_dir.parents[2].resolve()
+    # a setting of the judge's training or rows changed: another entry
+    longer = dataclasses.replace(config, judge_steps=3)
+    assert rlaif.builtin_judge(longer, tmp_path / "run").parents[2] != model_dir.parents[2]
+    # an entry whose checkpoint is gone is trained again in place
+    shutil.rmtree(model_dir.parents[1])
+    assert rlaif.builtin_judge(config, tmp_path / "run") == model_dir and model_dir.is_dir()
 
 
 def _judge_folder(tmp_path):

@@ -19,8 +19,9 @@ labelled pairs train the policy.
    0.5, below ``judge_confidence``): a judge that only ever saw one right answer among
    the two copies one of them as its sum, and then confidently prefers a wrong answer.
    It stands for a given labeller, so it does not depend on the run's seed (it is
-   trained with seed 0): it is cached in ``output_dir/judge`` and reused, by every seed,
-   while its config and rows are unchanged.
+   trained with seed 0): it is cached in ``cache_root()/judge`` (beside the warm starts)
+   and reused, by every seed and output folder, while its config and rows are unchanged;
+   ``output_dir/judge`` links to it.
 3. Labels: ``samples_per_prompt`` responses sampled from the policy (``temperature``,
    ``max_new_tokens``, the global RNG seeded with the run's seed) for each of
    ``num_prompts`` prompts (4096 for reward+ppo, 1024 for dpo, if none). The judge's
@@ -70,17 +71,19 @@ same among the pairs kept.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from ..config import BaseConfig, DPOConfig, PPOConfig, RewardConfig, RLAIFConfig, SFTConfig, load_config
+from ..config import BaseConfig, DPOConfig, PPOConfig, RewardConfig, RLAIFConfig, SFTConfig, config_to_dict, load_config
 from ..forward import encode_prompts, greedy_completions
 from ..loop import latest_checkpoint
 from ..models import BUILTIN_MODELS, load_causal_lm
 from ..rollout import sample_completions
+from ..warm_start import cache_entry, device_type, exclusive, link_run
 from ..task import AdditionTask
 from ._common import BUILTIN_DATA, MAX_BUILTIN_ROWS, builtin_task, prepare_run, training_rows
 
@@ -92,7 +95,7 @@ __all__ = [
 JUDGE_LABELS = ("A", "B")  # the label of the response shown first, and of the second
 REASONING_END = ", so "  # ends a reasoning judge's reasoning; its label is read next
 _REASONING_MAX_TOKENS = 32  # the built-in judge's longest reasoning, " 99+99=198, A: 198, so ", is 23
-JUDGE_DIR = "judge"
+JUDGE_DIR = "judge"  # the built-in judges' cache folder (under cache_root()) and the run folder's link to one
 # Written into the built-in judge's model folder: how it was trained to answer, so that
 # reusing it by path (judge=PATH) reads its label where it was trained to give it.
 JUDGE_CARD = "fastpo_judge.json"
@@ -105,8 +108,8 @@ _JUDGE_BATCH = 64  # rows per SFT micro-batch of the built-in judge
 # 8.7-10.6 s at 64 rows.
 _JUDGE_FORWARD_TOKENS = 64 * 256
 _JUDGE_HELDOUT_PAIRS = 200  # held-out pairs of the judge's evaluations
-# The built-in judge stands for a given labeller, the same whatever the run's seed: a run
-# folder's judge serves every seed.
+# The built-in judge stands for a given labeller, the same whatever the run's seed: the
+# cached judge serves every seed.
 _JUDGE_SEED = 0
 _SAMPLE_BATCH = 64  # prompts per sampling call
 _SCORE_TIE = 1e-6  # summed win probabilities closer than this are a tie (float rounding)
@@ -415,8 +418,10 @@ def _judgement_row(template: str, prompt: str, answer: str, a: str, b: str, reas
 def builtin_judge(config: RLAIFConfig, run_dir: Path) -> Path:
     """The model folder of the built-in judge: ``judge_steps`` SFT steps of
     ``builtin:tiny`` on the task's judgement rows (with reasoning when
-    ``judge_reasoning(config)``), trained unless ``run_dir/judge`` already holds one made
-    with the same settings and rows.
+    ``judge_reasoning(config)``), trained unless the cache holds one made with the same
+    settings and rows: ``cache_root()/judge/<key>`` (``fastpo.engine.warm_start``, as
+    the warm starts), which every run and output folder reuses; ``run_dir/judge`` links
+    to it.
 
     A reasoning judge also trains on the task's addition demonstrations (``"12+34="`` ->
     ``"46"``), as many as the pairs: without them its reasoning's sum stayed about half
@@ -425,7 +430,6 @@ def builtin_judge(config: RLAIFConfig, run_dir: Path) -> Path:
     held-out near misses after 1,500 steps, 0.98 after 2,500)."""
     from . import sft
 
-    folder = run_dir / JUDGE_DIR
     task = builtin_task(dataclasses.replace(config, seed=_JUDGE_SEED))
     reasoning = judge_reasoning(config)
     pairs = min(config.judge_steps * _JUDGE_BATCH // 2, MAX_BUILTIN_ROWS)
@@ -434,33 +438,48 @@ def builtin_judge(config: RLAIFConfig, run_dir: Path) -> Path:
         rows += neither_rows(task.rankings(pairs // 2, 3, "train"), config.judge_template)
         rows += task.sft_examples(pairs, "train")
     files = {
-        folder / "judgements.jsonl": rows,
-        folder / "judgements_heldout.jsonl": judgement_rows(
+        "judgements.jsonl": rows,
+        "judgements_heldout.jsonl": judgement_rows(
             task.preference_pairs(_JUDGE_HELDOUT_PAIRS, "heldout"), config.judge_template, reasoning
         ),
     }
-    texts = {path: "".join(json.dumps(row) + "\n" for row in rows) for path, rows in files.items()}
-    sft_config = SFTConfig(
-        model=BUILTIN_MODELS[0], data=str(folder / "judgements.jsonl"), eval_data=str(folder / "judgements_heldout.jsonl"),
-        seed=_JUDGE_SEED, device=config.device, dtype=config.dtype, max_length=config.max_length,
-        steps=config.judge_steps, batch_size=_JUDGE_BATCH, learning_rate=2e-3, warmup_steps=20, eval_every=0,
-        packing=True, output_dir=str(folder),
-    )
-    checkpoint = latest_checkpoint(folder)
-    cached = (
-        checkpoint is not None
-        and checkpoint.name == f"step-{config.judge_steps:08d}"
-        and load_config("sft", folder / "config.yaml") == sft_config
-        and all(path.is_file() and path.read_text() == text for path, text in texts.items())
-    )
-    if cached:
-        print(f"fastpo: rlaif: reusing the judge {checkpoint}", file=sys.stderr)
-        model_dir = checkpoint / "model"
-    else:
-        print(f"fastpo: rlaif: training the judge ({config.judge_steps} SFT steps) in {folder}", file=sys.stderr)
-        folder.mkdir(parents=True, exist_ok=True)
-        for path, text in texts.items():
-            path.write_text(text)
-        model_dir = sft.run(sft_config)["result"].checkpoint / "model"
-    (model_dir / JUDGE_CARD).write_text(json.dumps({"reasoning": reasoning}) + "\n")
+    texts = {name: "".join(json.dumps(row) + "\n" for row in rows) for name, rows in files.items()}
+
+    def sft_config(folder: Path) -> SFTConfig:
+        return SFTConfig(
+            model=BUILTIN_MODELS[0], data=str(folder / "judgements.jsonl"),
+            eval_data=str(folder / "judgements_heldout.jsonl"), seed=_JUDGE_SEED, device=config.device,
+            dtype=config.dtype, max_length=config.max_length, steps=config.judge_steps, batch_size=_JUDGE_BATCH,
+            learning_rate=2e-3, warmup_steps=20, eval_every=0, packing=True, output_dir=str(folder),
+        )
+
+    settings = config_to_dict(sft_config(Path(".")))
+    for name in ("output_dir", "data", "eval_data", "device"):
+        settings.pop(name)
+    folder = cache_entry(JUDGE_DIR, {
+        "device_type": device_type(config.device), "reasoning": reasoning, **settings,
+        "rows": {name: hashlib.sha256(text.encode()).hexdigest() for name, text in texts.items()},
+    })
+    with exclusive(folder):
+        checkpoint = latest_checkpoint(folder)
+        cached = (  # the key's settings in full against what the entry holds, on any device of its type
+            checkpoint is not None
+            and checkpoint.name == f"step-{config.judge_steps:08d}"
+            and dataclasses.replace(load_config("sft", folder / "config.yaml"), device=config.device)
+            == sft_config(folder)
+            and all((folder / name).is_file() and (folder / name).read_text() == text for name, text in texts.items())
+        )
+        if cached:
+            print(f"fastpo: rlaif: reusing the judge {checkpoint}", file=sys.stderr)
+            model_dir = checkpoint / "model"
+        else:
+            print(f"fastpo: rlaif: training the judge ({config.judge_steps} SFT steps), cached in {folder}",
+                  file=sys.stderr)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, text in texts.items():
+                (folder / name).write_text(text)
+            model_dir = sft.run(sft_config(folder))["result"].checkpoint / "model"
+        (model_dir / JUDGE_CARD).write_text(json.dumps({"reasoning": reasoning}) + "\n")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    link_run(run_dir, folder, JUDGE_DIR)
     return model_dir
