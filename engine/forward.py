@@ -16,7 +16,7 @@ import torch
 
 from fastpo.kernels import linear_token_logprobs
 
-__all__ = ["IGNORE_INDEX", "encode_responses", "greedy_completions", "response_logprobs"]
+__all__ = ["IGNORE_INDEX", "encode_responses", "greedy_completions", "greedy_tokens", "response_logprobs"]
 
 IGNORE_INDEX = -100
 
@@ -132,30 +132,41 @@ def cut_at_stop(text: str, stop_strings: list[str]) -> str:
 
 
 @torch.no_grad()
+def greedy_tokens(model, tokenizer, encoded: list[list[int]], max_new_tokens: int,
+                  logits_processor=None) -> torch.Tensor:
+    """``(B, n)`` the greedy continuation tokens of the ``encoded`` prompts (each
+    ``[bos] prompt``, left-padded as in training), ``n <= max_new_tokens``: generation
+    stops once every row has written eos, and a row that wrote it earlier is padded after
+    it. ``logits_processor``: a ``transformers.LogitsProcessorList`` that ``generate``
+    calls at every step with the step's logits."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = generation_pad_id(tokenizer)
+    width = prompt_width(encoded, max_new_tokens)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    generated = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+        logits_processor=logits_processor,
+    )
+    model.train(was_training)
+    return generated[:, width:].cpu()
+
+
 def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
                        stop_strings: list[str] = ()) -> list[str]:
     """The greedy completion of each prompt (``[bos] prompt`` left-padded, as in
     training), decoded without special tokens and cut at the first of ``stop_strings``,
     as sampled completions are."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad = generation_pad_id(tokenizer)
     outputs = []
     for start in range(0, len(prompts), batch_size):
         encoded = encode_prompts(tokenizer, prompts[start : start + batch_size])
-        width = prompt_width(encoded, max_new_tokens)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-        generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(greedy_tokens(model, tokenizer, encoded, max_new_tokens), skip_special_tokens=True)
         outputs += [cut_at_stop(text, stop_strings) for text in texts]
-    model.train(was_training)
     return outputs

@@ -16,6 +16,7 @@ from fastpo.engine import warm_start
 from fastpo.engine.algorithms import rlaif
 from fastpo.engine.config import ConfigError, RLAIFConfig
 from fastpo.engine.data import load_dataset
+from fastpo.engine.forward import greedy_completions
 from fastpo.engine.models import load_causal_lm
 from fastpo.engine.runner import train
 from fastpo.engine.task import AdditionTask
@@ -51,37 +52,58 @@ class _PositionBiasedJudge(torch.nn.Module):
         self.label_ids = [tokenizer.convert_tokens_to_ids(label) for label in rlaif.JUDGE_LABELS]
         self.read_texts = []  # every text whose label was read
 
+    def _label_logits(self, text):
+        """The logits of "A" and "B" after ``text`` (recorded in ``read_texts``)."""
+        self.read_texts.append(text)
+        # DOTALL: a sampled answer may hold a newline (the tokenizer has one)
+        prompt, a, b, reasoning = re.fullmatch(r"Q: (.*)\? A: (.*) B: (.*)\. Better:(.*)", text, re.DOTALL).groups()
+        if reasoning:
+            written = re.fullmatch(r" \d+\+\d+=(\d+), A: \d+, so ", reasoning).group(1)
+            good_a, good_b = float(a == written), float(b == written)
+        else:
+            good_a, good_b = AdditionTask.verify(prompt, a), AdditionTask.verify(prompt, b)
+        return torch.tensor([self.scale * good_a + self.bias, self.scale * good_b])
+
     def forward(self, input_ids, attention_mask):
         logits = torch.zeros(*input_ids.shape, len(self.tokenizer))
         for row, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
             last = int(mask.sum()) - 1
-            text = self.tokenizer.decode(ids[: last + 1], skip_special_tokens=True)
-            self.read_texts.append(text)
-            # DOTALL: a sampled answer may hold a newline (the tokenizer has one)
-            prompt, a, b, reasoning = re.fullmatch(
-                r"Q: (.*)\? A: (.*) B: (.*)\. Better:(.*)", text, re.DOTALL
-            ).groups()
-            if reasoning:
-                written = re.fullmatch(r" \d+\+\d+=(\d+), A: \d+, so ", reasoning).group(1)
-                good_a, good_b = float(a == written), float(b == written)
-            else:
-                good_a, good_b = AdditionTask.verify(prompt, a), AdditionTask.verify(prompt, b)
-            logits[row, last, self.label_ids[0]] = self.scale * good_a + self.bias
-            logits[row, last, self.label_ids[1]] = self.scale * good_b
+            logits[row, last, self.label_ids] = self._label_logits(
+                self.tokenizer.decode(ids[: last + 1], skip_special_tokens=True)
+            )
         return SimpleNamespace(logits=logits)
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
-        """Greedy decoding as ``forward.greedy_completions`` calls it: the reasoning, then
-        a label and eos (which the reading must cut off)."""
-        rows = []
-        for ids in input_ids:
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id, logits_processor=(),
+                 **_):
+        """Greedy decoding as ``forward.greedy_tokens`` calls it, each step's logits passed
+        through ``logits_processor``: the reasoning, then the label its logits pick, then
+        eos (which the reading must cut off)."""
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in input_ids]
+        reasonings = []
+        for text in texts:
             x, y, a = re.match(r"Q: (\d+)\+(\d+)=\? A: (\d+)", text).groups()
-            reasoning = f" {x}+{y}={self.reasoning_sum(int(x), int(y))}, A: {a}, so A"
-            written = self.tokenizer.encode(reasoning, add_special_tokens=False)
-            rows.append(ids.tolist() + (written + [self.tokenizer.eos_token_id])[:max_new_tokens])
-        width = max(len(row) for row in rows)
-        return torch.tensor([row + [self.tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+            reasonings.append(f" {x}+{y}={self.reasoning_sum(int(x), int(y))}, A: {a}, so ")
+        # read in row order; a reasoning longer than the budget never reaches its label
+        labels = [self._label_logits(t + r) if len(r) < max_new_tokens else None for t, r in zip(texts, reasonings)]
+        planned = [self.tokenizer.encode(r, add_special_tokens=False) for r in reasonings]
+        sequences, finished = input_ids, torch.zeros(len(texts), dtype=torch.bool)
+        for step in range(max_new_tokens):
+            scores = torch.full((len(texts), len(self.tokenizer)), -1e9)
+            for row, tokens in enumerate(planned):
+                if step < len(tokens):
+                    scores[row, tokens[step]] = 0.0
+                elif step == len(tokens):
+                    scores[row, self.label_ids] = labels[row]
+                else:
+                    scores[row, eos_token_id] = 0.0
+            for processor in logits_processor or ():
+                scores = processor(sequences, scores)
+            chosen = scores.argmax(dim=-1).masked_fill(finished, pad_token_id)
+            finished |= chosen == eos_token_id
+            sequences = torch.cat([sequences, chosen[:, None]], dim=1)
+            if finished.all():
+                break
+        return sequences
 
 
 def _sigmoid(x):
@@ -135,15 +157,16 @@ def test_batches_of_the_token_budget_read_each_pair_as_alone(monkeypatch):
         for p, x, y in zip(prompts, right, wrong)
     ])
     longest = max(len(tokenizer.encode(TEMPLATE.format(prompt=p, a=x, b=y))) for p, x, y in zip(prompts, right, wrong))
-    monkeypatch.setattr(rlaif, "_JUDGE_FORWARD_TOKENS", 3 * (longest + 1 + rlaif._REASONING_MAX_TOKENS))
-    batches = []  # rows of each label-reading forward
-    read = judge.forward
+    # the decoding's rows: the prompt, bos, the reasoning's budget and the label's step
+    monkeypatch.setattr(rlaif, "_JUDGE_FORWARD_TOKENS", 3 * (longest + 2 + rlaif._REASONING_MAX_TOKENS))
+    batches = []  # rows of each decoding call
+    decode = judge.generate
 
-    def counted(input_ids, attention_mask):
+    def counted(input_ids, **options):
         batches.append(len(input_ids))
-        return read(input_ids, attention_mask)
+        return decode(input_ids, **options)
 
-    monkeypatch.setattr(judge, "forward", counted)
+    monkeypatch.setattr(judge, "generate", counted)
     judge.read_texts.clear()
     batched, _, _ = rlaif.judge_preferences(judge, tokenizer, TEMPLATE, prompts, right, wrong, reasoning=True)
     assert len(judge.read_texts) == 2 * len(prompts) and sum(batches) == 2 * len(prompts)
@@ -157,9 +180,46 @@ def test_a_reasoning_that_never_ends_is_cut_at_the_budget_and_ended():
     tokenizer = build_char_tokenizer()
     judge = _PositionBiasedJudge(tokenizer, bias=0.0, reasoning_sum=lambda a, b: 10**40)  # never reaches ", so "
     prompt = TEMPLATE.format(prompt="12+34=", a="46", b="47")
-    (reasoned,) = rlaif.reasoned_prompts(judge, tokenizer, [prompt])
+    (reasoned,), read = rlaif.reasoned_labels(judge, tokenizer, [prompt])
     assert reasoned.startswith(prompt) and reasoned.endswith(rlaif.REASONING_END)
     assert len(tokenizer.encode(reasoned[len(prompt) : -len(rlaif.REASONING_END)])) == rlaif._REASONING_MAX_TOKENS
+    assert read.isnan().all()  # no decoding step read its label: a forward over the ended text does
+
+
+def test_labels_read_while_decoding_are_a_forward_over_the_reasoned_text(monkeypatch):
+    """A real model: the label read from the decoding step after the reasoning (left-padded
+    prompts, the KV cache) is the one a forward over prompt and reasoning reads
+    (right-padded), rounding apart; rows whose decoding never wrote the reasoning's end are
+    read by that forward, so judge_preferences has every row."""
+    model, tokenizer = load_causal_lm("builtin:tiny", seed=1)
+    answers = [(1, 2), (12, 34), (56, 7), (99, 99), (3, 40), (8, 8)]
+    prompts = [TEMPLATE.format(prompt=f"{a}+{b}=", a=a + b, b=a + b + 1) for a, b in answers]
+    continuations = greedy_completions(model, tokenizer, prompts, max_new_tokens=rlaif._REASONING_MAX_TOKENS)
+    # The random model writes no ", so ": end its reasoning at two characters that some of
+    # its continuations hold and some do not.
+    candidates = {c[i : i + 2] for c in continuations for i in range(len(c) - 1)}
+    end = max(
+        (e for e in candidates if 0 < sum(e in c for c in continuations) < len(prompts)),
+        key=lambda e: (sum(e in c for c in continuations), e),
+    )
+    monkeypatch.setattr(rlaif, "REASONING_END", end)
+    reasoned, read = rlaif.reasoned_labels(model, tokenizer, prompts)
+    ended = torch.tensor([end in c for c in continuations])
+    assert torch.equal(~read.isnan(), ended)
+    assert reasoned == [p + (c[: c.index(end)] if end in c else c) + end for p, c in zip(prompts, continuations)]
+    forward = rlaif.label_probabilities(model, tokenizer, reasoned)
+    torch.testing.assert_close(read[ended], forward[ended], atol=1e-5, rtol=0)
+    swapped = [TEMPLATE.format(prompt=f"{a}+{b}=", a=a + b + 1, b=a + b) for a, b in answers]
+    preference, shown_first, shown_second = rlaif.judge_preferences(
+        model, tokenizer, TEMPLATE, [f"{a}+{b}=" for a, b in answers], [str(a + b) for a, b in answers],
+        [str(a + b + 1) for a, b in answers], reasoning=True,
+    )
+    torch.testing.assert_close(shown_first, forward, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        shown_second, 1 - rlaif.label_probabilities(model, tokenizer, rlaif.reasoned_labels(model, tokenizer, swapped)[0]),
+        atol=1e-5, rtol=0,
+    )
+    assert not preference.isnan().any()
 
 
 def test_judgement_rows_show_both_orders_with_the_reasoning_before_the_label():
