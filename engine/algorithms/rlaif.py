@@ -373,8 +373,10 @@ def reasoned_labels(judge, tokenizer, texts: list[str]) -> tuple[list[str], torc
             end = continuation.find(REASONING_END)
             reasoning = continuation[:end] if end >= 0 else continuation
             reasoned.append(texts[index] + reasoning + REASONING_END)
-            written = encode_prompts(tokenizer, [reasoned[-1]])[0][len(prompt_ids) :]
-            if end >= 0 and len(written) < len(recorder.steps) and tokens[: len(written)] == written:
+            read = encode_prompts(tokenizer, [reasoned[-1]])[0]  # what label_probabilities would read
+            written = read[len(prompt_ids) :]
+            same = read[: len(prompt_ids)] == prompt_ids and tokens[: len(written)] == written
+            if end >= 0 and same and len(written) < len(recorder.steps):
                 probabilities[index] = recorder.steps[len(written)][row].softmax(dim=-1)[0]
     return reasoned, probabilities
 
