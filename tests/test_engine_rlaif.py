@@ -215,9 +215,9 @@ def test_labels_read_while_decoding_are_a_forward_over_the_reasoned_text(monkeyp
         [str(a + b + 1) for a, b in answers], reasoning=True,
     )
     torch.testing.assert_close(shown_first, forward, atol=1e-5, rtol=0)
+    swapped_reasoned, _ = rlaif.reasoned_labels(model, tokenizer, swapped)
     torch.testing.assert_close(
-        shown_second, 1 - rlaif.label_probabilities(model, tokenizer, rlaif.reasoned_labels(model, tokenizer, swapped)[0]),
-        atol=1e-5, rtol=0,
+        shown_second, 1 - rlaif.label_probabilities(model, tokenizer, swapped_reasoned), atol=1e-5, rtol=0
     )
     assert not preference.isnan().any()
 

@@ -352,8 +352,9 @@ def reasoned_labels(judge, tokenizer, texts: list[str]) -> tuple[list[str], torc
     step past the reasoning's budget is decoded for it) instead of a second forward over
     prompt and reasoning: on the built-in task that forward was 40% of the labelling.
     (A ``judge=PATH`` whose generation config sets logits processors, a repetition
-    penalty say, is read after them: the logits its reasoning was decoded from.) NaN where the decoding did not reach that place: a reasoning cut at the budget, or
-    one whose text does not encode back to the tokens decoded (a tokenizer that merges
+    penalty say, is read after them: the logits its reasoning was decoded from.) NaN
+    where the decoding did not reach that place: a reasoning cut at the budget, or one
+    whose text does not encode back to the tokens decoded (a tokenizer that merges
     across the prompt's end); ``label_probabilities`` reads those."""
     from transformers import LogitsProcessorList
 
@@ -373,10 +374,12 @@ def reasoned_labels(judge, tokenizer, texts: list[str]) -> tuple[list[str], torc
             end = continuation.find(REASONING_END)
             reasoning = continuation[:end] if end >= 0 else continuation
             reasoned.append(texts[index] + reasoning + REASONING_END)
+            if end < 0:
+                continue
             read = encode_prompts(tokenizer, [reasoned[-1]])[0]  # what label_probabilities would read
             written = read[len(prompt_ids) :]
             same = read[: len(prompt_ids)] == prompt_ids and tokens[: len(written)] == written
-            if end >= 0 and same and len(written) < len(recorder.steps):
+            if same and len(written) < len(recorder.steps):
                 probabilities[index] = recorder.steps[len(written)][row].softmax(dim=-1)[0]
     return reasoned, probabilities
 
