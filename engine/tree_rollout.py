@@ -18,7 +18,8 @@ with On-Policy Tree Search"):
 
 The entropy of each sampled token (at the sampling temperature) comes from one forward
 of the fused ``linear_token_logprobs(..., return_entropy=True)`` over each round's new
-leaves. ``generated_tokens`` counts the decoded tokens only (a shared prefix once): the
+leaves, those of trees that will branch again only (a full tree's leaves are never branch
+points: the last round skips it). ``generated_tokens`` counts the decoded tokens only (a shared prefix once): the
 budget that a comparison with flat GRPO holds equal.
 
 Advantages (``tree_advantages``) are TreeRL's process supervision: with ``V(s)`` the mean
@@ -186,8 +187,16 @@ def sample_tree(
                 tokens, logprobs, truncated = tokens[:max_new_tokens], logprobs[:max_new_tokens], True
             generated[i] += len(tokens) - len(prefix)
             new.append(_Leaf(i, tokens, logprobs, truncated, len(prefix)))
-        record_entropies(new)
         return new
+
+    def add(new: list[_Leaf]) -> None:
+        """Put ``new`` in their trees; record the entropies of those whose tree will be
+        branched again (a full tree's never are: the last round's forward is skipped)."""
+        for leaf in new:
+            trees[leaf.prompt].append(leaf)
+        growing = [leaf for leaf in new if len(trees[leaf.prompt]) < leaves]
+        if growing:
+            record_entropies(growing)
 
     def record_entropies(new: list[_Leaf]) -> None:
         batch = layout(new, decode=False)  # only the token layout is read
@@ -213,8 +222,7 @@ def sample_tree(
     model.eval()
     empty = torch.zeros(0, dtype=torch.float32)
     trees = [[] for _ in prompts]
-    for leaf in grow([(i, [], empty) for i in range(len(prompts)) for _ in range(initial)]):
-        trees[leaf.prompt].append(leaf)
+    add(grow([(i, [], empty) for i in range(len(prompts)) for _ in range(initial)]))
     used = [{()} for _ in prompts]  # prefixes already branched from (the root: the initial chains)
     while any(len(tree) < leaves for tree in trees):
         requests = []
@@ -240,8 +248,7 @@ def sample_tree(
                 requests += [(i, source.tokens[:p], source.logprobs[:p])] * take
                 if room == 0:
                     break
-        for leaf in grow(requests):
-            trees[leaf.prompt].append(leaf)
+        add(grow(requests))
     model.train(was_training)
     ordered = [leaf for tree in trees for leaf in tree]
     return TreeRollout(layout(ordered), leaves, generated, [leaf.prefix for leaf in ordered])

@@ -122,6 +122,29 @@ def test_sample_tree_shares_prefixes_and_keeps_its_budget(tiny_countdown, split)
         assert rollout.completions[i] == tokenizer.decode(tails[i], skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("leaves, initial, points, forwarded", [(7, 2, 1, [4, 4, 4]), (5, 1, 2, [2]), (2, 2, 1, [])])
+def test_sample_tree_takes_entropies_only_of_trees_that_branch_again(tiny_countdown, monkeypatch, leaves, initial,
+                                                                     points, forwarded):
+    # Rounds of two prompts' trees: (7, 2 initial, 1 point x 2) grows 2 -> 4 -> 6 -> 7 leaves
+    # a tree; (5, 1 initial, 2 points x 2) grows 1 -> 5; (2, 2 initial) is full at once. A
+    # full tree's leaves are never branched from, so the last round has no entropy forward.
+    import fastpo.engine.tree_rollout as tree_rollout
+
+    rows = []
+
+    def counting(model, input_ids, *args, **kwargs):
+        rows.append(input_ids.shape[0])
+        return response_logprobs(model, input_ids, *args, **kwargs)
+
+    model, tokenizer = tiny_countdown
+    monkeypatch.setattr(tree_rollout, "response_logprobs", counting)
+    torch.manual_seed(5)
+    tree = sample_tree(model, tokenizer, ["4 6 8 9 to 24\n", "1 2 3 4 to 24\n"], leaves=leaves, initial=initial,
+                       branches=2, points=points, max_new_tokens=10)
+    assert tree.rollout.labels.shape[0] == 2 * leaves
+    assert rows == forwarded
+
+
 def test_sample_tree_is_reproducible_and_checks_its_shape(tiny_countdown):
     model, tokenizer = tiny_countdown
     draws = []
