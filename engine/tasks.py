@@ -57,16 +57,17 @@ DEFAULT_TASK = "builtin:addition"  # the task of a run whose data is a file
 # config class lacks is skipped. Countdown: a solver's chain of the Game of 24 takes at
 # most 112 tokens with its eos (numbers 1 to 13), a prompt at most 19 with bos; the
 # reward is the task's own. A GRPO step on it samples 128 chains of about 100 tokens
-# (about 14 s a step on the shared 2-core CI machine, one thread): 100 steps, not 500.
+# (1.5 s a step on an idle 2-core machine, 14 s on a loaded one): 100 steps, not 500.
 CONFIG_DEFAULTS: dict[str, dict[str, dict]] = {
     "builtin:addition": {},
     "builtin:countdown": {
         "*": {"max_new_tokens": 128, "max_length": 160, "rewards": ["builtin:countdown"]},
-        # grpo's own 2e-4 took seed 0's SFT model from 30.5% to 17.5% held-out in 100 steps;
-        # 5e-5 to 35.5% (docs/reasoning.md). With rollout=tree, branching where a chain's
-        # line begins matched flat's 35.5% with 69% of its tokens; at the highest-entropy
-        # tokens, which sit late in a chain, 36% with 82%.
-        "grpo": {"steps": 100, "eval_every": 25, "learning_rate": 5e-5, "tree_split": "line"},
+        # grpo's own 2e-4 took seed 0's SFT model from 30.5% to 17.5% held-out in 100 steps.
+        # From the cached warm starts of seeds 0, 1, 2, 1e-4 gained +11 / +10 / +8.5 points where
+        # 5e-5 gained +8 / +5.5 / +6.5 (docs/reasoning.md). With rollout=tree, branching
+        # where a chain's line begins decodes 71% of flat's tokens (at the highest-entropy
+        # tokens, which sit late in a chain, 82%).
+        "grpo": {"steps": 100, "eval_every": 25, "learning_rate": 1e-4, "tree_split": "line"},
         # a chain-of-thought row has 3-4x the tokens of a direct answer's or a value
         # judgement's: padded batches were 40% padding (packed, SFT ran 1.3x faster)
         "sft": {"packing": True},

@@ -45,7 +45,7 @@ def test_countdown_sets_its_defaults_and_the_user_still_wins():
     assert (plain.max_new_tokens, plain.max_length, plain.rewards) == (8, 64, ["builtin:addition"])
     assert "data=builtin:countdown changes the defaults: max_new_tokens=128 max_length=160" in format_help("grpo")
     countdown_grpo = load_config("grpo", overrides=["data=builtin:countdown"])
-    assert countdown_grpo.steps == 100 and countdown_grpo.learning_rate == 5e-5
+    assert countdown_grpo.steps == 100 and countdown_grpo.learning_rate == 1e-4
     with pytest.raises(ConfigError, match="option 'rewards': got 'builtin:addition'.*use builtin:countdown"):
         from_dict(GRPOConfig, {"data": "builtin:countdown", "rewards": ["builtin:addition"]})
 
