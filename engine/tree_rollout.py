@@ -18,9 +18,9 @@ with On-Policy Tree Search"):
 
 The entropy of each sampled token (at the sampling temperature) comes from one forward
 of the fused ``linear_token_logprobs(..., return_entropy=True)`` over each round's new
-leaves, those of trees that will branch again only (a full tree's leaves are never branch
-points: the last round skips it). ``generated_tokens`` counts the decoded tokens only (a shared prefix once): the
-budget that a comparison with flat GRPO holds equal.
+leaves, only those of trees that will branch again (a full tree's leaves are never branch
+points, so the last round skips it). ``generated_tokens`` counts the decoded tokens only
+(a shared prefix once): the budget that a comparison with flat GRPO holds equal.
 
 Advantages (``tree_advantages``) are TreeRL's process supervision: with ``V(s)`` the mean
 reward of the leaves below node ``s`` (a node: a maximal run of tokens shared by the same

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import fastpo.engine.tree_rollout as tree_rollout
 from fastpo.engine.forward import response_logprobs
 from fastpo.engine.rollout import rollout_from_tokens
 from fastpo.engine.tree_rollout import branch_points, sample_tree, tree_advantages, treerl_advantages
@@ -128,8 +129,6 @@ def test_sample_tree_takes_entropies_only_of_trees_that_branch_again(tiny_countd
     # Rounds of two prompts' trees: (7, 2 initial, 1 point x 2) grows 2 -> 4 -> 6 -> 7 leaves
     # a tree; (5, 1 initial, 2 points x 2) grows 1 -> 5; (2, 2 initial) is full at once. A
     # full tree's leaves are never branched from, so the last round has no entropy forward.
-    import fastpo.engine.tree_rollout as tree_rollout
-
     rows = []
 
     def counting(model, input_ids, *args, **kwargs):
