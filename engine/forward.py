@@ -168,5 +168,6 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
     for start in range(0, len(prompts), batch_size):
         encoded = encode_prompts(tokenizer, prompts[start : start + batch_size])
         tokens = greedy_tokens(model, tokenizer, encoded, max_new_tokens)
-        outputs += [cut_at_stop(text, stop_strings) for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        outputs += [cut_at_stop(text, stop_strings) for text in texts]
     return outputs
