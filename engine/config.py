@@ -537,8 +537,10 @@ class GRPOConfig(OnlineConfig):
     tree_initial: int = option(2, "rollout=tree: chains sampled whole per prompt before any branching.", positive=True)
     tree_points: int = option(3, "rollout=tree: branch points chosen per tree and round.", positive=True)
     tree_branches: int = option(2, "rollout=tree: continuations sampled from each branch point.", positive=True)
-    tree_split: Literal["entropy", "line"] = option(
-        "entropy", "rollout=tree: branch at the highest-entropy tokens (entropy) or only where a line begins (line)."
+    tree_split: Literal["entropy", "line", "last_line"] = option(
+        "entropy",
+        "rollout=tree: branch at the highest-entropy tokens (entropy), only where a line begins (line), or only where "
+        "a leaf's last line begins (last_line: resample a chain's answer).",
     )
 
     def validate(self) -> None:

@@ -64,10 +64,15 @@ CONFIG_DEFAULTS: dict[str, dict[str, dict]] = {
         "*": {"max_new_tokens": 128, "max_length": 160, "rewards": ["builtin:countdown"]},
         # grpo's own 2e-4 took seed 0's SFT model from 30.5% to 17.5% held-out in 100 steps.
         # From the cached warm starts of seeds 0, 1, 2, 1e-4 gained +11 / +10 / +8.5 points where
-        # 5e-5 gained +8 / +5.5 / +6.5 (docs/reasoning.md). With rollout=tree, branching
-        # where a chain's line begins decodes 71% of flat's tokens (at the highest-entropy
-        # tokens, which sit late in a chain, 82%).
-        "grpo": {"steps": 100, "eval_every": 25, "learning_rate": 1e-4, "tree_split": "line"},
+        # 5e-5 gained +8 / +5.5 / +6.5 (docs/reasoning.md). rollout=tree: a chain's first
+        # line decides 53-56% of its outcome's variance, its answer line 20-24%, so a tree
+        # of 4 whole chains and one resampled answer each matched flat (30.3% against 30.8%
+        # mean, three seeds) with 64% of its tokens, where 2 chains branched at any line
+        # start fell 2.6 points short with 70%.
+        "grpo": {
+            "steps": 100, "eval_every": 25, "learning_rate": 1e-4,
+            "tree_split": "last_line", "tree_initial": 4, "tree_points": 4, "tree_branches": 1,
+        },
         # a chain-of-thought row has 3-4x the tokens of a direct answer's or a value
         # judgement's: padded batches were 40% padding (packed, SFT ran 1.3x faster)
         "sft": {"packing": True},

@@ -9,7 +9,9 @@ with On-Policy Tree Search"):
 2. Then, round after round until every prompt has ``leaves`` leaves: each prompt's
    ``points`` branch points of highest entropy are chosen among the tokens of its tree
    (``split="entropy"``: any token; ``split="line"``: only a token that begins a line,
-   i.e. a step boundary of a chain of thought), never a prefix already branched from;
+   i.e. a step boundary of a chain of thought; ``split="last_line"``: only the token that
+   begins a leaf's last line, the answer of a chain that ends with one), never a prefix
+   already branched from;
    from each, ``branches`` continuations of the prefix before that token are sampled
    (the last round takes only what the budget has left). A prefix is never generated
    again: its tokens are the prompt of the continuation's ``generate`` call (prefilled,
@@ -64,7 +66,7 @@ from .rollout import Rollout, rollout_from_tokens, sample_completions
 __all__ = ["SPLITS", "GroupTrees", "TreeRollout", "branch_points", "grpo_tree_rollout", "sample_tree",
            "tree_advantages", "treerl_advantages"]
 
-SPLITS = ("entropy", "line")
+SPLITS = ("entropy", "line", "last_line")
 
 
 @dataclass
@@ -113,6 +115,7 @@ def branch_points(
     *,
     used: set[tuple[int, ...]],
     line_ends: set[int] | None = None,
+    last_line: bool = False,
     max_prefix: int | None = None,
 ) -> list[tuple[int, int]]:
     """Up to ``count`` branch points ``(leaf, position)`` of one tree, highest entropy
@@ -120,15 +123,17 @@ def branch_points(
     for its prefix ``leaf[:p]``, which must not be in ``used`` nor chosen twice (leaves
     that share it offer it once). ``line_ends`` (``split="line"``: the tokens whose text
     ends with a newline) limits the points to position 0 and those right after such a
-    token; ``max_prefix`` keeps room for a continuation."""
+    token; with ``last_line`` too, to the last of those in each leaf (its last line's
+    start, or 0 for a leaf of one line); ``max_prefix`` keeps room for a continuation."""
     candidates = []
     for i, (tokens, entropy) in enumerate(zip(leaves, entropies)):
-        for p in range(len(tokens)):
-            if max_prefix is not None and p > max_prefix:
-                break
-            if line_ends is not None and p > 0 and tokens[p - 1] not in line_ends:
-                continue
-            candidates.append((-float(entropy[p]), i, p))
+        positions = [
+            p for p in range(len(tokens))
+            if (max_prefix is None or p <= max_prefix) and (line_ends is None or p == 0 or tokens[p - 1] in line_ends)
+        ]
+        if last_line:
+            positions = positions[-1:]
+        candidates += [(-float(entropy[p]), i, p) for p in positions]
     chosen, seen = [], set(used)
     for _, i, p in sorted(candidates):
         key = tuple(leaves[i][:p])
@@ -232,13 +237,13 @@ def sample_tree(
                 continue
             wanted = min(points, math.ceil(room / branches))
             line_ends = None
-            if split == "line":
+            if split in ("line", "last_line"):
                 for token in {t for leaf in tree for t in leaf.tokens} - ends_line.keys():
                     ends_line[token] = tokenizer.decode([token]).endswith("\n")
                 line_ends = {t for t, ends in ends_line.items() if ends}
             chosen = branch_points(
                 [leaf.tokens for leaf in tree], [leaf.entropy for leaf in tree], wanted,
-                used=used[i], line_ends=line_ends, max_prefix=max_new_tokens - 1,
+                used=used[i], line_ends=line_ends, last_line=split == "last_line", max_prefix=max_new_tokens - 1,
             ) or [(0, 0)]  # nothing left to branch from: new chains from the root
             for j, p in chosen:
                 source = tree[j]

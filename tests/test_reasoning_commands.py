@@ -46,6 +46,11 @@ def test_countdown_sets_its_defaults_and_the_user_still_wins():
     assert "data=builtin:countdown changes the defaults: max_new_tokens=128 max_length=160" in format_help("grpo")
     countdown_grpo = load_config("grpo", overrides=["data=builtin:countdown"])
     assert countdown_grpo.steps == 100 and countdown_grpo.learning_rate == 1e-4
+    # Its tree: four whole chains, each one's answer line resampled once; flat stays the rollout.
+    tree = (countdown_grpo.tree_split, countdown_grpo.tree_initial, countdown_grpo.tree_points,
+            countdown_grpo.tree_branches)
+    assert countdown_grpo.rollout == "flat" and tree == ("last_line", 4, 4, 1)
+    assert (plain.tree_split, plain.tree_initial, plain.tree_points, plain.tree_branches) == ("entropy", 2, 3, 2)
     with pytest.raises(ConfigError, match="option 'rewards': got 'builtin:addition'.*use builtin:countdown"):
         from_dict(GRPOConfig, {"data": "builtin:countdown", "rewards": ["builtin:addition"]})
 

@@ -1,6 +1,7 @@
 """Tree rollouts: TreeRL's advantages against a hand-computed tree, the branch-point
 choice, and the sampler on a tiny random model (leaf budget, shared prefixes generated
-once, log-probs that match the training forward, reproducible from the seed)."""
+once, log-probs that match the training forward, reproducible from the seed), and the
+measurement of which lines decide a chain (``fastpo.bench.decisive_lines``)."""
 
 import math
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 import fastpo.engine.tree_rollout as tree_rollout
+from fastpo.bench.decisive_lines import line_value_paths, resolved_variance
+from fastpo.engine.countdown import CountdownTask
 from fastpo.engine.forward import response_logprobs
 from fastpo.engine.rollout import rollout_from_tokens
 from fastpo.engine.tree_rollout import branch_points, sample_tree, tree_advantages, treerl_advantages
@@ -88,7 +91,18 @@ def test_branch_points_highest_entropy_first_never_a_used_prefix():
     assert branch_points(leaves, entropies, 3, used={()}, max_prefix=1) == [(0, 1)]
 
 
-@pytest.mark.parametrize("split", ["entropy", "line"])
+def test_branch_points_last_line_offers_each_leafs_last_line_start():
+    # Token 2 ends a line. Leaf 0's lines start at 0, 2 and 4; leaf 1's at 0 and 2 (the
+    # prefix [1, 2], which leaf 0 shares); leaf 2 is one line: it offers the root alone.
+    leaves = [[1, 2, 3, 2, 4], [1, 2, 5], [6, 7]]
+    entropies = [[0.0, 0.0, 0.9, 0.0, 0.1], [0.0, 0.0, 0.8], [0.5, 0.0]]
+    assert branch_points(leaves, entropies, 3, used={()}, line_ends={2}, last_line=True) == [(1, 2), (0, 4)]
+    assert branch_points(leaves, entropies, 3, used=set(), line_ends={2}, last_line=True) == [(1, 2), (2, 0), (0, 4)]
+    # The last line start within max_prefix: leaf 0's becomes 2, the prefix leaf 1 offers too.
+    assert branch_points(leaves, entropies, 3, used={()}, line_ends={2}, last_line=True, max_prefix=3) == [(0, 2)]
+
+
+@pytest.mark.parametrize("split", ["entropy", "line", "last_line"])
 def test_sample_tree_shares_prefixes_and_keeps_its_budget(tiny_countdown, split):
     model, tokenizer = tiny_countdown
     prompts = ["4 6 8 9 to 24\n", "1 2 3 4 to 24\n"]
@@ -111,9 +125,13 @@ def test_sample_tree_shares_prefixes_and_keeps_its_budget(tiny_countdown, split)
         assert int(tree.generated_tokens[g]) == sum(len(t) - p for t, p in zip(group, prefixes))
         assert int(tree.generated_tokens[g]) < sum(len(t) for t in group) or not any(prefixes)
     assert any(tree.prefix_lengths[2:7]) or any(tree.prefix_lengths[9:])  # some leaf did branch mid-chain
-    if split == "line":
-        newline = tokenizer.convert_tokens_to_ids("\n")
+    newline = tokenizer.convert_tokens_to_ids("\n")
+    if split != "entropy":
         assert all(p == 0 or tails[i][p - 1] == newline for i, p in enumerate(tree.prefix_lengths))
+    if split == "last_line":  # a branched leaf resamples the last line of a leaf before it
+        for i, p in enumerate(tree.prefix_lengths):
+            group = range(7 * (i // 7), i)
+            assert p == 0 or any(tails[j][:p] == tails[i][:p] and newline not in tails[j][p:] for j in group)
     # The recorded log-probs (shared prefix's included) are the policy's: the training forward agrees.
     with torch.no_grad():
         logprobs = response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.labels)
@@ -155,9 +173,38 @@ def test_sample_tree_is_reproducible_and_checks_its_shape(tiny_countdown):
     assert torch.equal(draws[0][0], draws[1][0]) and draws[0][1] == draws[1][1]
     with pytest.raises(ValueError, match="initial=3 chains exceed the budget of leaves=2"):
         sample_tree(model, tokenizer, ["x"], leaves=2, initial=3)
-    with pytest.raises(ValueError, match="split must be one of entropy, line"):
+    with pytest.raises(ValueError, match="split must be one of entropy, line, last_line"):
         sample_tree(model, tokenizer, ["x"], leaves=2, split="token")
     with pytest.raises(ValueError, match="plus max_new_tokens=10 exceeds max_length=12"):
         sample_tree(model, tokenizer, ["1 2 3 4 to 24\n"], leaves=2, max_new_tokens=10, max_length=12)
     with pytest.raises(ValueError, match="branches must be an integer >= 1"):
         sample_tree(model, tokenizer, ["x"], leaves=2, branches=0)
+
+
+# ---------------------------------------------------------------- which lines decide a chain
+
+
+def test_resolved_variance_adds_squared_value_steps_less_their_sampling_noise():
+    # Two exact paths that part on line 1 and stay: line 1 resolves (1/2)^2 on each, line 2 nothing.
+    exact = [[(0.5, None), (1.0, None), (1.0, None)], [(0.5, None), (0.0, None), (0.0, None)]]
+    assert resolved_variance(exact) == [0.25, 0.0]
+    # A value of 3 samples at 1/2 carries 1/2 * 1/2 / 2 of noise; a value of 2 samples at 1, none.
+    assert resolved_variance([[(0.5, 3), (1.0, 2), (1.0, None)]]) == [0.125, 0.0]
+    # A shorter path counts as resolving nothing on the lines it lacks.
+    assert resolved_variance([[(0.5, None), (1.0, None)], exact[1]]) == [0.25, 0.0]
+    with pytest.raises(ValueError, match="paths must hold at least one chain"):
+        resolved_variance([])
+
+
+def test_line_value_paths_value_each_line_start_of_each_chain(tiny_countdown):
+    model, tokenizer = tiny_countdown
+    task = CountdownTask()
+    torch.manual_seed(0)
+    paths = line_value_paths(model, tokenizer, task, problems=2, chains=3, continuations=2)
+    assert len(paths) == 6
+    assert paths[0][0] == paths[1][0] == paths[2][0]  # one problem's chains share its root value
+    for path in paths:
+        assert path[0][1] == 4 and path[-1][1] is None and all(n == 2 for _, n in path[1:-1])
+        assert all(0.0 <= value <= 1.0 for value, _ in path)
+        assert path[-1][0] in (0.0, 1.0)
+    assert any(len(path) > 2 for path in paths)  # some chain has a line start to value
