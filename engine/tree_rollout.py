@@ -125,6 +125,8 @@ def branch_points(
     ends with a newline) limits the points to position 0 and those right after such a
     token; with ``last_line`` too, to the last of those in each leaf (its last line's
     start, or 0 for a leaf of one line); ``max_prefix`` keeps room for a continuation."""
+    if last_line and line_ends is None:
+        raise ValueError("last_line=True needs line_ends, the tokens that end a line")
     candidates = []
     for i, (tokens, entropy) in enumerate(zip(leaves, entropies)):
         positions = [

@@ -7,6 +7,7 @@ import torch
 
 import online_rewards
 from fastpo.engine import train
+from fastpo.engine.algorithms._online import RolloutStream
 from fastpo.engine.config import ConfigError, format_help
 from fastpo.engine.forward import IGNORE_INDEX, response_logprobs
 from fastpo.engine.models import load_causal_lm
@@ -183,6 +184,19 @@ def test_grpo_resumes_mid_rollout_exactly(tmp_path, monkeypatch, rollout):
     assert _records(resumed["metrics_file"]) == full_records
     assert len({r["reward"] for r in full_records}) > 1  # the rollouts differ from step to step
     assert resumed["heldout_accuracy_after"] == full["heldout_accuracy_after"]
+    # The run's decoded tokens: each rollout's once (its two steps log the same per-completion
+    # mean over its 16 completions), the interrupted session's counted in the resumed total.
+    assert full["generated_tokens"] == round(sum(16 * r["generated_tokens"] for r in full_records[::2]))
+    assert resumed["generated_tokens"] == full["generated_tokens"] > 0
+
+
+def test_rollout_stream_counts_no_tokens_after_a_checkpoint_without_the_count():
+    stream = RolloutStream(lambda index: [{"rollout": index}])
+    stream.count_generated(5)
+    assert stream.state_dict()["generated_tokens"] == 5
+    stream.load_state_dict({"pending": [], "rollouts": 3})  # written before fastpo counted them
+    stream.count_generated(7)
+    assert stream.generated_tokens is None  # unknown, rather than a total missing the earlier sessions
 
 
 def test_grpo_rejects_a_rollout_that_does_not_split_into_steps(tmp_path):

@@ -100,6 +100,8 @@ def test_branch_points_last_line_offers_each_leafs_last_line_start():
     assert branch_points(leaves, entropies, 3, used=set(), line_ends={2}, last_line=True) == [(1, 2), (2, 0), (0, 4)]
     # The last line start within max_prefix: leaf 0's becomes 2, the prefix leaf 1 offers too.
     assert branch_points(leaves, entropies, 3, used={()}, line_ends={2}, last_line=True, max_prefix=3) == [(0, 2)]
+    with pytest.raises(ValueError, match="last_line=True needs line_ends"):
+        branch_points(leaves, entropies, 3, used=set(), last_line=True)
 
 
 @pytest.mark.parametrize("split", ["entropy", "line", "last_line"])

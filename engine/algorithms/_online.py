@@ -46,12 +46,16 @@ __all__ = [
 class RolloutStream:
     """The loop's ``batches``: micro-batches from a buffer refilled by
     ``make_rollout(index) -> list of micro-batches`` (every micro-batch of the rollout's
-    optimizer steps, all passes included), ``index`` counting rollouts from 0."""
+    optimizer steps, all passes included), ``index`` counting rollouts from 0.
+    ``generated_tokens``: the tokens this process's rollouts decoded, as ``make_rollout``
+    adds them, over every session of the run (None when resumed from a checkpoint that
+    predates the count)."""
 
     def __init__(self, make_rollout: Callable[[int], list[dict]]):
         self.make_rollout = make_rollout
         self.pending: list[dict] = []
         self.rollouts = 0
+        self.generated_tokens: int | None = 0
         # The context a rollout is made in; the loop of a sharded model sets one that
         # gathers its full parameters, so that generate can call the model as a plain module.
         self.full_model: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
@@ -64,11 +68,16 @@ class RolloutStream:
                 self.rollouts += 1
             yield self.pending.pop(0)
 
+    def count_generated(self, tokens: int) -> None:
+        if self.generated_tokens is not None:
+            self.generated_tokens += tokens
+
     def state_dict(self) -> dict:
-        return {"pending": list(self.pending), "rollouts": self.rollouts}
+        return {"pending": list(self.pending), "rollouts": self.rollouts, "generated_tokens": self.generated_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         self.pending, self.rollouts = list(state["pending"]), state["rollouts"]
+        self.generated_tokens = state.get("generated_tokens")
 
 
 def split_micro_batches(tensors: dict[str, torch.Tensor], batch_size: int, passes: int) -> list[dict]:

@@ -38,7 +38,8 @@ share prefixes and trains on TreeRL's per-token advantages
 (``fastpo.engine.tree_rollout.grpo_tree_rollout``; docs/reasoning.md).
 
 Logged per step: ``reward`` (mean over completions), ``completion_length``,
-``generated_tokens`` (tokens decoded per completion: a tree leaf's beyond its shared prefix),
+``generated_tokens`` (tokens decoded per completion: a tree leaf's beyond its shared prefix; the run's
+summary has their total over every session and rank, the budget that compares rollouts),
 ``truncated``, ``logprob_mismatch`` (mean ``|lp_train - lp_rollout|`` over tokens: the
 sampler and the training forward disagree by this much), and ``policy_loss``'s
 metrics (``clip_frac_low``/``high``, ``ratio_mean``, ``approx_kl``, ``ref_kl``,
@@ -138,6 +139,7 @@ def run(config: GRPOConfig, warm_start=None) -> dict:
             **{f"metric/{k}": v for k, v in online.rollout_metrics(rollout, rewards).items()},
             "metric/generated_tokens": rollout.mask.sum(-1).float() if tree is None else tree.generated,
         }
+        stream.count_generated(int(tensors["metric/generated_tokens"].sum()))
         sampling = {}
         with torch.no_grad(), training_precision(config, device):
             if "log_sum_sq_probs" in estimator.params["arguments"]:
@@ -190,7 +192,11 @@ def run(config: GRPOConfig, warm_start=None) -> dict:
         metrics.update(per_completion_metrics({k[7:]: v for k, v in batch.items() if k.startswith("metric/")}))
         return loss * batch["num_units"], metrics
 
-    return train_and_evaluate(model, tokenizer, config, loss_fn, RolloutStream(make_rollout), run_dir, online.evaluate)
+    stream = RolloutStream(make_rollout)
+    outcome = train_and_evaluate(model, tokenizer, config, loss_fn, stream, run_dir, online.evaluate)
+    total = None if stream.generated_tokens is None else int(online.world.sum([stream.generated_tokens])[0])
+    outcome["metrics"]["generated_tokens"] = total
+    return outcome
 
 
 def last_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
