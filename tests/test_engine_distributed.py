@@ -147,13 +147,14 @@ def recording_sample_components(self, model, rows):  # under OnlineRun.sample to
 
 _online.sample_completions = recording_sample_completions
 _online.OnlineRun.sample_components = recording_sample_components
-train(algorithm, config)
+first = train(algorithm, config)
 if dist.get_rank() == 0:
     shutil.copy(run_dir / "metrics.jsonl", run_dir / "first.jsonl")
     shutil.rmtree(run_dir / "checkpoints" / "step-00000004")
 dist.barrier()
-train(algorithm, {**config, "resume": True})
-(run_dir / f"calls-{dist.get_rank()}.json").write_text(json.dumps(calls))
+resumed = train(algorithm, {**config, "resume": True})
+summaries = [first.get("generated_tokens"), resumed.get("generated_tokens")]
+(run_dir / f"calls-{dist.get_rank()}.json").write_text(json.dumps({"calls": calls, "generated": summaries}))
 shutdown_distributed()
 """
 
@@ -175,7 +176,8 @@ def test_online_rl_under_two_processes_splits_generation_and_resumes(tmp_path, a
               "rewards": ["online_rewards:digit_share"], "output_dir": str(tmp_path)}
     _run_two_processes(ONLINE_WORKER, config, tmp_path)
 
-    calls = [json.loads((tmp_path / f"calls-{rank}.json").read_text()) for rank in (0, 1)]
+    written = [json.loads((tmp_path / f"calls-{rank}.json").read_text()) for rank in (0, 1)]
+    calls = [rank["calls"] for rank in written]
     # 4 rollouts, then rollouts 2 and 3 again after resuming from the step-2 checkpoint.
     assert len(calls[0]) == len(calls[1]) == 6
     for first, second in zip(*calls):
@@ -188,6 +190,9 @@ def test_online_rl_under_two_processes_splits_generation_and_resumes(tmp_path, a
     # Resuming restored every rank's sampling RNG: the same rollouts, the same log.
     for rank_calls in calls:
         assert rank_calls[4:] == rank_calls[2:4]
+    if algorithm == "grpo":  # the whole run's decoded tokens, the same on each rank and after resuming
+        total = sum(call["tokens"] for call in calls[0][:4])
+        assert written[0]["generated"] == written[1]["generated"] == [total, total]
     records = _records(tmp_path / "metrics.jsonl")
     _assert_same_records(records, _records(tmp_path / "first.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3, 4] and any(r["grad_norm"] > 0 for r in records)

@@ -47,9 +47,10 @@ class RolloutStream:
     """The loop's ``batches``: micro-batches from a buffer refilled by
     ``make_rollout(index) -> list of micro-batches`` (every micro-batch of the rollout's
     optimizer steps, all passes included), ``index`` counting rollouts from 0.
-    ``generated_tokens``: the tokens this process's rollouts decoded, as ``make_rollout``
-    adds them, over every session of the run (None when resumed from a checkpoint that
-    predates the count)."""
+    ``generated_tokens``: the tokens the run's rollouts decoded, as ``make_rollout`` adds
+    them (each process counts the whole rollout it trains on, the same on every rank),
+    over every session of the run (None when resumed from a checkpoint that predates the
+    count)."""
 
     def __init__(self, make_rollout: Callable[[int], list[dict]]):
         self.make_rollout = make_rollout

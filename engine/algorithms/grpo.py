@@ -139,7 +139,7 @@ def run(config: GRPOConfig, warm_start=None) -> dict:
             **{f"metric/{k}": v for k, v in online.rollout_metrics(rollout, rewards).items()},
             "metric/generated_tokens": rollout.mask.sum(-1).float() if tree is None else tree.generated,
         }
-        stream.count_generated(int(tensors["metric/generated_tokens"].sum()))
+        stream.count_generated(int(tensors["metric/generated_tokens"].sum()))  # every process holds the whole rollout
         sampling = {}
         with torch.no_grad(), training_precision(config, device):
             if "log_sum_sq_probs" in estimator.params["arguments"]:
@@ -194,8 +194,7 @@ def run(config: GRPOConfig, warm_start=None) -> dict:
 
     stream = RolloutStream(make_rollout)
     outcome = train_and_evaluate(model, tokenizer, config, loss_fn, stream, run_dir, online.evaluate)
-    total = None if stream.generated_tokens is None else int(online.world.sum([stream.generated_tokens])[0])
-    outcome["metrics"]["generated_tokens"] = total
+    outcome["metrics"]["generated_tokens"] = stream.generated_tokens
     return outcome
 
 
