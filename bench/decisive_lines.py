@@ -28,8 +28,9 @@ from fastpo.engine.countdown import CountdownTask
 from fastpo.engine.forward import encode_prompts
 from fastpo.engine.models import load_causal_lm
 from fastpo.engine.rollout import sample_completions
+from fastpo.engine.tasks import config_defaults
 
-MAX_NEW_TOKENS = 128  # countdown's completion budget (engine/tasks.py)
+MAX_NEW_TOKENS = config_defaults("builtin:countdown", "grpo")["max_new_tokens"]  # the budget its runs sample with
 
 
 def resolved_variance(paths: Sequence[Sequence[tuple[float, int | None]]]) -> list[float]:
