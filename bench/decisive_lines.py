@@ -27,7 +27,7 @@ import torch
 from fastpo.engine.countdown import CountdownTask
 from fastpo.engine.forward import encode_prompts
 from fastpo.engine.models import load_causal_lm
-from fastpo.engine.rollout import sample_completions
+from fastpo.engine.rollout import continue_prefixes
 from fastpo.engine.tasks import config_defaults
 
 MAX_NEW_TOKENS = config_defaults("builtin:countdown", "grpo")["max_new_tokens"]  # the budget its runs sample with
@@ -64,14 +64,13 @@ def line_value_paths(model, tokenizer, task: CountdownTask, problems: int, chain
         out = []
         for start in range(0, len(requests), chunk):
             part = requests[start : start + chunk]
-            rollout = sample_completions(
-                model, tokenizer, [prompts[i] for i, _ in part],
-                max_new_tokens=MAX_NEW_TOKENS - min(len(prefix) for _, prefix in part),
-                prompt_token_ids=[heads[i] + prefix for i, prefix in part],
+            continuations = continue_prefixes(
+                model, tokenizer, [prompts[i] for i, _ in part], [heads[i] for i, _ in part],
+                [prefix for _, prefix in part], budget=MAX_NEW_TOKENS,
             )
-            for row, (i, prefix) in enumerate(part):
-                tokens = prefix + rollout.labels[row][rollout.mask[row]].tolist()
-                out.append((tokens, task.verify(prompts[i], tokenizer.decode(tokens, skip_special_tokens=True))))
+            for (i, prefix), (tokens, _, _) in zip(part, continuations):
+                whole = prefix + tokens
+                out.append((whole, task.verify(prompts[i], tokenizer.decode(whole, skip_special_tokens=True))))
         return out
 
     def mean_rewards(samples: list[tuple[list[int], float]], size: int) -> list[float]:

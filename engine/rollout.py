@@ -41,7 +41,7 @@ from fastpo.kernels import token_logprobs as kernel_token_logprobs
 from .forward import IGNORE_INDEX, cut_at_stop, encode_prompts, generation_pad_id, prompt_width
 from .tasks import BUILTIN_TASKS, builtin_task
 
-__all__ = ["RewardSources", "Rollout", "check_reward_source", "concatenate_rollouts",
+__all__ = ["RewardSources", "Rollout", "check_reward_source", "concatenate_rollouts", "continue_prefixes",
            "reward_function", "rollout_from_tokens", "sample_completions"]
 
 
@@ -209,6 +209,34 @@ def sample_completions(
         texts.append(cut_at_stop(text, stop_strings))
         truncated.append(not ended)
     return rollout_from_tokens(list(prompts), texts, rows, row_logprobs, truncated, pad)
+
+
+def continue_prefixes(
+    model,
+    tokenizer,
+    prompts: list[str],
+    heads: list[list[int]],
+    prefixes: list[list[int]],
+    *,
+    budget: int,
+    **sampling,
+) -> list[tuple[list[int], torch.Tensor, bool]]:
+    """A sampled continuation of each prompt's completion prefix (``heads``: the prompts'
+    tokens, bos included; ``prefixes``: tokens already sampled after them), one
+    ``generate`` call for all, the prefix prefilled from its own tokens: per request,
+    ``(new tokens, their sampling log-probs, truncated)``, prefix and continuation
+    together at most ``budget`` tokens. ``sampling``: ``sample_completions``' options."""
+    rollout = sample_completions(
+        model, tokenizer, prompts, max_new_tokens=budget - min(len(prefix) for prefix in prefixes),
+        prompt_token_ids=[head + prefix for head, prefix in zip(heads, prefixes)], **sampling,
+    )
+    out = []
+    for row, prefix in enumerate(prefixes):
+        kept = rollout.mask[row]
+        tokens, logprobs = rollout.labels[row][kept].tolist(), rollout.rollout_logprobs[row][kept]
+        room = budget - len(prefix)  # a longer prefix leaves less room than the call's budget
+        out.append((tokens[:room], logprobs[:room], bool(rollout.truncated[row]) or len(tokens) > room))
+    return out
 
 
 def rollout_from_tokens(

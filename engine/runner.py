@@ -40,10 +40,11 @@ heldout_accuracy_before/after  exact-match accuracy of greedy answers on the hel
 preference_accuracy_before/    share of held-out pairs ranked chosen first (ties count
 after                          1/2): by the implicit reward ``beta*(lp - lp_ref)`` for
                                dpo, ipo and kto, by the score for reward
-generated_tokens               grpo: tokens its rollouts decoded over the whole run
-                               (every session and rank; a tree leaf's beyond its shared
-                               prefix), the budget that compares rollouts; None when
-                               resumed from a checkpoint written before the count
+generated_tokens               grpo, ppo, trpo (and rlaif's ppo stage): tokens their
+                               rollouts decoded over the whole run (every session and
+                               rank; a tree leaf's beyond its shared prefix), the
+                               budget that compares rollouts; None when resumed from
+                               a checkpoint written before the count
 warm_start                     the warm start the run started from, or none: its cache
                                ``folder``, ``reused``, its SFT ``steps``, its
                                ``check_accuracy`` (exact match on the training prompts

@@ -19,9 +19,10 @@ with On-Policy Tree Search"):
    ones recorded when it was first sampled.
 
 The entropy of each sampled token (at the sampling temperature) comes from one forward
-of the fused ``linear_token_logprobs(..., return_entropy=True)`` over each round's new
-leaves, only those of trees that will branch again (a full tree's leaves are never branch
-points, so the last round skips it). ``generated_tokens`` counts the decoded tokens only
+of the fused ``linear_token_logprobs(..., return_entropy=True)`` a round, over the leaves
+not yet measured of the trees that must choose: a tree that takes every candidate point it
+has (countdown's answer-line tree, four last lines for four points) or is full needs no
+ranking, and so no forward. ``generated_tokens`` counts the decoded tokens only
 (a shared prefix once): the budget that a comparison with flat GRPO holds equal.
 
 Advantages (``tree_advantages``) are TreeRL's process supervision: with ``V(s)`` the mean
@@ -61,10 +62,10 @@ import torch
 
 from .distributed import launched_world
 from .forward import cut_at_stop, encode_prompts, generation_pad_id, prompt_width, response_logprobs
-from .rollout import Rollout, rollout_from_tokens, sample_completions
+from .rollout import Rollout, continue_prefixes, rollout_from_tokens
 
-__all__ = ["SPLITS", "GroupTrees", "TreeRollout", "branch_points", "grpo_tree_rollout", "sample_tree",
-           "tree_advantages", "treerl_advantages"]
+__all__ = ["SPLITS", "GroupTrees", "TreeRollout", "branch_points", "candidate_points", "grpo_tree_rollout",
+           "sample_tree", "tree_advantages", "treerl_advantages"]
 
 SPLITS = ("entropy", "line", "last_line")
 
@@ -108,6 +109,39 @@ def _check_tree_shape(leaves: int, initial: int, branches: int, points: int, spl
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
 
 
+def candidate_points(
+    leaves: Sequence[Sequence[int]],
+    *,
+    used: set[tuple[int, ...]],
+    line_ends: set[int] | None = None,
+    last_line: bool = False,
+    max_prefix: int | None = None,
+) -> list[tuple[int, int]]:
+    """The branch points ``(leaf, position)`` one tree offers, by leaf then position:
+    position ``p`` of a leaf stands for its prefix ``leaf[:p]``, which must not be in
+    ``used`` and is offered once (by the first leaf that has it). ``line_ends``
+    (``split="line"``: the tokens whose text ends with a newline) limits the points to
+    position 0 and those right after such a token; with ``last_line`` too, to the last of
+    those in each leaf (its last line's start, or 0 for a leaf of one line);
+    ``max_prefix`` keeps room for a continuation."""
+    if last_line and line_ends is None:
+        raise ValueError("last_line=True needs line_ends, the tokens that end a line")
+    candidates, seen = [], set(used)
+    for i, tokens in enumerate(leaves):
+        positions = [
+            p for p in range(len(tokens))
+            if (max_prefix is None or p <= max_prefix) and (line_ends is None or p == 0 or tokens[p - 1] in line_ends)
+        ]
+        if last_line:
+            positions = positions[-1:]
+        for p in positions:
+            key = tuple(tokens[:p])
+            if key not in seen:
+                seen.add(key)
+                candidates.append((i, p))
+    return candidates
+
+
 def branch_points(
     leaves: Sequence[Sequence[int]],
     entropies: Sequence[Sequence[float]],
@@ -118,33 +152,16 @@ def branch_points(
     last_line: bool = False,
     max_prefix: int | None = None,
 ) -> list[tuple[int, int]]:
-    """Up to ``count`` branch points ``(leaf, position)`` of one tree, highest entropy
-    first (ties: earlier leaf, then earlier position): position ``p`` of a leaf stands
-    for its prefix ``leaf[:p]``, which must not be in ``used`` nor chosen twice (leaves
-    that share it offer it once). ``line_ends`` (``split="line"``: the tokens whose text
-    ends with a newline) limits the points to position 0 and those right after such a
-    token; with ``last_line`` too, to the last of those in each leaf (its last line's
-    start, or 0 for a leaf of one line); ``max_prefix`` keeps room for a continuation."""
-    if last_line and line_ends is None:
-        raise ValueError("last_line=True needs line_ends, the tokens that end a line")
-    candidates = []
-    for i, (tokens, entropy) in enumerate(zip(leaves, entropies)):
-        positions = [
-            p for p in range(len(tokens))
-            if (max_prefix is None or p <= max_prefix) and (line_ends is None or p == 0 or tokens[p - 1] in line_ends)
-        ]
-        if last_line:
-            positions = positions[-1:]
-        candidates += [(-float(entropy[p]), i, p) for p in positions]
-    chosen, seen = [], set(used)
-    for _, i, p in sorted(candidates):
-        key = tuple(leaves[i][:p])
-        if key not in seen:
-            seen.add(key)
-            chosen.append((i, p))
-            if len(chosen) == count:
-                break
-    return chosen
+    """Up to ``count`` of the tree's ``candidate_points``, highest entropy first (ties:
+    earlier leaf, then earlier position)."""
+    candidates = candidate_points(leaves, used=used, line_ends=line_ends, last_line=last_line, max_prefix=max_prefix)
+    return _highest_entropy_first(candidates, entropies)[:count]
+
+
+def _highest_entropy_first(
+    points: list[tuple[int, int]], entropies: Sequence[Sequence[float]]
+) -> list[tuple[int, int]]:
+    return sorted(points, key=lambda point: (-float(entropies[point[0]][point[1]]), *point))
 
 
 @torch.no_grad()
@@ -179,38 +196,22 @@ def sample_tree(
 
     def grow(requests: list[tuple[int, list[int], torch.Tensor]]) -> list[_Leaf]:
         """Continue each ``(prompt, prefix tokens, prefix log-probs)`` to a new leaf."""
-        shortest = min(len(prefix) for _, prefix, _ in requests)
-        rollout = sample_completions(
-            model, tokenizer, [prompts[i] for i, _, _ in requests], max_new_tokens=max_new_tokens - shortest,
-            prompt_token_ids=[heads[i] + prefix for i, prefix, _ in requests], **sampling,
+        continuations = continue_prefixes(
+            model, tokenizer, [prompts[i] for i, _, _ in requests], [heads[i] for i, _, _ in requests],
+            [prefix for _, prefix, _ in requests], budget=max_new_tokens, **sampling,
         )
         new = []
-        for row, (i, prefix, prefix_logprobs) in enumerate(requests):
-            kept = rollout.mask[row]
-            tokens = prefix + rollout.labels[row][kept].tolist()
-            logprobs = torch.cat([prefix_logprobs, rollout.rollout_logprobs[row][kept]])
-            truncated = bool(rollout.truncated[row])
-            if len(tokens) > max_new_tokens:  # a longer prefix leaves less room
-                tokens, logprobs, truncated = tokens[:max_new_tokens], logprobs[:max_new_tokens], True
-            generated[i] += len(tokens) - len(prefix)
-            new.append(_Leaf(i, tokens, logprobs, truncated, len(prefix)))
+        for (i, prefix, prefix_logprobs), (tokens, logprobs, truncated) in zip(requests, continuations):
+            generated[i] += len(tokens)
+            new.append(_Leaf(i, prefix + tokens, torch.cat([prefix_logprobs, logprobs]), truncated, len(prefix)))
         return new
 
-    def add(new: list[_Leaf]) -> None:
-        """Put ``new`` in their trees; record the entropies of those whose tree will be
-        branched again (a full tree's never are: the last round's forward is skipped)."""
-        for leaf in new:
-            trees[leaf.prompt].append(leaf)
-        growing = [leaf for leaf in new if len(trees[leaf.prompt]) < leaves]
-        if growing:
-            record_entropies(growing)
-
-    def record_entropies(new: list[_Leaf]) -> None:
-        batch = layout(new, decode=False)  # only the token layout is read
+    def record_entropies(unmeasured: list[_Leaf]) -> None:
+        batch = layout(unmeasured, decode=False)  # only the token layout is read
         _, entropy = response_logprobs(
             model, batch.input_ids, batch.attention_mask, batch.labels, temperature=temperature, return_entropy=True
         )
-        for leaf, row_entropy, row_mask in zip(new, entropy.cpu(), batch.mask):
+        for leaf, row_entropy, row_mask in zip(unmeasured, entropy.cpu(), batch.mask):
             leaf.entropy = row_entropy[row_mask]
 
     def layout(items: list[_Leaf], decode: bool = True) -> Rollout:
@@ -229,25 +230,37 @@ def sample_tree(
     model.eval()
     empty = torch.zeros(0, dtype=torch.float32)
     trees = [[] for _ in prompts]
-    add(grow([(i, [], empty) for i in range(len(prompts)) for _ in range(initial)]))
+    for leaf in grow([(i, [], empty) for i in range(len(prompts)) for _ in range(initial)]):
+        trees[leaf.prompt].append(leaf)
     used = [{()} for _ in prompts]  # prefixes already branched from (the root: the initial chains)
     while any(len(tree) < leaves for tree in trees):
-        requests = []
+        plans = []  # (prompt, leaves it still needs, points it takes, its candidate points)
         for i, tree in enumerate(trees):
             room = leaves - len(tree)
             if room <= 0:
                 continue
-            wanted = min(points, math.ceil(room / branches))
             line_ends = None
             if split in ("line", "last_line"):
                 for token in {t for leaf in tree for t in leaf.tokens} - ends_line.keys():
                     ends_line[token] = tokenizer.decode([token]).endswith("\n")
                 line_ends = {t for t, ends in ends_line.items() if ends}
-            chosen = branch_points(
-                [leaf.tokens for leaf in tree], [leaf.entropy for leaf in tree], wanted,
-                used=used[i], line_ends=line_ends, last_line=split == "last_line", max_prefix=max_new_tokens - 1,
-            ) or [(0, 0)]  # nothing left to branch from: new chains from the root
-            for j, p in chosen:
+            candidates = candidate_points(
+                [leaf.tokens for leaf in tree], used=used[i], line_ends=line_ends, last_line=split == "last_line",
+                max_prefix=max_new_tokens - 1,
+            )
+            plans.append((i, room, min(points, math.ceil(room / branches)), candidates))
+        # Entropies only rank: a tree that takes all its candidates needs none (under
+        # countdown's answer-line shape, no tree does), and a leaf's are taken once.
+        unranked = [leaf for i, _, wanted, candidates in plans if len(candidates) > wanted
+                    for leaf in trees[i] if leaf.entropy is None]
+        if unranked:
+            record_entropies(unranked)
+        requests = []
+        for i, room, wanted, candidates in plans:
+            tree = trees[i]
+            if len(candidates) > wanted:
+                candidates = _highest_entropy_first(candidates, [leaf.entropy for leaf in tree])
+            for j, p in candidates[:wanted] or [(0, 0)]:  # nothing left to branch from: new chains from the root
                 source = tree[j]
                 used[i].add(tuple(source.tokens[:p]))
                 take = min(branches, room)
@@ -255,7 +268,8 @@ def sample_tree(
                 requests += [(i, source.tokens[:p], source.logprobs[:p])] * take
                 if room == 0:
                     break
-        add(grow(requests))
+        for leaf in grow(requests):
+            trees[leaf.prompt].append(leaf)
     model.train(was_training)
     ordered = [leaf for tree in trees for leaf in tree]
     return TreeRollout(layout(ordered), leaves, generated, [leaf.prefix for leaf in ordered])

@@ -40,6 +40,7 @@ def _captured_run(monkeypatch, options):
 
     def capture(model, tokenizer, config, loss_fn, batches, run_dir, evaluate):
         captured.update(model=model, loss_fn=loss_fn, batches=batches)
+        return {"metrics": {}}
 
     monkeypatch.setattr(ppo, "train_and_evaluate", capture)
     ppo.run(from_dict(PPOConfig, options))
@@ -181,8 +182,13 @@ def test_resume_restores_the_value_head_and_reproduces_the_run(tmp_path):
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000006")
     resumed = train("ppo", {**options, "output_dir": str(tmp_path / "resumed"), "resume": True})
     assert _records(tmp_path / "resumed" / "metrics.jsonl") == _records(tmp_path / "full" / "metrics.jsonl")
-    for key in ("loss", "heldout_accuracy_after"):
+    for key in ("loss", "heldout_accuracy_after", "generated_tokens"):
         assert resumed[key] == full[key]
+    # Rollouts of 8 completions in micro-batches of 4, two passes: the first pass's two
+    # steps (1, 2 and 5, 6) log each completion once.
+    records = _records(tmp_path / "full" / "metrics.jsonl")
+    first_pass = [r for r in records if r["step"] % 4 in (1, 2)]
+    assert full["generated_tokens"] == round(sum(4 * r["completion_length"] for r in first_pass)) > 0
     final = [load_file(tmp_path / run / "checkpoints" / "step-00000006" / "model" / "model.safetensors")
              for run in ("full", "resumed")]
     assert torch.equal(final[0]["value_head.weight"], final[1]["value_head.weight"])

@@ -215,9 +215,12 @@ def test_zero_advantages_make_no_step():
 
 def test_every_logged_accepted_step_keeps_the_trust_region(tmp_path):
     max_kl = 0.01
-    train("trpo", {**QUICK, "steps": 3, "max_kl": max_kl, "rewards": [DIGIT_REWARD], "output_dir": str(tmp_path)})
+    summary = train("trpo", {**QUICK, "steps": 3, "max_kl": max_kl, "rewards": [DIGIT_REWARD],
+                             "output_dir": str(tmp_path)})
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
+    # One rollout of 4 prompts x 4 completions a step: the decoded tokens of the run.
+    assert summary["generated_tokens"] == round(sum(16 * r["completion_length"] for r in records)) > 0
     for record in records:
         assert {"surrogate", "surrogate_improvement", "kl", "accepted", "backtracks", "reward"} <= set(record)
         # TRPO's own step on the loop's update hook: no AdamW, no loss, no fake zero gradient norm.

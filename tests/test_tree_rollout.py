@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
+import fastpo.engine.rollout as rollout_module
 import fastpo.engine.tree_rollout as tree_rollout
 from fastpo.bench.decisive_lines import line_value_paths, resolved_variance
 from fastpo.engine.countdown import CountdownTask
-from fastpo.engine.forward import response_logprobs
+from fastpo.engine.forward import encode_prompts, response_logprobs
 from fastpo.engine.rollout import rollout_from_tokens
 from fastpo.engine.tree_rollout import branch_points, sample_tree, tree_advantages, treerl_advantages
 
@@ -143,12 +144,41 @@ def test_sample_tree_shares_prefixes_and_keeps_its_budget(tiny_countdown, split)
         assert rollout.completions[i] == tokenizer.decode(tails[i], skip_special_tokens=True)
 
 
+def test_continue_prefixes_keeps_prefix_and_continuation_within_the_budget(tiny_countdown):
+    # One generate call for a short and a long prefix: its budget is the short prefix's room,
+    # so the long prefix's continuation is cut to its own room and flagged truncated.
+    model, tokenizer = tiny_countdown
+    prompt = "4 6 8 9 to 24\n"
+    head = encode_prompts(tokenizer, [prompt])[0]
+    short, long = (tokenizer.encode(text, add_special_tokens=False) for text in ("1", "1+2=3\n3*"))
+    torch.manual_seed(0)
+    continuations = rollout_module.continue_prefixes(
+        model, tokenizer, [prompt] * 8, [head] * 8, [short, long] * 4, budget=12, stop_strings=["\n\n"]
+    )
+    cut = 0
+    for prefix, (tokens, logprobs, truncated) in zip([short, long] * 4, continuations):
+        assert 1 <= len(tokens) <= 12 - len(prefix) and logprobs.shape == (len(tokens),)
+        assert bool(torch.all(logprobs <= 0))
+        if len(tokens) == 12 - len(prefix) and prefix is long:
+            cut += 1
+            assert truncated
+    assert cut > 0  # the case this test is about did occur
+    # The log-probs are the policy's, continuing the prefix: the training forward agrees.
+    tokens, logprobs, _ = continuations[1]
+    ids = torch.tensor([head + long + tokens])
+    labels = torch.full_like(ids, -100)
+    labels[0, len(head) + len(long) - 1 : -1] = torch.tensor(tokens)
+    with torch.no_grad():
+        recomputed = response_logprobs(model, ids, torch.ones_like(ids), labels)
+    assert torch.allclose(recomputed[labels != -100], logprobs, atol=1e-4)
+
+
 @pytest.mark.parametrize("leaves, initial, points, forwarded", [(7, 2, 1, [4, 4, 4]), (5, 1, 2, [2]), (2, 2, 1, [])])
 def test_sample_tree_takes_entropies_only_of_trees_that_branch_again(tiny_countdown, monkeypatch, leaves, initial,
                                                                      points, forwarded):
     # Rounds of two prompts' trees: (7, 2 initial, 1 point x 2) grows 2 -> 4 -> 6 -> 7 leaves
-    # a tree; (5, 1 initial, 2 points x 2) grows 1 -> 5; (2, 2 initial) is full at once. A
-    # full tree's leaves are never branched from, so the last round has no entropy forward.
+    # a tree, each round's new leaves measured once; (5, 1 initial, 2 points x 2) grows 1 -> 5;
+    # (2, 2 initial) is full at once: a full tree's leaves are never branched from.
     rows = []
 
     def counting(model, input_ids, *args, **kwargs):
@@ -164,23 +194,39 @@ def test_sample_tree_takes_entropies_only_of_trees_that_branch_again(tiny_countd
     assert rows == forwarded
 
 
-def test_sample_tree_is_reproducible_and_checks_its_shape(tiny_countdown):
+@pytest.mark.parametrize("points, forwarded", [(2, []), (1, [2, 1])])
+def test_sample_tree_ranks_only_trees_with_more_candidate_points_than_they_take(tiny_countdown, monkeypatch, points,
+                                                                                forwarded):
+    # A scripted sampler: the chains "1+2=3\n3*8" and "4*6\n24" (last lines at 6 and 4),
+    # then every continuation "9\n8", a line of its own. Two points take both last lines,
+    # unranked. One point ranks the two chains' (a forward of 2), then the branched leaf's
+    # new last line against the other chain's (a forward of the 1 leaf not yet measured).
     model, tokenizer = tiny_countdown
-    draws = []
-    for _ in range(2):
-        torch.manual_seed(7)
-        tree = sample_tree(model, tokenizer, ["1 2 3 4 to 24\n"], leaves=5, initial=1, branches=2, points=2,
-                           max_new_tokens=10)
-        draws.append((tree.rollout.input_ids, tree.prefix_lengths))
-    assert torch.equal(draws[0][0], draws[1][0]) and draws[0][1] == draws[1][1]
-    with pytest.raises(ValueError, match="initial=3 chains exceed the budget of leaves=2"):
-        sample_tree(model, tokenizer, ["x"], leaves=2, initial=3)
-    with pytest.raises(ValueError, match="split must be one of entropy, line, last_line"):
-        sample_tree(model, tokenizer, ["x"], leaves=2, split="token")
-    with pytest.raises(ValueError, match="plus max_new_tokens=10 exceeds max_length=12"):
-        sample_tree(model, tokenizer, ["1 2 3 4 to 24\n"], leaves=2, max_new_tokens=10, max_length=12)
-    with pytest.raises(ValueError, match="branches must be an integer >= 1"):
-        sample_tree(model, tokenizer, ["x"], leaves=2, branches=0)
+    prompt = "4 6 8 9 to 24\n"
+    head = encode_prompts(tokenizer, [prompt])[0]
+    chains = iter(["1+2=3\n3*8", "4*6\n24"])
+
+    def scripted(model, tokenizer, prompts, *, prompt_token_ids, **sampling):
+        texts = [next(chains) if ids == head else "9\n8" for ids in prompt_token_ids]
+        tails = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+        return rollout_from_tokens(prompts, texts, list(zip(prompt_token_ids, tails)),
+                                   [torch.zeros(len(tail)) for tail in tails], [False] * len(tails), 0)
+
+    rows = []
+
+    def counting(model, input_ids, *args, **kwargs):
+        rows.append(input_ids.shape[0])
+        return response_logprobs(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(rollout_module, "sample_completions", scripted)
+    monkeypatch.setattr(tree_rollout, "response_logprobs", counting)
+    tree = sample_tree(model, tokenizer, [prompt], leaves=4, initial=2, branches=1, points=points, split="last_line",
+                       max_new_tokens=20)
+    assert rows == forwarded
+    texts = tree.rollout.completions
+    assert texts[:2] == ["1+2=3\n3*8", "4*6\n24"]
+    if points == 2:
+        assert texts[2:] == ["1+2=3\n9\n8", "4*6\n9\n8"] and tree.prefix_lengths == [0, 0, 6, 4]
 
 
 # ---------------------------------------------------------------- which lines decide a chain

@@ -200,6 +200,7 @@ def run(config: PPOConfig, warm_start=None) -> dict:
         rows = online.prompt_rows(index)
         rollout, scores = online.sample(model, rows)
         mask = rollout.mask
+        stream.count_generated(int(mask.sum()))  # every process holds the whole rollout
         tensors = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
                    "labels": rollout.labels, "mask": mask}
         with torch.no_grad(), training_precision(config, device):
@@ -271,4 +272,6 @@ def run(config: PPOConfig, warm_start=None) -> dict:
         return loss, metrics
 
     stream = _ShapingStream(make_rollout, config.beta)
-    return train_and_evaluate(model, tokenizer, config, loss_fn, stream, run_dir, online.evaluate)
+    outcome = train_and_evaluate(model, tokenizer, config, loss_fn, stream, run_dir, online.evaluate)
+    outcome["metrics"]["generated_tokens"] = stream.generated_tokens
+    return outcome

@@ -101,6 +101,7 @@ def run(config: TRPOConfig, warm_start=None) -> dict:
     def make_rollout(index: int) -> list[dict]:
         rows = online.prompt_rows(index)
         rollout, rewards = online.sample(model, rows)
+        stream.count_generated(int(rollout.mask.sum()))
         advantages = group_advantages(
             rewards, config.num_generations, scale=config.scale_rewards, eps=config.advantage_eps
         )
@@ -114,9 +115,10 @@ def run(config: TRPOConfig, warm_start=None) -> dict:
             "num_units": int(rollout.mask.sum()),
         }]
 
-    return train_and_evaluate(
-        model, tokenizer, config, None, RolloutStream(make_rollout), run_dir, online.evaluate, update=TRPOUpdate
-    )
+    stream = RolloutStream(make_rollout)
+    outcome = train_and_evaluate(model, tokenizer, config, None, stream, run_dir, online.evaluate, update=TRPOUpdate)
+    outcome["metrics"]["generated_tokens"] = stream.generated_tokens
+    return outcome
 
 
 class TRPOUpdate(Update):
