@@ -61,7 +61,7 @@ from fastpo.kernels.policy import (
     SEQ_MEAN_ROWS,
 )
 
-from .tasks import BUILTIN_TASKS, config_defaults
+from .tasks import BUILTIN_TASKS, STATE_TASKS, config_defaults
 
 __all__ = [
     "ALGORITHMS",
@@ -257,7 +257,8 @@ class SFTConfig(BaseConfig):
 
 @dataclass
 class RewardConfig(BaseConfig):
-    """Reward model: Bradley-Terry on pairs, K-wise ranking loss on ranked rows."""
+    """Reward model: Bradley-Terry on pairs, K-wise ranking loss on ranked rows; or, with
+    target=states, a value model: binary cross-entropy on labelled states."""
 
     # From the warm start, 800 steps reached held-out pairwise accuracy 0.825 (seed 0), still
     # climbing when the cosine schedule ran out; 1600 passed 0.9 by step 850 on seeds 0 and 1,
@@ -285,6 +286,23 @@ class RewardConfig(BaseConfig):
         "start has no LM head (a reward checkpoint, the random built-in model).",
         minimum=0,
     )
+    target: Literal["preferences", "states"] = option(
+        "preferences",
+        "What the score learns: preferences (pairs, ranked rows), or states: a value model, sigmoid(score) the "
+        "probability that a reasoning state can still reach the answer, by binary cross-entropy on labelled states "
+        "(builtin:countdown's, labelled by its solver, or a file's unary rows: prompt, completion, label); "
+        "fastpo reason value=head reads it. No LM term for states.",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.target == "states" and self.data.startswith("builtin:") and self.data not in STATE_TASKS:
+            raise ConfigError(
+                f"option 'data': got {self.data!r} with target=states; built-in states come from "
+                f"{', '.join(STATE_TASKS)} (or give a file of unary rows)"
+            )
+        if self.target == "states" and (self.margin or self.center_coef):
+            raise ConfigError("options 'margin' and 'center_coef' apply to preferences only; set them to 0 for states")
 
 
 @dataclass

@@ -520,18 +520,34 @@ class CountdownTask:
         ]
 
     def value_examples(self, n: int, split: str = "train") -> list[dict]:
-        """``{"prompt", "completion"}``: a state and the solver's judgement of it. The
-        state is the numbers left after 1 to ``count - 1`` steps, taken from a solution
-        or from a random walk with equal odds (so reachable and unreachable states both
-        appear)."""
-        rng = self._rng(split, "value-states")
-        rows = []
-        for numbers, target in self.problems(n, split, "value"):
+        """``{"prompt", "completion"}``: a state (``_states``) and the solver's judgement
+        of it."""
+        return [
+            {"prompt": self.value_prompt(state, target), "completion": " " + self.label(state, target)}
+            for state, target in self._states(n, split, "value")
+        ]
+
+    def state_examples(self, n: int, split: str = "train") -> list[dict]:
+        """Unary rows ``{"prompt", "completion", "label"}`` of a value model: a state's
+        value prompt, an empty completion, and ``label`` true when the solver can still
+        reach the target from it (``sure`` or ``likely``)."""
+        return [
+            {"prompt": self.value_prompt(state, target), "completion": "",
+             "label": min_steps(state, target, self.use_all) is not None}
+            for state, target in self._states(n, split, "value-model")
+        ]
+
+    def _states(self, n: int, split: str, stream: str) -> list[tuple[tuple[int, ...], int]]:
+        """``(numbers left, target)`` of ``n`` states, each after 1 to ``count - 1`` steps
+        of a solution or of a random walk, with equal odds (so that reachable and
+        unreachable states both appear), drawn by ``stream``'s generators."""
+        rng = self._rng(split, f"{stream}-states")
+        states = []
+        for numbers, target in self.problems(n, split, stream):
             walk = self.solution if rng.random() < 0.5 else self.random_walk
             steps = walk(numbers, target, rng)
-            state = steps[rng.randrange(len(steps))].left if steps else numbers
-            rows.append({"prompt": self.value_prompt(state, target), "completion": " " + self.label(state, target)})
-        return rows
+            states.append((steps[rng.randrange(len(steps))].left if steps else numbers, target))
+        return states
 
     def sft_examples(self, n: int, split: str = "train") -> list[dict]:
         """``n`` SFT rows mixing chains of thought, direct answers and value judgements in
@@ -584,12 +600,14 @@ class CountdownTask:
         return rows
 
     def rows(self, schema: str, n: int, split: str = "train") -> list[dict]:
-        """``n`` rows of one of ``data.py``'s schemas (all but ``"ranked"``)."""
+        """``n`` rows of one of ``data.py``'s schemas (all but ``"ranked"``), or
+        ``"states"``: a value model's unary rows (``state_examples``)."""
         generators = {
             "completion": self.sft_examples,
             "pairwise": self.preference_pairs,
             "unary": self.unary_examples,
             "prompt": self.prompt_rows,
+            "states": self.state_examples,
         }
         if schema not in generators:
             raise ValueError(f"schema {schema!r} is not one of builtin:countdown's: {', '.join(generators)}")

@@ -45,10 +45,16 @@ def _check_folder(option: str, name: str, expected: str) -> None:
         raise ConfigError(f"option {option!r}: got {name!r}, a folder without config.json; expected {expected}")
 
 
+def _training_schemas(algorithm: str, config) -> tuple[str, ...]:
+    if getattr(config, "target", None) == "states":  # reward's value model
+        return ("unary",)
+    return ALGORITHM_SCHEMAS[algorithm]
+
+
 def _eval_schemas(algorithm: str, config) -> tuple[str, ...]:
     if algorithm == "rlaif":  # the training stage's held-out data
         return ALGORITHM_SCHEMAS["dpo"] if config.then == "dpo" else ALGORITHM_SCHEMAS["ppo"]
-    return EVAL_SCHEMAS.get(algorithm, ALGORITHM_SCHEMAS[algorithm])
+    return EVAL_SCHEMAS.get(algorithm, _training_schemas(algorithm, config))
 
 
 def check_inputs(algorithm: str, config) -> None:
@@ -62,7 +68,7 @@ def check_inputs(algorithm: str, config) -> None:
                 ".jsonl/.parquet file"
             )
     else:
-        check_file(config.data, ALGORITHM_SCHEMAS[algorithm], "data")
+        check_file(config.data, _training_schemas(algorithm, config), "data")
     if config.eval_data is not None:
         check_file(config.eval_data, _eval_schemas(algorithm, config), "eval_data")
     for spec in getattr(config, "rewards", ()):

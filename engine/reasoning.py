@@ -29,9 +29,12 @@ the solver-labelled rows of the task's SFT data; or ``"verifier"``, the task's c
 the state (an answered chain: 1 when correct, else 0; before the answer: 0.5 while every
 step is valid, else 0), which costs no model call; or ``"self_checked"``, the model's
 judgement where the verifier finds every step valid, else 0, and the verifier's
-outcome on an answered chain. A state with a step line that does not parse is worth 0
-under all three. A learned value head is not implemented: the
-self-evaluation needs no extra parameters and is trained by the same SFT.
+outcome on an answered chain; or ``"head"``, a learned value head: ``sigmoid(score)``
+of a separate value model (``fastpo reward target=states``: a score head trained by
+binary cross-entropy on the task's solver-labelled states) on the same value prompt,
+the probability that the state can still reach the answer; or ``"head_checked"``, the
+head where the verifier finds every step valid, as ``"self_checked"``. A state with a
+step line that does not parse is worth 0 under all five.
 
 Proposals are one Hugging Face ``generate`` call (KV cache) for the whole frontier of
 every problem at once (each state repeated ``proposals`` times, each line stopped at its
@@ -65,6 +68,7 @@ from .forward import encode_responses, response_logprobs
 from .rollout import sample_completions
 
 __all__ = [
+    "HEAD_VALUES",
     "STRATEGIES",
     "VALUES",
     "LanguageModelReasoner",
@@ -81,7 +85,9 @@ __all__ = [
 ]
 
 STRATEGIES = ("direct", "cot", "self_consistency", "tot_bfs", "tot_dfs")
-VALUES = ("self", "verifier", "self_checked")
+VALUES = ("self", "verifier", "self_checked", "head", "head_checked")
+# The values that read a value model (the reasoner's ``value_model``).
+HEAD_VALUES = ("head", "head_checked")
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ class ReasoningOptions:
         samples: chains sampled by ``self_consistency`` (>= 1).
         breadth: states kept per step by ``tot_bfs`` (>= 1).
         proposals: next lines sampled per expanded state by both searches (>= 1).
-        value: ``"self"`` or ``"verifier"`` (the module docstring says what each is).
+        value: one of ``VALUES`` (the module docstring says what each is).
         threshold: ``tot_dfs`` prunes children valued below it, in [0, 1].
         node_budget: most states ``tot_dfs`` expands per problem (>= 1).
         temperature: of the searches' proposed lines (> 0).
@@ -267,8 +273,9 @@ class LanguageModelReasoner:
     completion)`` and ``chain_length(prompt)`` (``countdown.CountdownTask`` does).
     """
 
-    def __init__(self, model, tokenizer, task, prompts: Sequence[str], options: ReasoningOptions):
+    def __init__(self, model, tokenizer, task, prompts: Sequence[str], options: ReasoningOptions, value_model=None):
         self.model, self.tokenizer, self.task, self.options = model, tokenizer, task, options
+        self.value_model = value_model  # (model, tokenizer) of value="head": reward.load_reward_model's
         self.prompts = list(prompts)
         self.tokens = [0] * len(self.prompts)
         self.calls = [0] * len(self.prompts)
@@ -310,6 +317,16 @@ class LanguageModelReasoner:
     def complete(self, states: Sequence[State], *, greedy: bool, samples: int = 1) -> list[list[str]]:
         return self._generate(states, greedy=greedy, samples=samples, one_line=False)
 
+    def _value_prompts(self, states: Sequence[State]) -> list[tuple[int, str]]:
+        """``(index, value prompt)`` of the states whose step lines all parse."""
+        asked = []
+        for i, state in enumerate(states):
+            prompt = self.prompts[state.problem]
+            numbers = self.task.state_numbers(prompt, state.lines)
+            if numbers is not None:
+                asked.append((i, self.task.value_prompt(numbers, self.task.parse_prompt(prompt)[1])))
+        return asked
+
     @torch.no_grad()
     def self_values(self, states: Sequence[State]) -> list[float]:
         """The model's judgement of each state (module docstring); 0 for a state with a
@@ -317,12 +334,7 @@ class LanguageModelReasoner:
         labels = [" " + label for label in self.task.value_labels]
         weights = torch.tensor(list(self.task.value_labels.values()), dtype=torch.float32)
         values = [0.0] * len(states)
-        asked = []  # (index of the state, value prompt)
-        for i, state in enumerate(states):
-            prompt = self.prompts[state.problem]
-            numbers = self.task.state_numbers(prompt, state.lines)
-            if numbers is not None:
-                asked.append((i, self.task.value_prompt(numbers, self.task.parse_prompt(prompt)[1])))
+        asked = self._value_prompts(states)
         per_call = max(1, self.options.batch_size // len(labels))
         was_training = self.model.training
         self.model.eval()
@@ -343,18 +355,57 @@ class LanguageModelReasoner:
             self.evaluations[states[i].problem] += 1
         return values
 
+    @torch.no_grad()
+    def head_values(self, states: Sequence[State]) -> list[float]:
+        """The value model's ``sigmoid(score)`` of each state's value prompt (module
+        docstring); 0 for a state with a step line that does not parse, without a call."""
+        from .algorithms.reward import reward_scores
+
+        if self.value_model is None:
+            raise ValueError("value 'head' needs the reasoner's value_model")
+        model, tokenizer = self.value_model
+        values = [0.0] * len(states)
+        asked = self._value_prompts(states)
+        was_training = model.training
+        model.eval()
+        for start in range(0, len(asked), self.options.batch_size):
+            chunk = asked[start : start + self.options.batch_size]
+            batch = encode_responses(
+                tokenizer, [prompt for _, prompt in chunk], [""] * len(chunk), max_length=tokenizer.model_max_length
+            )
+            for (i, _), v in zip(chunk, torch.sigmoid(reward_scores(model, batch)).tolist()):
+                values[i] = v
+            for owner in {states[i].problem for i, _ in chunk}:
+                self.calls[owner] += 1
+        model.train(was_training)
+        for i, _ in asked:
+            self.evaluations[states[i].problem] += 1
+        return values
+
     def verifier_values(self, states: Sequence[State]) -> list[float]:
         return [self.task.partial_value(self.prompts[s.problem], s.lines) for s in states]
 
-    def checked_values(self, states: Sequence[State]) -> list[float]:
-        """The model's judgement of the states whose steps the verifier finds valid, 0 for
-        the others; an answered chain is worth the verifier's 1 or 0."""
+    def checked_values(self, states: Sequence[State], judge: Callable | None = None) -> list[float]:
+        """``judge``'s values (default: the model's own judgement) of the states whose steps
+        the verifier finds valid, 0 for the others; an answered chain is worth the
+        verifier's 1 or 0."""
+        judge = self.self_values if judge is None else judge
         checks = self.verifier_values(states)
         values = [check if self.is_final(state) else 0.0 for state, check in zip(states, checks)]
         judged = [i for i, (state, check) in enumerate(zip(states, checks)) if check > 0 and not self.is_final(state)]
-        for i, value in zip(judged, self.self_values([states[i] for i in judged])):
+        for i, value in zip(judged, judge([states[i] for i in judged])):
             values[i] = value
         return values
+
+    def values(self, name: str) -> Callable[[Sequence[State]], list[float]]:
+        """The value function ``name`` (one of ``VALUES``)."""
+        return {
+            "self": self.self_values,
+            "verifier": self.verifier_values,
+            "self_checked": self.checked_values,
+            "head": self.head_values,
+            "head_checked": lambda states: self.checked_values(states, self.head_values),
+        }[name]
 
 
 # ---------------------------------------------------------------- running and reporting
@@ -376,8 +427,7 @@ def run_strategy(
         prompts = reasoner.prompts
         return [c[majority_vote([task.answer_key(prompts[i], x) for x in c])] for i, c in enumerate(chains)]
     if value is None:
-        value = {"self": reasoner.self_values, "verifier": reasoner.verifier_values,
-                 "self_checked": reasoner.checked_values}[options.value]
+        value = reasoner.values(options.value)
     depth = max(task.chain_length(reasoner.prompts[i]) for i in range(count))
     if strategy == "tot_bfs":
         best = tot_bfs(roots, reasoner, value, breadth=options.breadth, proposals=options.proposals, depth=depth)
@@ -413,13 +463,16 @@ class StrategyReport:
     wall_seconds: float
 
 
-def evaluate_strategy(model, tokenizer, task, problems, strategy: str, options: ReasoningOptions) -> dict:
+def evaluate_strategy(
+    model, tokenizer, task, problems, strategy: str, options: ReasoningOptions, value_model=None
+) -> dict:
     """Run ``strategy`` on ``problems`` (``(numbers, target)`` pairs of ``task``) and
-    report its accuracy (the task's verifier) and per-problem costs, as a dict."""
+    report its accuracy (the task's verifier) and per-problem costs, as a dict.
+    ``value_model``: ``(model, tokenizer)`` of the values ``HEAD_VALUES``."""
     prompts = [
         task.direct_prompt(*problem) if strategy == "direct" else task.prompt(*problem) for problem in problems
     ]
-    reasoner = LanguageModelReasoner(model, tokenizer, task, prompts, options)
+    reasoner = LanguageModelReasoner(model, tokenizer, task, prompts, options, value_model)
     start = time.perf_counter()
     completions = run_strategy(strategy, reasoner, task, len(prompts), options)
     wall = time.perf_counter() - start
@@ -484,7 +537,13 @@ class ReasonConfig:
         "self_checked",
         "Value of a state for the searches: self (the model's own sure/likely/impossible judgement), verifier "
         "(the task's check of the steps), self_checked (the judgement where the verifier finds every step valid; "
-        "the default: self alone does not see a wrong step, docs/reasoning.md).",
+        "the default: self alone does not see a wrong step, docs/reasoning.md), head (a learned value head: "
+        "value_model's sigmoid(score)), head_checked (the head where the verifier finds every step valid).",
+    )
+    value_model: str | None = option(
+        None,
+        "value=head, head_checked: the value model, a `fastpo reward target=states` run folder, checkpoint folder "
+        "or model folder.",
     )
     threshold: float = option(_DEFAULTS.threshold, "tot_dfs: children valued below this are pruned, in [0, 1].",
                               minimum=0)
@@ -521,6 +580,12 @@ class ReasonConfig:
             raise ConfigError(f"option 'strategies': got {','.join(self.strategies)}, which names one twice")
         if not (isinstance(self.problems, int) and self.problems >= 1):
             raise ConfigError(f"option 'problems': got {self.problems!r}; expected an integer >= 1")
+        if (self.value in HEAD_VALUES) != (self.value_model is not None):
+            got = "none" if self.value_model is None else repr(self.value_model)
+            raise ConfigError(
+                f"option 'value_model': got {got} with value={self.value}; value={'/'.join(HEAD_VALUES)} reads a value "
+                f"model (fastpo reward target=states), and only they do"
+            )
         try:
             self.reasoning_options()
         except ValueError as error:
@@ -535,9 +600,9 @@ class ReasonConfig:
         )
 
 
-def _model_folder(name: str) -> str:
-    """The model folder that option ``model`` names (module docstring of ``ReasonConfig``);
-    a one-line ConfigError otherwise."""
+def _model_folder(name: str, option_name: str = "model") -> str:
+    """The model folder that option ``option_name`` names (module docstring of
+    ``ReasonConfig``); a one-line ConfigError otherwise."""
     from .loop import latest_checkpoint
     from .models import BUILTIN_MODELS
 
@@ -553,8 +618,8 @@ def _model_folder(name: str) -> str:
         return str(checkpoint / "model")
     reason = "a folder without a model or checkpoints" if path.is_dir() else "no such folder"
     raise ConfigError(
-        f"option 'model': got {name!r} ({reason}); expected a run folder, a checkpoint folder, a model folder or "
-        f"{', '.join(BUILTIN_MODELS)}"
+        f"option '{option_name}': got {name!r} ({reason}); expected a run folder, a checkpoint folder, a model "
+        f"folder or {', '.join(BUILTIN_MODELS)}"
     )
 
 
@@ -574,6 +639,7 @@ def reason(config: ReasonConfig) -> list[dict]:
     except ValueError as error:
         raise ConfigError(f"option 'problems': got {config.problems}: {error}") from None
     folder = _model_folder(config.model)
+    value_folder = None if config.value_model is None else _model_folder(config.value_model, "value_model")
     options = config.reasoning_options()
     if config.output is not None:
         Path(config.output).write_text("")
@@ -582,9 +648,16 @@ def reason(config: ReasonConfig) -> list[dict]:
         device = resolve_device(config.device)
         model, tokenizer = load_causal_lm(folder, seed=config.seed, characters=task.characters)
         model = model.to(device).eval()
+        value_model = None
+        if value_folder is not None:
+            from .algorithms.reward import load_reward_model
+
+            value_model, value_tokenizer = load_reward_model(value_folder, seed=config.seed, characters=task.characters)
+            value_model = (value_model.to(device).eval(), value_tokenizer)
         for strategy in config.strategies:
             torch.manual_seed(config.seed)
-            report = {"model": folder, **evaluate_strategy(model, tokenizer, task, problems, strategy, options)}
+            report = {"model": folder,
+                      **evaluate_strategy(model, tokenizer, task, problems, strategy, options, value_model)}
             line = json.dumps(report)
             print(line, flush=True)
             if config.output is not None:

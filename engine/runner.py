@@ -40,6 +40,8 @@ heldout_accuracy_before/after  exact-match accuracy of greedy answers on the hel
 preference_accuracy_before/    share of held-out pairs ranked chosen first (ties count
 after                          1/2): by the implicit reward ``beta*(lp - lp_ref)`` for
                                dpo, ipo and kto, by the score for reward
+value_accuracy_before/after    reward with target=states: share of held-out states on
+                               their label's side of sigmoid(score) = 1/2
 generated_tokens               grpo, ppo, trpo (and rlaif's ppo stage): tokens their
                                rollouts decoded over the whole run (every session and
                                rank; a tree leaf's beyond its shared prefix), the

@@ -19,8 +19,8 @@ from typing import Protocol
 from .countdown import CountdownTask
 from .task import AdditionTask
 
-__all__ = ["BUILTIN_TASKS", "CONFIG_DEFAULTS", "DEFAULT_TASK", "Task", "builtin_task", "config_defaults",
-           "task_of_prompt"]
+__all__ = ["BUILTIN_TASKS", "CONFIG_DEFAULTS", "DEFAULT_TASK", "STATE_TASKS", "Task", "builtin_task",
+           "config_defaults", "task_of_prompt"]
 
 
 class Task(Protocol):
@@ -52,6 +52,9 @@ class Task(Protocol):
 
 BUILTIN_TASKS: dict[str, type] = {"builtin:addition": AdditionTask, "builtin:countdown": CountdownTask}
 DEFAULT_TASK = "builtin:addition"  # the task of a run whose data is a file
+# The tasks with reasoning states labelled by a solver (rows("states", ...): unary rows,
+# the state as prompt, label true when it can still reach the answer): a value model's data.
+STATE_TASKS = ("builtin:countdown",)
 
 # Option defaults a task sets, for every algorithm ("*") and per algorithm; an option a
 # config class lacks is skipped. Countdown: a solver's chain of the Game of 24 takes at

@@ -95,6 +95,17 @@ def top_p_cut_path(request, monkeypatch):
 
 
 @pytest.fixture(scope="module")
+def tiny_value_model():
+    """A random one-layer reward model (a score head, seed 1) on the countdown task's
+    characters, in eval mode, and its tokenizer: the reasoning strategies' value head."""
+    from fastpo.engine.algorithms.reward import load_reward_model
+    from fastpo.engine.countdown import CountdownTask
+
+    model, tokenizer = load_reward_model("builtin:tiny", seed=1, head_std=None, characters=CountdownTask.characters)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
 def tiny_countdown():
     """A random one-layer Llama (seed 0) on the countdown task's characters, in eval mode,
     and its tokenizer: the reasoning strategies' and the tree rollout's model."""

@@ -64,6 +64,7 @@ def _obeying_the_rules(changed: dict, defaults) -> dict:
         # PPO-clip type here, which delta and dual_clip need
         "cispo_ratio_min": None, "dro_beta": None,
         "rollout": "flat",  # rollout=tree takes advantage=group only, and advantage is changed
+        "target": "preferences",  # reward's margin and center_coef (changed) apply to preferences only
     }
     fixed.update({name: value for name, value in rules.items() if name in changed})
     if "judge" in changed:

@@ -209,6 +209,58 @@ def test_reward_rejects_bad_options_and_rows(tmp_path, files):
         train("reward", {**run, "data": ragged})
 
 
+def test_reward_on_states_is_binary_cross_entropy_and_learns_a_small_unary_set(tmp_path, files):
+    # A zero head: every score 0, so the first loss is log 2 per row whatever the labels.
+    first = train("reward", {**QUICK, "target": "states", "data": files["unary"], "eval_data": files["unary"],
+                             "steps": 1, "head_init_std": 0, "output_dir": str(tmp_path / "zero")})
+    assert _losses(first)[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["value_accuracy_before"] == 0.5 and "preference_accuracy_before" not in first  # ties count 1/2
+    summary = train("reward", {**QUICK, "target": "states", "data": files["unary"], "eval_data": files["unary"],
+                               "batch_size": 16, "steps": 40, "learning_rate": 3e-3,
+                               "output_dir": str(tmp_path / "run")})
+    losses = _losses(summary)
+    assert losses[-1] < losses[0]
+    assert summary["value_accuracy_after"] >= 0.9 > summary["value_accuracy_before"]
+    # Without eval_data a file's states have no held-out rows: no evaluation, not a made-up one.
+    unevaluated = train("reward", {**QUICK, "target": "states", "data": files["unary"], "steps": 1,
+                                   "output_dir": str(tmp_path / "none")})
+    assert not any(key.startswith("value_accuracy") for key in unevaluated)
+
+
+def test_reward_on_countdown_states_matches_a_float64_cross_entropy(tmp_path):
+    from fastpo.engine.algorithms.reward import load_reward_model, reward_scores
+    from fastpo.engine.countdown import CountdownTask, min_steps
+    from fastpo.engine.forward import encode_responses
+
+    # The built-in states: each a value prompt, labelled by whether the solver still reaches 24.
+    task = CountdownTask(seed=3)
+    rows = task.rows("states", 64)
+    assert {row["label"] for row in rows} == {True, False} and all(row["completion"] == "" for row in rows)
+    for row in rows:
+        numbers = tuple(int(x) for x in row["prompt"].split(" to ")[0].split())
+        assert row["label"] == (min_steps(numbers, 24) is not None)
+        assert row["prompt"] == task.value_prompt(numbers, 24)
+    run = {**QUICK, "data": "builtin:countdown", "target": "states", "model": "builtin:tiny", "steps": 1,
+           "batch_size": 8, "seed": 3, "output_dir": str(tmp_path)}
+    summary = train("reward", run)
+    assert set(summary) >= {"value_accuracy_before", "value_accuracy_after"}
+    # The one step's loss: the mean over its 8 rows (the run's whole training set) of
+    # -[y log s(x) + (1 - y) log(1 - s(x))], in float64 from the same initial model.
+    trained = task.rows("states", 8)
+    model, tokenizer = load_reward_model("builtin:tiny", seed=3, head_std=None, characters=task.characters)
+    with torch.no_grad():
+        batch = encode_responses(tokenizer, [r["prompt"] for r in trained], [""] * 8, 64)
+        scores = reward_scores(model.double(), batch).double()
+    labels = torch.tensor([float(r["label"]) for r in trained], dtype=torch.float64)
+    logsigmoid = torch.nn.functional.logsigmoid
+    per_row = -(labels * logsigmoid(scores) + (1 - labels) * logsigmoid(-scores))
+    assert _losses(summary)[0] == pytest.approx(float(per_row.mean()), rel=1e-4)
+    with pytest.raises(ConfigError, match="option 'data': got 'builtin:addition' with target=states"):
+        train("reward", {**run, "data": "builtin:addition"})
+    with pytest.raises(ConfigError, match="'margin' and 'center_coef' apply to preferences only"):
+        train("reward", {**run, "margin": 0.5})
+
+
 def test_reward_resumes_from_its_checkpoint(tmp_path):
     """The head travels with the checkpoint: resuming from step 2 of a 4-step run (its
     step-4 checkpoint removed) reproduces the run's losses exactly."""

@@ -210,18 +210,46 @@ def test_self_values_match_a_plain_forward(tiny_countdown):
         assert value == pytest.approx(float(weights @ torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)), abs=1e-5)
 
 
+def test_head_values_are_the_value_models_sigmoid_score_of_the_value_prompt(tiny_countdown, tiny_value_model):
+    model, tokenizer = tiny_countdown
+    value_model, value_tokenizer = tiny_value_model
+    task = CountdownTask()
+    prompt = task.prompt((4, 6, 8, 9), 24)
+    states = [State(0), State(0, ("4 * 6 = 24 (left: 8 9 24)",)), State(0, ("garbage",))]
+    reasoner = LanguageModelReasoner(model, tokenizer, task, [prompt], ReasoningOptions(value="head"),
+                                     (value_model, value_tokenizer))
+    values = reasoner.values("head")(states)
+    assert values[2] == 0.0  # a step that does not parse: not valued
+    assert reasoner.calls == [1] and reasoner.evaluations == [2] and reasoner.tokens == [0]
+    # Reference: the score head on the last hidden state of bos + value prompt + eos, alone.
+    for value, numbers in zip(values, [(4, 6, 8, 9), (8, 9, 24)]):
+        text = f"{' '.join(map(str, numbers))} to 24 value:"
+        ids = [value_tokenizer.bos_token_id] + value_tokenizer.encode(text) + [value_tokenizer.eos_token_id]
+        with torch.no_grad():
+            hidden = value_model.base_model(torch.tensor([ids])).last_hidden_state[0, -1].double()
+        score = hidden @ value_model.score.weight[0].double()
+        assert value == pytest.approx(float(torch.sigmoid(score)), abs=1e-5)
+    assert len(set(values[:2])) == 2  # the two states are told apart
+    # head_checked: the head where the verifier finds every step valid, 0 elsewhere.
+    wrong = State(0, ("4 * 6 = 25 (left: 8 9 25)",))
+    assert reasoner.values("head_checked")([states[1], wrong]) == [pytest.approx(values[1]), 0.0]
+    with pytest.raises(ValueError, match="value 'head' needs the reasoner's value_model"):
+        LanguageModelReasoner(model, tokenizer, task, [prompt], ReasoningOptions()).head_values(states)
+
+
 @pytest.mark.parametrize(
     "strategy, value",
-    [(s, "self") for s in STRATEGIES] + [(s, v) for s in ("tot_bfs", "tot_dfs") for v in ("verifier", "self_checked")],
+    [(s, "self") for s in STRATEGIES]
+    + [(s, v) for s in ("tot_bfs", "tot_dfs") for v in ("verifier", "self_checked", "head", "head_checked")],
 )
-def test_each_strategy_on_a_tiny_model_counts_what_it_did(tiny_countdown, strategy, value):
+def test_each_strategy_on_a_tiny_model_counts_what_it_did(tiny_countdown, tiny_value_model, strategy, value):
     model, tokenizer = tiny_countdown
     task = CountdownTask()
     problems = [((4, 6, 8, 9), 24), ((1, 2, 3, 4), 24), ((2, 3, 4, 12), 24)]
     options = ReasoningOptions(samples=3, breadth=2, proposals=2, node_budget=3, value=value,
                                max_line_tokens=10, max_chain_tokens=20)
     torch.manual_seed(1)
-    report = evaluate_strategy(model, tokenizer, task, problems, strategy, options)
+    report = evaluate_strategy(model, tokenizer, task, problems, strategy, options, tiny_value_model)
     assert report["strategy"] == strategy and report["problems"] == 3 and 0.0 <= report["accuracy"] <= 1.0
     assert report["generated_tokens"] > 0 and report["wall_seconds"] > 0
     depth = 4  # 3 steps and the answer

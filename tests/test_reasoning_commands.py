@@ -65,6 +65,10 @@ def test_countdown_sets_its_defaults_and_the_user_still_wins():
     (["reason", "strategies=cot,magic"], ["option 'strategies'", "'magic'", "tot_bfs"]),
     (["reason", "strategies=cot,cot"], ["option 'strategies'", "twice"]),
     (["reason", "value=oracle"], ["option 'value'", "'oracle'", "self_checked"]),
+    (["reason", "value=head"], ["option 'value_model'", "none", "value=head"]),
+    (["reason", "value_model=runs/reward"], ["option 'value_model'", "'runs/reward'", "value=self_checked"]),
+    (["reason", "model=builtin:tiny", "value=head", "value_model=no/such/run"],
+     ["option 'value_model'", "no/such/run", "no such folder"]),
     (["reason", "threshold=2"], ["option 'threshold'", "2", "[0, 1]"]),
     (["reason", "breadth=0"], ["option 'breadth'", "0", "> 0"]),
     (["reason", "data=builtin:addition"], ["option 'data'", "builtin:countdown"]),
@@ -191,6 +195,15 @@ def test_reason_reports_each_strategy_as_a_json_line_and_a_table(tmp_path, capsy
     assert by_name["cot"]["model_calls"] == 1 and by_name["cot"]["generated_tokens"] <= 12
     assert by_name["self_consistency"]["generated_tokens"] > by_name["cot"]["generated_tokens"]
     assert "| tot_dfs | self_checked | 2 |" in captured.err
+    # A learned value head: a value model's run folder (here an untrained one) searches too.
+    value_run = train("reward", {"data": "builtin:countdown", "target": "states", "model": "builtin:tiny",
+                                 "warm_start_steps": 0, "steps": 1, "batch_size": 4, "eval_every": 0,
+                                 "output_dir": str(tmp_path / "value")})
+    capsys.readouterr()
+    assert cli.main(args[:-1] + ["strategies=tot_bfs", "value=head_checked",
+                                 f"value_model={value_run['run_dir']}"]) == 0
+    headed = json.loads(capsys.readouterr().out)
+    assert headed["value"] == "head_checked" and headed["problems"] == 2 and headed["model_calls"] >= 1
     # The seed is reset before each strategy: the same run reports the same numbers.
     assert cli.main(args[:-1] + ["strategies=tot_bfs"]) == 0
     again = json.loads(capsys.readouterr().out)

@@ -34,6 +34,15 @@ run (150 to 950 on the built-in task's seed 2), and the held-out accuracy with i
 start with no LM head (a reward checkpoint, or the random built-in model) has no such
 term.
 
+With ``target=states`` the score is a value instead: unary rows ``{"prompt",
+"completion", "label"}`` (builtin:countdown's states, ``CountdownTask.state_examples``:
+a state's value prompt labelled true when the solver can still reach the target; or a
+file's) train ``sigmoid(score)`` as the probability that the label is true, by binary
+cross-entropy (a value model, or an outcome reward model on whole responses); no LM
+term. Its evaluation is ``value_accuracy``, the share of held-out rows (the task's
+held-out states, or ``eval_data``'s unary rows; none without them for a file) on the
+side of 1/2 their label says. ``fastpo reason value=head`` searches with it.
+
 Evaluation, before and after training: ``preference_accuracy``, the share of held-out
 pairs (the built-in task's, or ``eval_data``'s, a ranked row giving its K*(K-1)/2
 ordered pairs) whose chosen response scores higher, ties counting one half. A reward
@@ -51,9 +60,11 @@ import torch
 from fastpo.kernels import bradley_terry_loss, linear_token_logprobs, ranking_loss, sequence_logprobs
 
 from ..config import ConfigError, RewardConfig
-from ..forward import IGNORE_INDEX
+from ..data import load_rows
+from ..forward import IGNORE_INDEX, encode_responses
 from ..models import load_causal_lm
-from ._common import micro_batches, prepare_run, train_and_evaluate
+from ..tasks import BUILTIN_TASKS
+from ._common import HELDOUT_SIZE, MAX_BUILTIN_ROWS, builtin_task, micro_batches, prepare_run, train_and_evaluate
 from ._pairs import encode_pairs, encode_rankings, ordered_share, preference_data, preference_eval_data, ranked_first
 
 __all__ = ["load_reward_model", "reward_scores", "run"]
@@ -145,20 +156,42 @@ def _starting_lm_head(config: RewardConfig, model, warm_start) -> torch.Tensor |
     return model.get_input_embeddings().weight.detach().clone()  # tied: as loaded, before any step
 
 
+def _state_rows(config: RewardConfig, split: str) -> list[dict]:
+    """The unary rows of ``target=states``: the built-in task's states of ``split``, or
+    the file's (``data`` for training, ``eval_data`` held out: none without it)."""
+    if config.data in BUILTIN_TASKS:
+        count = min(config.steps * config.grad_accum_steps * config.batch_size, MAX_BUILTIN_ROWS)
+        return builtin_task(config).rows("states", count if split == "train" else HELDOUT_SIZE, split)
+    path = config.data if split == "train" else config.eval_data
+    return [] if path is None else load_rows(path, "unary")
+
+
 def run(config: RewardConfig, warm_start=None) -> dict:
-    schema, rows = preference_data("reward", config)
+    if config.target == "states":
+        schema, rows, eval_rows = "states", _state_rows(config, "train"), _state_rows(config, "heldout")
+    else:
+        schema, rows = preference_data("reward", config)
+        eval_rows, _ = preference_eval_data("reward", config)
     if schema == "ranked":
         if not config.ranking:
             raise ConfigError(f"option 'ranking': is false, but {config.data} holds ranked rows (prompt, responses)")
         if config.margin or config.center_coef:
             raise ConfigError("options 'margin' and 'center_coef' apply to pairs only; set them to 0 for ranked rows")
-    eval_pairs, _ = preference_eval_data("reward", config)
     load_model = functools.partial(load_reward_model, head_std=config.head_init_std)
     run_dir, model, tokenizer, _ = prepare_run("reward", config, load_model=load_model, warm_start=warm_start)
-    lm_head = _starting_lm_head(config, model, warm_start) if config.lm_coef else None
+    lm_head = _starting_lm_head(config, model, warm_start) if config.lm_coef and schema != "states" else None
+
+    def encode_states(batch_rows):
+        batch = encode_responses(
+            tokenizer, [r["prompt"] for r in batch_rows], [r["completion"] for r in batch_rows], config.max_length
+        )
+        batch["value_labels"] = torch.tensor([float(r["label"]) for r in batch_rows])
+        return batch
 
     def collate(batch_rows):
-        if schema == "pairwise":
+        if schema == "states":
+            batch = encode_states(batch_rows)
+        elif schema == "pairwise":
             batch = encode_pairs(tokenizer, batch_rows, config.max_length)
         else:
             batch = encode_rankings(
@@ -176,6 +209,10 @@ def run(config: RewardConfig, warm_start=None) -> dict:
 
     def loss_fn(model, batch):
         scores, hidden = _scores_and_hidden(model, batch)
+        if schema == "states":
+            labels = batch["value_labels"].to(scores.device)
+            losses = torch.nn.functional.binary_cross_entropy_with_logits(scores, labels, reduction="none")
+            return losses.sum(), {"value_accuracy": _on_label_side(scores.detach(), labels).sum()}
         if schema == "pairwise":
             chosen, rejected = scores.chunk(2)
             losses = bradley_terry_loss(chosen, rejected, margin=config.margin, center_coef=config.center_coef)
@@ -198,15 +235,28 @@ def run(config: RewardConfig, warm_start=None) -> dict:
 
     @torch.no_grad()
     def evaluate(model):
+        if not eval_rows:
+            return {}
         was_training = model.training
         model.eval()
         correct = 0.0
-        for start in range(0, len(eval_pairs), _EVAL_BATCH):
-            batch = encode_pairs(tokenizer, eval_pairs[start : start + _EVAL_BATCH], config.max_length)
-            chosen, rejected = reward_scores(model, batch).chunk(2)
-            correct += float(ranked_first(chosen, rejected).sum())
+        for start in range(0, len(eval_rows), _EVAL_BATCH):
+            chunk = eval_rows[start : start + _EVAL_BATCH]
+            if schema == "states":
+                batch = encode_states(chunk)
+                correct += float(_on_label_side(reward_scores(model, batch), batch["value_labels"]).sum())
+            else:
+                chosen, rejected = reward_scores(model, encode_pairs(tokenizer, chunk, config.max_length)).chunk(2)
+                correct += float(ranked_first(chosen, rejected).sum())
         model.train(was_training)
-        return {"preference_accuracy": correct / len(eval_pairs)}
+        return {"value_accuracy" if schema == "states" else "preference_accuracy": correct / len(eval_rows)}
 
     batches = micro_batches(rows, config.batch_size, config.seed, collate)
     return train_and_evaluate(model, tokenizer, config, loss_fn, batches, run_dir, evaluate)
+
+
+def _on_label_side(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """1 where ``sigmoid(score)`` is on the side of 1/2 that the 0/1 label is, 1/2 at a
+    score of exactly 0 (as ``ranked_first`` counts a tie), else 0."""
+    side = torch.sign(scores.float()) * (2 * labels.to(scores.device).float() - 1)
+    return (side + 1) / 2
