@@ -42,11 +42,12 @@ after                          1/2): by the implicit reward ``beta*(lp - lp_ref)
                                dpo, ipo and kto, by the score for reward
 value_accuracy_before/after    reward with target=states: share of held-out states on
                                their label's side of sigmoid(score) = 1/2
-generated_tokens               grpo, ppo, trpo (and rlaif's ppo stage): tokens their
-                               rollouts decoded over the whole run (every session and
-                               rank; a tree leaf's beyond its shared prefix), the
-                               budget that compares rollouts; None when resumed from
-                               a checkpoint written before the count
+generated_tokens               grpo, ppo, trpo, rlaif: tokens the policy decoded over
+                               the whole run (every session and rank; a tree leaf's
+                               beyond its shared prefix; rlaif's labelled samples and
+                               its ppo stage's rollouts, ``labelling_generated_tokens``
+                               the former), the budget that compares rollouts; None
+                               when resumed from a checkpoint written before the count
 warm_start                     the warm start the run started from, or none: its cache
                                ``folder``, ``reused``, its SFT ``steps``, its
                                ``check_accuracy`` (exact match on the training prompts

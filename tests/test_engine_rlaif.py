@@ -326,6 +326,9 @@ def test_labelled_pairs_round_trip_through_dpo(tmp_path):
     assert schema == "pairwise" and len(rows) == result["labelled_pairs"] > 0
     assert result["labelled_pairs"] + result["identical_pairs"] <= QUICK["num_prompts"]
     assert 0 <= result["judge_heldout_accuracy"] <= 1
+    # 16 prompts x samples_per_prompt samples of at most 4 tokens, and dpo decodes nothing more.
+    samples = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["samples_per_prompt"]
+    assert 0 < result["generated_tokens"] == result["labelling_generated_tokens"] <= 16 * samples * 4
     # Every label is the judge's debiased preference, whatever order the responses were sampled in.
     judge, tokenizer = load_causal_lm(str(judge_dir))
     preference, _, _ = rlaif.judge_preferences(
@@ -390,8 +393,13 @@ def test_reward_then_ppo_trains_on_the_labelled_pairs(tmp_path):
     assert result["run_dir"] == str(tmp_path / "run" / "ppo") and result["steps"] == 2
     assert "reward_model_preference_accuracy_after" in result
     ppo_config = yaml.safe_load((tmp_path / "run" / "ppo" / "config.yaml").read_text())
-    # rlaif's beta and learning rate for ppo when none is given, not ppo's own 0.05 and 3e-4
-    assert ppo_config["beta"] == 2.0 and ppo_config["learning_rate"] == 5e-5
+    # The labelled samples' tokens, then the ppo stage's: every completion of each rollout it
+    # sampled (1 to max_new_tokens=4 tokens each), trained on or not when the run ends.
+    steps_per_pass = ppo_config["prompts_per_rollout"] // (ppo_config["batch_size"] * ppo_config["grad_accum_steps"])
+    rollouts = math.ceil(2 / (steps_per_pass * ppo_config["num_iterations"]))
+    completions = rollouts * ppo_config["prompts_per_rollout"]
+    ppo_tokens = result["generated_tokens"] - result["labelling_generated_tokens"]
+    assert result["labelling_generated_tokens"] > 0 and completions <= ppo_tokens <= 4 * completions
     reward_config = yaml.safe_load((tmp_path / "run" / "reward" / "config.yaml").read_text())
     assert reward_config["learning_rate"] == 1e-3 and reward_config["steps"] == 2  # reward_learning_rate, reward_steps
     assert ppo_config["rewards"] == [str(tmp_path / "run" / "reward" / "checkpoints" / "step-00000002" / "model")]

@@ -140,7 +140,7 @@ def run(config: RLAIFConfig, warm_start=None) -> dict:
         else training_rows("rlaif", config, "prompt")[:num_prompts]
     )
     torch.manual_seed(config.seed)  # the samples are the seed's, whatever drew from the RNG before
-    prompts, responses = _sample_responses(policy, tokenizer, rows, config)
+    prompts, responses, labelling_tokens = _sample_responses(policy, tokenizer, rows, config)
     labelled = _label_best_and_worst(judge, judge_tokenizer, config, prompts, responses)
     if not labelled:
         raise ValueError("rlaif: the judge labelled no pair (every prompt's responses were identical or tied)")
@@ -155,6 +155,7 @@ def run(config: RLAIFConfig, warm_start=None) -> dict:
     labelling = {
         "labelled_pairs": len(pairs), "unconfident_pairs": len(labelled) - len(pairs),
         "identical_pairs": sum(len(set(sampled)) == 1 for sampled in responses),
+        "labelling_generated_tokens": labelling_tokens,
     }
     if config.data == BUILTIN_DATA:
         labelling.update(_judge_heldout_metrics(judge, judge_tokenizer, config))
@@ -169,7 +170,11 @@ def run(config: RLAIFConfig, warm_start=None) -> dict:
     tokenizer.save_pretrained(policy_dir)
     del judge, policy
     outcome = _train(config, run_dir, policy_dir, pairs_path)
+    # The policy's decoded tokens: the labelled samples, then the ppo stage's rollouts (dpo
+    # decodes none); unknown when that stage resumed a checkpoint older than its count.
+    stage_tokens = outcome["metrics"].get("generated_tokens", 0)
     outcome["metrics"].update(labelling)
+    outcome["metrics"]["generated_tokens"] = None if stage_tokens is None else labelling_tokens + stage_tokens
     return outcome
 
 
@@ -250,9 +255,10 @@ def _train(config: RLAIFConfig, run_dir: Path, policy_dir: Path, pairs_path: Pat
     return outcome
 
 
-def _sample_responses(policy, tokenizer, rows: list[dict], config) -> tuple[list[str], list[list[str]]]:
-    """``(prompts, responses)``: ``samples_per_prompt`` sampled responses per row's prompt."""
-    prompts, responses = [], []
+def _sample_responses(policy, tokenizer, rows: list[dict], config) -> tuple[list[str], list[list[str]], int]:
+    """``(prompts, responses, decoded tokens)``: ``samples_per_prompt`` sampled responses
+    per row's prompt, and the tokens decoded for them."""
+    prompts, responses, decoded = [], [], 0
     k = config.samples_per_prompt
     for start in range(0, len(rows), _SAMPLE_BATCH):
         batch = [row["prompt"] for row in rows[start : start + _SAMPLE_BATCH]]
@@ -262,7 +268,8 @@ def _sample_responses(policy, tokenizer, rows: list[dict], config) -> tuple[list
         )
         prompts += batch
         responses += [rollout.completions[i : i + k] for i in range(0, len(rollout.completions), k)]
-    return prompts, responses
+        decoded += int(rollout.mask.sum())
+    return prompts, responses, decoded
 
 
 def _label_best_and_worst(judge, tokenizer, config, prompts: list[str], responses: list[list[str]]) -> list[dict]:
