@@ -623,6 +623,20 @@ def _model_folder(name: str, option_name: str = "model") -> str:
     )
 
 
+def _value_model_folder(name: str) -> str:
+    """The model folder of option ``value_model``, which must hold a trained score head
+    (a causal LM would get a random one); a one-line ConfigError otherwise."""
+    from .algorithms.reward import has_score_head
+
+    folder = _model_folder(name, "value_model")
+    if folder.startswith("builtin:") or not has_score_head(folder):
+        raise ConfigError(
+            f"option 'value_model': got {name!r}, which holds no trained score head (not a reward or value model); "
+            "train one with fastpo reward target=states"
+        )
+    return folder
+
+
 def reason(config: ReasonConfig) -> list[dict]:
     """Run ``config.strategies`` (class docstring); the reports, in order. The problems
     and the model folder are checked before the model loads (one-line ConfigErrors)."""
@@ -639,7 +653,7 @@ def reason(config: ReasonConfig) -> list[dict]:
     except ValueError as error:
         raise ConfigError(f"option 'problems': got {config.problems}: {error}") from None
     folder = _model_folder(config.model)
-    value_folder = None if config.value_model is None else _model_folder(config.value_model, "value_model")
+    value_folder = None if config.value_model is None else _value_model_folder(config.value_model)
     options = config.reasoning_options()
     if config.output is not None:
         Path(config.output).write_text("")
@@ -652,7 +666,7 @@ def reason(config: ReasonConfig) -> list[dict]:
         if value_folder is not None:
             from .algorithms.reward import load_reward_model
 
-            value_model, value_tokenizer = load_reward_model(value_folder, seed=config.seed, characters=task.characters)
+            value_model, value_tokenizer = load_reward_model(value_folder)
             value_model = (value_model.to(device).eval(), value_tokenizer)
         for strategy in config.strategies:
             torch.manual_seed(config.seed)

@@ -178,6 +178,16 @@ def test_model_option_takes_a_run_a_checkpoint_or_a_model_folder(tmp_path):
         _model_folder(str(tmp_path))
 
 
+def test_a_value_model_without_a_trained_score_head_is_refused(tmp_path, capsys):
+    model, tokenizer = load_causal_lm("builtin:tiny", characters=CountdownTask.characters)
+    model.save_pretrained(tmp_path / "causal")
+    tokenizer.save_pretrained(tmp_path / "causal")
+    capsys.readouterr()
+    for value_model in (tmp_path / "causal", "builtin:tiny"):
+        line = fails_in_one_line(["reason", "model=builtin:tiny", "value=head", f"value_model={value_model}"], capsys)
+        assert "option 'value_model'" in line and "no trained score head" in line and "target=states" in line
+
+
 def test_reason_reports_each_strategy_as_a_json_line_and_a_table(tmp_path, capsys):
     out = tmp_path / "reports.jsonl"
     args = ["reason", "model=builtin:tiny", "problems=2", "samples=2", "breadth=2", "proposals=2", "node_budget=2",

@@ -114,6 +114,18 @@ def load_reward_model(
     return model, tokenizer
 
 
+def has_score_head(folder: str | Path) -> bool:
+    """Whether the checkpoint ``folder`` stores a score head (a reward or value model's),
+    read from its safetensors' key names without loading a tensor."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as tensors:
+            if "score.weight" in tensors.keys():
+                return True
+    return False
+
+
 def reward_scores(model, batch) -> torch.Tensor:
     """Scores ``(B,)`` float32: the head applied to the hidden state of each row's last
     valid token (rows are right-padded)."""
