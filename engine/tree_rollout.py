@@ -143,25 +143,11 @@ def candidate_points(
 
 
 def branch_points(
-    leaves: Sequence[Sequence[int]],
-    entropies: Sequence[Sequence[float]],
-    count: int,
-    *,
-    used: set[tuple[int, ...]],
-    line_ends: set[int] | None = None,
-    last_line: bool = False,
-    max_prefix: int | None = None,
+    candidates: list[tuple[int, int]], entropies: Sequence[Sequence[float]], count: int
 ) -> list[tuple[int, int]]:
-    """Up to ``count`` of the tree's ``candidate_points``, highest entropy first (ties:
-    earlier leaf, then earlier position)."""
-    candidates = candidate_points(leaves, used=used, line_ends=line_ends, last_line=last_line, max_prefix=max_prefix)
-    return _highest_entropy_first(candidates, entropies)[:count]
-
-
-def _highest_entropy_first(
-    points: list[tuple[int, int]], entropies: Sequence[Sequence[float]]
-) -> list[tuple[int, int]]:
-    return sorted(points, key=lambda point: (-float(entropies[point[0]][point[1]]), *point))
+    """Up to ``count`` of a tree's ``candidate_points``, highest entropy first (ties:
+    earlier leaf, then earlier position); ``entropies[leaf][position]``."""
+    return sorted(candidates, key=lambda point: (-float(entropies[point[0]][point[1]]), *point))[:count]
 
 
 @torch.no_grad()
@@ -259,7 +245,7 @@ def sample_tree(
         for i, room, wanted, candidates in plans:
             tree = trees[i]
             if len(candidates) > wanted:
-                candidates = _highest_entropy_first(candidates, [leaf.entropy for leaf in tree])
+                candidates = branch_points(candidates, [leaf.entropy for leaf in tree], wanted)
             for j, p in candidates[:wanted] or [(0, 0)]:  # nothing left to branch from: new chains from the root
                 source = tree[j]
                 used[i].add(tuple(source.tokens[:p]))

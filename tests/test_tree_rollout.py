@@ -14,7 +14,9 @@ from fastpo.bench.decisive_lines import line_value_paths, resolved_variance
 from fastpo.engine.countdown import CountdownTask
 from fastpo.engine.forward import encode_prompts, response_logprobs
 from fastpo.engine.rollout import rollout_from_tokens
-from fastpo.engine.tree_rollout import branch_points, sample_tree, tree_advantages, treerl_advantages
+from fastpo.engine.tree_rollout import (
+    branch_points, candidate_points, sample_tree, tree_advantages, treerl_advantages,
+)
 
 # A hand-drawn tree of four leaves (tokens) and their rewards:
 #
@@ -85,11 +87,11 @@ def test_branch_points_highest_entropy_first_never_a_used_prefix():
     leaves = [[1, 2, 3], [1, 5, 4]]
     entropies = [[0.1, 0.9, 0.5], [0.1, 0.9, 0.7]]
     # Position 1 of both leaves is the same prefix [1]: offered once (the first leaf's).
-    assert branch_points(leaves, entropies, 3, used={()}) == [(0, 1), (1, 2), (0, 2)]
-    assert branch_points(leaves, entropies, 2, used={(), (1,)}) == [(1, 2), (0, 2)]
+    assert branch_points(candidate_points(leaves, used={()}), entropies, 3) == [(0, 1), (1, 2), (0, 2)]
+    assert branch_points(candidate_points(leaves, used={(), (1,)}), entropies, 2) == [(1, 2), (0, 2)]
     # Line mode: only position 0 and positions right after a token that ends a line (2 here).
-    assert branch_points(leaves, entropies, 3, used=set(), line_ends={2}) == [(0, 2), (0, 0)]
-    assert branch_points(leaves, entropies, 3, used={()}, max_prefix=1) == [(0, 1)]
+    assert branch_points(candidate_points(leaves, used=set(), line_ends={2}), entropies, 3) == [(0, 2), (0, 0)]
+    assert branch_points(candidate_points(leaves, used={()}, max_prefix=1), entropies, 3) == [(0, 1)]
 
 
 def test_branch_points_last_line_offers_each_leafs_last_line_start():
@@ -97,12 +99,16 @@ def test_branch_points_last_line_offers_each_leafs_last_line_start():
     # prefix [1, 2], which leaf 0 shares); leaf 2 is one line: it offers the root alone.
     leaves = [[1, 2, 3, 2, 4], [1, 2, 5], [6, 7]]
     entropies = [[0.0, 0.0, 0.9, 0.0, 0.1], [0.0, 0.0, 0.8], [0.5, 0.0]]
-    assert branch_points(leaves, entropies, 3, used={()}, line_ends={2}, last_line=True) == [(1, 2), (0, 4)]
-    assert branch_points(leaves, entropies, 3, used=set(), line_ends={2}, last_line=True) == [(1, 2), (2, 0), (0, 4)]
+
+    def last_lines(used, **where):
+        return branch_points(candidate_points(leaves, used=used, line_ends={2}, last_line=True, **where), entropies, 3)
+
+    assert last_lines({()}) == [(1, 2), (0, 4)]
+    assert last_lines(set()) == [(1, 2), (2, 0), (0, 4)]
     # The last line start within max_prefix: leaf 0's becomes 2, the prefix leaf 1 offers too.
-    assert branch_points(leaves, entropies, 3, used={()}, line_ends={2}, last_line=True, max_prefix=3) == [(0, 2)]
+    assert last_lines({()}, max_prefix=3) == [(0, 2)]
     with pytest.raises(ValueError, match="last_line=True needs line_ends"):
-        branch_points(leaves, entropies, 3, used=set(), last_line=True)
+        candidate_points(leaves, used=set(), last_line=True)
 
 
 @pytest.mark.parametrize("split", ["entropy", "line", "last_line"])
