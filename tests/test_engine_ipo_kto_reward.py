@@ -255,6 +255,15 @@ def test_reward_on_countdown_states_matches_a_float64_cross_entropy(tmp_path):
     logsigmoid = torch.nn.functional.logsigmoid
     per_row = -(labels * logsigmoid(scores) + (1 - labels) * logsigmoid(-scores))
     assert _losses(summary)[0] == pytest.approx(float(per_row.mean()), rel=1e-4)
+    # eval_data's rows, when given, are the held-out states: the same states labelled all
+    # true, then all false, are each on the other side of 1/2 from the same scores.
+    states = task.rows("states", 5, "heldout")
+    accuracies = []
+    for label in (True, False):
+        path = _write(tmp_path / f"states_{label}.jsonl", [{**row, "label": label} for row in states])
+        evaluated = train("reward", {**run, "eval_data": path, "output_dir": str(tmp_path / f"eval_{label}")})
+        accuracies.append(evaluated["value_accuracy_before"])
+    assert accuracies[0] + accuracies[1] == pytest.approx(1.0) and accuracies[0] != 0.5
     with pytest.raises(ConfigError, match="option 'data': got 'builtin:addition' with target=states"):
         train("reward", {**run, "data": "builtin:addition"})
     with pytest.raises(ConfigError, match="'margin' and 'center_coef' apply to preferences only"):

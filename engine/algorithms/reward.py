@@ -39,9 +39,9 @@ With ``target=states`` the score is a value instead: unary rows ``{"prompt",
 a state's value prompt labelled true when the solver can still reach the target; or a
 file's) train ``sigmoid(score)`` as the probability that the label is true, by binary
 cross-entropy (a value model, or an outcome reward model on whole responses); no LM
-term. Its evaluation is ``value_accuracy``, the share of held-out rows (the task's
-held-out states, or ``eval_data``'s unary rows; none without them for a file) on the
-side of 1/2 their label says. ``fastpo reason value=head`` searches with it.
+term. Its evaluation is ``value_accuracy``, the share of held-out rows (``eval_data``'s
+unary rows when given, else the task's held-out states; none for a data file alone) on
+the side of 1/2 their label says. ``fastpo reason value=head`` searches with it.
 
 Evaluation, before and after training: ``preference_accuracy``, the share of held-out
 pairs (the built-in task's, or ``eval_data``'s, a ranked row giving its K*(K-1)/2
@@ -64,7 +64,7 @@ from ..data import load_rows
 from ..forward import IGNORE_INDEX, encode_responses
 from ..models import load_causal_lm
 from ..tasks import BUILTIN_TASKS
-from ._common import HELDOUT_SIZE, MAX_BUILTIN_ROWS, builtin_task, micro_batches, prepare_run, train_and_evaluate
+from ._common import heldout_rows, micro_batches, prepare_run, train_and_evaluate, training_rows
 from ._pairs import encode_pairs, encode_rankings, ordered_share, preference_data, preference_eval_data, ranked_first
 
 __all__ = ["load_reward_model", "reward_scores", "run"]
@@ -169,13 +169,15 @@ def _starting_lm_head(config: RewardConfig, model, warm_start) -> torch.Tensor |
 
 
 def _state_rows(config: RewardConfig, split: str) -> list[dict]:
-    """The unary rows of ``target=states``: the built-in task's states of ``split``, or
-    the file's (``data`` for training, ``eval_data`` held out: none without it)."""
+    """The unary rows of ``target=states`` for ``split``: ``eval_data``'s when held out
+    and given, else the built-in task's states, else ``data``'s (a file has no held-out
+    rows of its own)."""
+    if split == "heldout" and config.eval_data is not None:
+        return load_rows(config.eval_data, "unary")
     if config.data in BUILTIN_TASKS:
-        count = min(config.steps * config.grad_accum_steps * config.batch_size, MAX_BUILTIN_ROWS)
-        return builtin_task(config).rows("states", count if split == "train" else HELDOUT_SIZE, split)
-    path = config.data if split == "train" else config.eval_data
-    return [] if path is None else load_rows(path, "unary")
+        rows_of = training_rows if split == "train" else heldout_rows
+        return rows_of("reward", config, "states")
+    return load_rows(config.data, "unary") if split == "train" else []
 
 
 def run(config: RewardConfig, warm_start=None) -> dict:
