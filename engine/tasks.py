@@ -69,9 +69,9 @@ CONFIG_DEFAULTS: dict[str, dict[str, dict]] = {
         # From the cached warm starts of seeds 0, 1, 2, 1e-4 gained +11 / +10 / +8.5 points where
         # 5e-5 gained +8 / +5.5 / +6.5 (docs/reasoning.md). rollout=tree: a chain's first
         # line decides 53-56% of its outcome's variance, its answer line 20-24%, so a tree
-        # of 4 whole chains and one resampled answer each matched flat with 64% of its tokens
-        # (two draws, means 30.3% and 32.0% against 30.8%, three seeds), where 2 chains
-        # branched at any line start fell 2.6 points short with 70%.
+        # of 4 whole chains and one resampled answer each ends 2.0 points below flat with 64%
+        # of its tokens and 0.9 above at flat's tokens (three draws of three seeds), where 2
+        # chains branched at any line start fell 2.6 points short with 70% (one draw).
         "grpo": {
             "steps": 100, "eval_every": 25, "learning_rate": 1e-4,
             "tree_split": "last_line", "tree_initial": 4, "tree_points": 4, "tree_branches": 1,

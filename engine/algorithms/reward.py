@@ -114,16 +114,21 @@ def load_reward_model(
     return model, tokenizer
 
 
-def has_score_head(folder: str | Path) -> bool:
-    """Whether the checkpoint ``folder`` stores a score head (a reward or value model's),
-    read from its safetensors' key names without loading a tensor."""
+def _stored_tensor_files(folder: Path) -> dict[str, Path]:
+    """Each tensor name in ``folder``'s safetensors files, with the file that holds it,
+    read from the files' headers without loading a tensor."""
     from safetensors import safe_open
 
-    for file in sorted(Path(folder).glob("*.safetensors")):
+    files = {}
+    for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as tensors:
-            if "score.weight" in tensors.keys():
-                return True
-    return False
+            files.update(dict.fromkeys(tensors.keys(), file))
+    return files
+
+
+def has_score_head(folder: str | Path) -> bool:
+    """Whether the checkpoint ``folder`` stores a score head (a reward or value model's)."""
+    return "score.weight" in _stored_tensor_files(Path(folder))
 
 
 def reward_scores(model, batch) -> torch.Tensor:
@@ -157,13 +162,11 @@ def _starting_lm_head(config: RewardConfig, model, warm_start) -> torch.Tensor |
         folder = Path(config.model)
     else:
         return None
-    names = set()
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as tensors:
-            if "lm_head.weight" in tensors.keys():
-                return tensors.get_tensor("lm_head.weight").to(model.score.weight)
-            names.update(tensors.keys())
-    if "score.weight" in names or not getattr(model.config, "tie_word_embeddings", False):
+    files = _stored_tensor_files(folder)
+    if "lm_head.weight" in files:
+        with safe_open(str(files["lm_head.weight"]), framework="pt") as tensors:
+            return tensors.get_tensor("lm_head.weight").to(model.score.weight)
+    if "score.weight" in files or not getattr(model.config, "tie_word_embeddings", False):
         return None  # a reward checkpoint, or no LM head stored
     return model.get_input_embeddings().weight.detach().clone()  # tied: as loaded, before any step
 
