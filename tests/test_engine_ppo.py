@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastpo.engine import cli, train
-from fastpo.engine.algorithms import ppo
+from fastpo.engine.algorithms import _online, ppo
 from fastpo.engine.config import ConfigError, PPOConfig, from_dict
 from fastpo.engine.forward import IGNORE_INDEX
 
@@ -35,14 +35,14 @@ def _records(path):
 
 
 def _captured_run(monkeypatch, options):
-    """``ppo.run`` up to the shared loop: its model, loss_fn and rollout stream."""
+    """``ppo.run`` up to the shared loop (``OnlineRun.train``'s call): its model, loss_fn and rollout stream."""
     captured = {}
 
-    def capture(model, tokenizer, config, loss_fn, batches, run_dir, evaluate):
+    def capture(model, tokenizer, config, loss_fn, batches, run_dir, evaluate, update=None):
         captured.update(model=model, loss_fn=loss_fn, batches=batches)
         return {"metrics": {}}
 
-    monkeypatch.setattr(ppo, "train_and_evaluate", capture)
+    monkeypatch.setattr(_online, "train_and_evaluate", capture)
     ppo.run(from_dict(PPOConfig, options))
     return captured
 

@@ -31,7 +31,7 @@ from ..loop import autocast_dtype
 from ..rollout import Rollout, concatenate_rollouts, reward_function, sample_completions
 from ..step_metrics import maximum
 from ..tasks import BUILTIN_TASKS
-from ._common import exact_match_accuracy, heldout_rows, micro_batches, training_rows
+from ._common import exact_match_accuracy, heldout_rows, micro_batches, train_and_evaluate, training_rows
 
 __all__ = [
     "OnlineRun",
@@ -146,6 +146,17 @@ class OnlineRun:
             "completion_length": rollout.mask.sum(-1).float(),
             "truncated": rollout.truncated.float(),
         }
+
+    def train(
+        self, model, loss_fn: Callable | None, stream: RolloutStream, run_dir, update: Callable | None = None
+    ) -> dict:
+        """``train_and_evaluate`` on ``stream``'s rollouts with this run's ``evaluate``; the
+        summary's ``generated_tokens`` is the stream's count over the whole run."""
+        outcome = train_and_evaluate(
+            model, self.tokenizer, self.config, loss_fn, stream, run_dir, self.evaluate, update=update
+        )
+        outcome["metrics"]["generated_tokens"] = stream.generated_tokens
+        return outcome
 
     def evaluate(self, model) -> dict:
         """Greedy completions of the held-out prompts, cut at ``stop_strings`` as the

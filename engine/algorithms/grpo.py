@@ -57,7 +57,7 @@ from fastpo.kernels import ADVANTAGE_ESTIMATORS, policy_loss
 from ..config import GRPOConfig
 from ..forward import greedy_completions, response_logprobs
 from ..tree_rollout import grpo_tree_rollout
-from ._common import prepare_run, train_and_evaluate
+from ._common import prepare_run
 from ._online import (
     OnlineRun,
     RolloutStream,
@@ -193,9 +193,7 @@ def run(config: GRPOConfig, warm_start=None) -> dict:
         return loss * batch["num_units"], metrics
 
     stream = RolloutStream(make_rollout)
-    outcome = train_and_evaluate(model, tokenizer, config, loss_fn, stream, run_dir, online.evaluate)
-    outcome["metrics"]["generated_tokens"] = stream.generated_tokens
-    return outcome
+    return online.train(model, loss_fn, stream, run_dir)
 
 
 def last_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ from fastpo.kernels import gae, kl_penalty, policy_loss, value_loss, whiten
 from ..config import ConfigError, PPOConfig
 from ..data import DataError, load_rows
 from ..forward import IGNORE_INDEX, encode_responses, response_logprobs
-from ._common import BUILTIN_DATA, MAX_BUILTIN_ROWS, builtin_task, micro_batches, prepare_run, train_and_evaluate
+from ._common import BUILTIN_DATA, MAX_BUILTIN_ROWS, builtin_task, micro_batches, prepare_run
 from ._online import (
     OnlineRun,
     RolloutStream,
@@ -272,6 +272,4 @@ def run(config: PPOConfig, warm_start=None) -> dict:
         return loss, metrics
 
     stream = _ShapingStream(make_rollout, config.beta)
-    outcome = train_and_evaluate(model, tokenizer, config, loss_fn, stream, run_dir, online.evaluate)
-    outcome["metrics"]["generated_tokens"] = stream.generated_tokens
-    return outcome
+    return online.train(model, loss_fn, stream, run_dir)

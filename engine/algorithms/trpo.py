@@ -71,7 +71,7 @@ from ..config import TRPOConfig
 from ..loop import StepOutcome, Update
 from ..step_metrics import StepMetrics
 from ..tree_rollout import tree_advantages
-from ._common import prepare_run, train_and_evaluate
+from ._common import prepare_run
 from ._online import OnlineRun, RolloutStream, per_completion_metrics
 
 __all__ = [
@@ -116,9 +116,7 @@ def run(config: TRPOConfig, warm_start=None) -> dict:
         }]
 
     stream = RolloutStream(make_rollout)
-    outcome = train_and_evaluate(model, tokenizer, config, None, stream, run_dir, online.evaluate, update=TRPOUpdate)
-    outcome["metrics"]["generated_tokens"] = stream.generated_tokens
-    return outcome
+    return online.train(model, None, stream, run_dir, update=TRPOUpdate)
 
 
 class TRPOUpdate(Update):
