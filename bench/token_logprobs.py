@@ -180,8 +180,8 @@ def run(device: str, shapes, dtypes, out_dir: str | None) -> list[dict]:
     if copy_bw:
         env["copy_bandwidth_GBps"] = round(copy_bw / 1e9, 1)
     columns = ["impl", "tokens", "vocab", "dtype", "median_ms", "p20_ms", "p80_ms", "cpu_ms", "input_check_ms",
-               "speedup_vs_eager", "time_vs_plain", "cpu_vs_plain", "interleaved_vs_plain", "extra_mem_MiB", "extra_mem_%logits", "%copy_bw",
-               "note"]
+               "speedup_vs_eager", "time_vs_plain", "cpu_vs_plain", "interleaved_vs_plain", "extra_mem_MiB",
+               "extra_mem_%logits", "%copy_bw", "note"]
     harness.report("token_logprobs forward+backward", rows, columns, env, out_dir, "token_logprobs")
     return rows
 

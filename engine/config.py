@@ -36,7 +36,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -61,13 +61,15 @@ from fastpo.kernels.policy import (
     SEQ_MEAN_ROWS,
 )
 
-from .tasks import BUILTIN_TASKS, STATE_TASKS, config_defaults
+from .tasks import BUILTIN_TASKS, STATE_TASKS, builtin_task, config_defaults
 
 __all__ = [
     "ALGORITHMS",
+    "AdditionOptions",
     "BUILTIN_DATA",
     "BaseConfig",
     "ConfigError",
+    "CountdownOptions",
     "DPOConfig",
     "GRPOConfig",
     "IPOConfig",
@@ -78,7 +80,10 @@ __all__ = [
     "RewardConfig",
     "RunConfig",
     "SFTConfig",
+    "TASK_SECTIONS",
     "TRPOConfig",
+    "cache_settings",
+    "check_task_sections",
     "config_class",
     "config_to_dict",
     "format_help",
@@ -86,6 +91,7 @@ __all__ = [
     "load_config",
     "option",
     "save_yaml",
+    "task_settings",
 ]
 
 
@@ -118,6 +124,77 @@ def option(default: Any, doc: str, *, minimum: float | None = None, positive: bo
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+@dataclass
+class AdditionOptions:
+    """The problems of ``builtin:addition`` (``engine/task.py``'s ``AdditionTask``)."""
+
+    digits: int = option(2, "builtin:addition: digits per operand.", positive=True)
+
+
+@dataclass
+class CountdownOptions:
+    """The problems and reward of ``builtin:countdown`` (``engine/countdown.py``'s
+    ``CountdownTask``): the difficulty knobs and the partial credit."""
+
+    # Options of the reward alone: SFT on the problems (a warm start) does not read them.
+    REWARD_OPTIONS: ClassVar[tuple[str, ...]] = ("format_reward", "progress_reward")
+    count: int = option(4, "builtin:countdown: numbers per problem, 2 to 6 (a solution takes count - 1 steps).",
+                        positive=True)
+    max_number: int = option(13, "builtin:countdown: the numbers are drawn from 1 to this.", positive=True)
+    min_target: int = option(24, "builtin:countdown: smallest target (24 to 24: the Game of 24).", positive=True)
+    max_target: int = option(24, "builtin:countdown: largest target.", positive=True)
+    use_all: bool = option(True, "builtin:countdown: every number used exactly once, else at most once.")
+    format_reward: float = option(0.1, "builtin:countdown: reward of a wrong but well-formed chain.", minimum=0)
+    progress_reward: float = option(
+        0.0, "builtin:countdown: partial credit of a wrong chain, times the share of its needed steps that were "
+        "valid and kept the target reachable.", minimum=0,
+    )
+
+
+# The option section of each built-in task's settings: a run builds its task with them
+# (``task_settings``), and only a run whose data or rewards name the task may change them.
+TASK_SECTIONS = {"builtin:addition": "addition", "builtin:countdown": "countdown"}
+
+
+def task_settings(config, task: str) -> dict:
+    """The settings ``config`` gives built-in ``task`` (its section's values; none when
+    the config has no such section)."""
+    section = getattr(config, TASK_SECTIONS[task], None)
+    return {} if section is None else dataclasses.asdict(section)
+
+
+def cache_settings(config) -> dict:
+    """``config_to_dict(config)`` without the task sections left at their defaults: what a
+    cache key hashes, so that the keys of runs on the default problems stay those made
+    before the sections existed."""
+    values = config_to_dict(config)
+    for section in TASK_SECTIONS.values():
+        if section in values and values[section] == config_to_dict(type(getattr(config, section))()):
+            del values[section]
+    return values
+
+
+def check_task_sections(config, named: set[str]) -> None:
+    """ConfigError for task settings the task refuses, or changed for a task that neither
+    ``config.data`` nor its rewards (``named``) name."""
+    for task, section in TASK_SECTIONS.items():
+        values = getattr(config, section, None)
+        if values is None:
+            continue
+        try:
+            builtin_task(task, **dataclasses.asdict(values))
+        except ValueError as error:
+            raise ConfigError(f"option {section!r}: {error}") from None
+        changed = {key: value for key, value in dataclasses.asdict(values).items()
+                   if value != getattr(type(values)(), key)}
+        if changed and task not in named:
+            key, value = next(iter(changed.items()))
+            raise ConfigError(
+                f"option '{section}.{key}': got {value!r}, but the {section} options apply to {task}, which "
+                f"neither data={config.data} nor the rewards name"
+            )
 
 
 @dataclass
@@ -174,6 +251,8 @@ class RunConfig:
     gradient_checkpointing: bool = option(
         False, "Recompute each layer's activations in the backward (Hugging Face gradient_checkpointing_enable)."
     )
+    addition: AdditionOptions = option(AdditionOptions(), "builtin:addition's problems.")
+    countdown: CountdownOptions = option(CountdownOptions(), "builtin:countdown's problems and reward.")
 
     # Options of a parent class that this one refuses, with the reason (see TRPOConfig).
     NOT_APPLICABLE = {}
@@ -199,6 +278,7 @@ class RunConfig:
                 "in bfloat16, so use dtype=auto or float32 (or autocast=none)"
             )
         _check_unit_interval("warm_start_accuracy", self.warm_start_accuracy)
+        check_task_sections(self, {self.data, *getattr(self, "rewards", ())})
         if self.warm_start_steps and self.data not in BUILTIN_TASKS:
             raise ConfigError(
                 f"option 'warm_start_steps': got {self.warm_start_steps}, but the warm start trains on a built-in "
@@ -713,7 +793,9 @@ class TRPOConfig(RolloutOptions, RunConfig):
 
     steps: int = option(60, "Rollouts to run, one TRPO update each.", positive=True)
     eval_every: int = option(10, "Evaluate on held-out data every N steps (0: only at the end).", minimum=0)
-    batch_size: int = option(64, "Completions per forward pass of the update (the whole rollout is one step).", positive=True)
+    batch_size: int = option(
+        64, "Completions per forward pass of the update (the whole rollout is one step).", positive=True
+    )
     prompts_per_rollout: int = option(32, "Prompts sampled per rollout.", positive=True)
     scale_rewards: Literal["group", "batch", "none"] = option(
         "group", "Std that divides the group-centered rewards (the advantage): group, batch, none."
@@ -735,8 +817,12 @@ class TRPOConfig(RolloutOptions, RunConfig):
     fisher_every: int = option(
         8, "Conjugate gradient's KL-Hessian products on every N-th completion of the rollout (1: all).", positive=True
     )
-    backtrack_factor: float = option(0.5, "Line search: each try shrinks the step by this factor, in (0, 1).", positive=True)
-    line_search_tries: int = option(10, "Line search: steps tried at most (the full step first); none kept: no step.", positive=True)
+    backtrack_factor: float = option(
+        0.5, "Line search: each try shrinks the step by this factor, in (0, 1).", positive=True
+    )
+    line_search_tries: int = option(
+        10, "Line search: steps tried at most (the full step first); none kept: no step.", positive=True
+    )
 
     NOT_APPLICABLE = {
         "learning_rate": _NO_ADAMW,
@@ -993,6 +1079,8 @@ def _apply(config, mapping: dict, prefix: str, root_cls) -> None:
             )
         tp = types_[key]
         if dataclasses.is_dataclass(tp):
+            if isinstance(value, tp):  # a section given as its dataclass (from Python)
+                value = dataclasses.asdict(value)
             if not isinstance(value, dict):
                 raise _type_error(dotted, value, tp)
             _apply(getattr(config, key), value, dotted + ".", root_cls)

@@ -13,18 +13,61 @@ with the same checks on every row.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from .config import BUILTIN_DATA, ConfigError
-from .tasks import BUILTIN_TASKS
+from .config import BUILTIN_DATA, ConfigError, task_settings
+from .tasks import BUILTIN_TASKS, Task, builtin_task
 from .data import ALGORITHM_SCHEMAS, check_file
 from .models import BUILTIN_MODELS
 from .rollout import check_reward_source
 
-__all__ = ["EVAL_SCHEMAS", "check_inputs"]
+__all__ = ["EVAL_SCHEMAS", "check_inputs", "reference_lengths", "short_budget_warnings"]
 
 # The schemas an algorithm's eval_data may hold (its training schemas unless listed).
 EVAL_SCHEMAS = {"kto": ("pairwise",)}
+# Demonstrations whose lengths a run on a built-in task checks its budgets against.
+LENGTH_SAMPLE = 64
+
+
+def reference_lengths(task: Task) -> tuple[int, int]:
+    """The most tokens of the built-in model's tokenizer that the first ``LENGTH_SAMPLE``
+    training demonstrations of ``task`` take: a completion with its eos, and a whole row
+    with bos and eos. A sample, so a lower bound on what a budget needs."""
+    from .tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer(task.characters)
+    completion = row = 0
+    for example in task.sft_examples(LENGTH_SAMPLE, "train"):
+        prompt = len(tokenizer.encode(example["prompt"], add_special_tokens=False))
+        answer = len(tokenizer.encode(example["completion"], add_special_tokens=False)) + 1
+        completion, row = max(completion, answer), max(row, prompt + answer + 1)
+    return completion, row
+
+
+def short_budget_warnings(task: Task, budgets: dict[str, tuple[int, bool]]) -> list[str]:
+    """One line per budget too short for ``task``'s demonstrations (``reference_lengths``):
+    ``budgets`` maps an option's name to its value and whether it bounds a completion
+    (else a whole row). Short budgets are allowed (a quick test run), but they cut the
+    chains, which then earn nothing: a harder countdown's need more tokens."""
+    completion, row = reference_lengths(task)
+    lines = []
+    for option, (value, of_completion) in budgets.items():
+        needed = completion if of_completion else row
+        if value < needed:
+            what = "solutions" if of_completion else "demonstrations (prompt and solution)"
+            lines.append(f"fastpo: warning: {option}={value}, but the {what} of this task take up to {needed} "
+                         f"tokens, so longer ones are cut; {option}>={needed} fits them")
+    return lines
+
+
+def _warn_short_budgets(config) -> None:
+    task = builtin_task(config.data, seed=config.seed, **task_settings(config, config.data))
+    budgets = {"max_length": (config.max_length, False)}
+    if hasattr(config, "max_new_tokens"):
+        budgets["max_new_tokens"] = (config.max_new_tokens, True)
+    for line in short_budget_warnings(task, budgets):
+        print(line, file=sys.stderr)
 
 
 def _check_model(name: str) -> None:
@@ -59,7 +102,9 @@ def _eval_schemas(algorithm: str, config) -> tuple[str, ...]:
 
 def check_inputs(algorithm: str, config) -> None:
     """ConfigError or ``data.DataError`` (both one line) for an option of ``config`` that
-    names a missing or unusable model, data file, reward source, critic or judge."""
+    names a missing or unusable model, data file, reward source, critic or judge; a
+    warning on stderr for a budget that cuts the built-in task's solutions
+    (``short_budget_warnings``, with the built-in model)."""
     _check_model(config.model)
     if config.data.startswith("builtin:"):
         if config.data not in BUILTIN_TASKS:
@@ -67,6 +112,8 @@ def check_inputs(algorithm: str, config) -> None:
                 f"option 'data': got {config.data!r}; expected a built-in task ({', '.join(BUILTIN_TASKS)}) or a "
                 ".jsonl/.parquet file"
             )
+        if config.model in BUILTIN_MODELS:
+            _warn_short_budgets(config)
     else:
         check_file(config.data, _training_schemas(algorithm, config), "data")
     if config.eval_data is not None:

@@ -63,7 +63,7 @@ from typing import Callable, Literal, Protocol, Sequence
 
 import torch
 
-from .config import ConfigError, option
+from .config import ConfigError, CountdownOptions, check_task_sections, option, task_settings
 from .forward import encode_responses, response_logprobs
 from .rollout import sample_completions
 
@@ -562,6 +562,7 @@ class ReasonConfig:
     device: str = option("auto", "Device: auto (cuda when available, else cpu), cpu, cuda, cuda:N.")
     threads: int | None = option(None, "CPU threads; none: as training runs choose them (threads.py).", positive=True)
     output: str | None = option(None, "Also write the JSON lines to this file; none: stdout only.")
+    countdown: CountdownOptions = option(CountdownOptions(), "builtin:countdown's problems (those the model trained on).")
 
     def __post_init__(self):
         self.validate()
@@ -586,6 +587,7 @@ class ReasonConfig:
                 f"option 'value_model': got {got} with value={self.value}; value={'/'.join(HEAD_VALUES)} reads a value "
                 f"model (fastpo reward target=states), and only they do"
             )
+        check_task_sections(self, {self.data})
         try:
             self.reasoning_options()
         except ValueError as error:
@@ -647,7 +649,11 @@ def reason(config: ReasonConfig) -> list[dict]:
     from .tasks import builtin_task
     from .threads import run_threads
 
-    task = builtin_task(config.data, seed=config.seed)
+    from .inputs import short_budget_warnings
+
+    task = builtin_task(config.data, seed=config.seed, **task_settings(config, config.data))
+    for line in short_budget_warnings(task, {"max_chain_tokens": (config.max_chain_tokens, True)}):
+        print(line, file=sys.stderr)
     try:  # the held-out evaluation's problems (OnlineRun's "prompt" rows), the first config.problems
         problems = task.problems(max(config.problems, HELDOUT_SIZE), config.split, "prompts")[: config.problems]
     except ValueError as error:

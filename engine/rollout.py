@@ -23,7 +23,8 @@ first stop string (the tokens up to the one that completes it), or after
 
 Rewards: ``reward_function(specs, weights)`` combines reward sources, each called as
 ``fn(prompts, completions, **row_fields) -> list of floats``: a built-in task's name
-(``builtin:addition``, ``builtin:countdown``: the task's verifier, ``tasks.BUILTIN_TASKS``), ``module:function`` (a Python callable), or the path of a reward
+(``builtin:addition``, ``builtin:countdown``: the task's verifier, ``tasks.BUILTIN_TASKS``),
+``module:function`` (a Python callable), or the path of a reward
 model checkpoint (a one-label ``AutoModelForSequenceClassification``, as ``fastpo
 reward`` saves).
 """
@@ -324,10 +325,10 @@ def _reward_model(path: str) -> Callable:
     return score
 
 
-def _reward_source(spec: str) -> Callable:
+def _reward_source(spec: str, tasks: dict) -> Callable:
     kind, function = _reward_kind(spec)
     if kind == "builtin":
-        return builtin_task(spec).reward
+        return (tasks.get(spec) or builtin_task(spec)).reward
     return _reward_model(spec) if kind == "model" else function
 
 
@@ -354,17 +355,21 @@ def _reward_kind(spec: str) -> tuple[str, Callable | None]:
     )
 
 
-def reward_function(specs: list[str], weights: list[float] | None = None) -> RewardSources:
+def reward_function(
+    specs: list[str], weights: list[float] | None = None, tasks: dict | None = None
+) -> RewardSources:
     """``rewards(prompts, completions, rows) -> (B,) float32``: the weighted sum of the
     sources ``specs`` (weights default to 1 each); ``rows`` are the dataset rows, whose
-    fields other than ``prompt`` reach each source as keyword lists. Its
+    fields other than ``prompt`` reach each source as keyword lists. A built-in task's
+    source is the verifier of ``tasks[name]`` (a run's task with its settings: its
+    partial credit, its rules) when given, else of the task's defaults. Its
     ``components(prompts, completions, rows)`` are the sources' own rewards, (B, K)."""
     if not specs:
         raise ValueError("at least one reward source is needed")
     weights = [1.0] * len(specs) if weights is None else list(weights)
     if len(weights) != len(specs):
         raise ValueError(f"got {len(weights)} reward weights for {len(specs)} reward sources")
-    return RewardSources(list(specs), weights)
+    return RewardSources(list(specs), weights, tasks or {})
 
 
 class RewardSources:
@@ -372,10 +377,10 @@ class RewardSources:
     ``components`` the rewards of each source unweighted (a column each, in ``specs``
     order: GDPO normalizes them one by one), ``combine`` their weighted sum."""
 
-    def __init__(self, specs: list[str], weights: list[float]):
+    def __init__(self, specs: list[str], weights: list[float], tasks: dict):
         self.specs = specs
         self.weights = torch.tensor(weights, dtype=torch.float32)
-        self._sources = [_reward_source(spec) for spec in specs]
+        self._sources = [_reward_source(spec, tasks) for spec in specs]
 
     def components(self, prompts: list[str], completions: list[str], rows: list[dict]) -> torch.Tensor:
         fields = {key: [row.get(key) for row in rows] for key in (rows[0] if rows else {}) if key != "prompt"}

@@ -98,11 +98,11 @@ def config_defaults(data: str, algorithm: str | None) -> dict:
     return {**table.get("*", {}), **table.get(algorithm, {})}
 
 
-def task_of_prompt(prompt: str) -> Task | None:
-    """The built-in task (default settings) whose verifier takes ``prompt``, or None: how
-    an exact-match evaluation picks its checker for rows of any source."""
-    for cls in BUILTIN_TASKS.values():
-        task = cls()
+def task_of_prompt(prompt: str, tasks: dict[str, Task] | None = None) -> Task | None:
+    """The task among ``tasks`` (by name; by default the built-in tasks with default
+    settings) whose verifier takes ``prompt``, or None: how an exact-match evaluation
+    picks its checker for rows of any source."""
+    for task in tasks.values() if tasks is not None else [cls() for cls in BUILTIN_TASKS.values()]:
         try:
             task.verify(prompt, "")
         except ValueError:

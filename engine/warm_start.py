@@ -37,6 +37,7 @@ checkpoint).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -53,9 +54,10 @@ from .algorithms._common import (
     builtin_task,
     exact_match_accuracy,
     run_folder,
+    run_tasks,
     warm_start_steps,
 )
-from .config import ConfigError, SFTConfig, config_to_dict
+from .config import TASK_SECTIONS, ConfigError, SFTConfig, cache_settings
 from .tasks import BUILTIN_TASKS, config_defaults
 from .distributed import launched_world, resolve_device
 from .models import BUILTIN_MODELS, load_causal_lm, tiny_config
@@ -142,13 +144,21 @@ def _sft_config(config, steps: int, folder: Path) -> SFTConfig:
         lr_schedule="constant", eval_every=CHECK_EVERY, eval_data=str(folder / "check_prompts.jsonl"),
         target_accuracy=config.warm_start_accuracy, output_dir=str(folder),
         packing=config_defaults(config.data, "sft").get("packing", False),
+        **{section: _problem_settings(getattr(config, section)) for section in TASK_SECTIONS.values()},
     )
+
+
+def _problem_settings(section):
+    """A task section with its reward options at their defaults: a warm start trains on
+    the problems alone, so a run that changes only the reward shares it."""
+    defaults = type(section)()
+    return dataclasses.replace(section, **{key: getattr(defaults, key) for key in getattr(section, "REWARD_OPTIONS", ())})
 
 
 def settings(config, steps: int) -> dict:
     """What the warm start depends on (the cache key hashes it): the SFT run's options
     but its folders, the device type and the model's identity."""
-    options = config_to_dict(_sft_config(config, steps, Path(".")))
+    options = cache_settings(_sft_config(config, steps, Path(".")))
     for name in ("output_dir", "eval_data", "device"):
         options.pop(name)
     # options hold data, the task (builtin:addition's entries keep the key they always had)
@@ -267,7 +277,7 @@ def _make(config, steps: int, folder: Path, values: dict, is_main: bool) -> dict
         "checkpoint": str(result.checkpoint.relative_to(folder)),
         "steps": result.step,
         "check_accuracy": outcome["metrics"]["heldout_accuracy_after"],
-        "heldout_accuracy": exact_match_accuracy(model, tokenizer, heldout),
+        "heldout_accuracy": exact_match_accuracy(model, tokenizer, heldout, tasks=run_tasks(config)),
         "settings": values,
     }
     if is_main:

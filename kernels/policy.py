@@ -1932,8 +1932,8 @@ def policy_loss(
         ``rollout_is_filtered_frac`` (fraction of tokens whose unit is outside the band:
         masked, or truncated), ``cov_selected_frac`` for ``clip_cov``/``kl_cov``,
         ``off_policy_masked_frac`` with ``off_policy_mask_threshold`` and
-        ``rollout_rs_masked_frac`` (of the tokens valid before it) with ``rollout_rs``. A mask with no valid token gives loss 0, zero gradients
-        and zero metrics.
+        ``rollout_rs_masked_frac`` (of the tokens valid before it) with ``rollout_rs``. A mask with no
+        valid token gives loss 0, zero gradients and zero metrics.
     """
     o = _policy_options(options, option_kwargs)
     check_tensor("logprobs", logprobs, FLOAT_DTYPES)

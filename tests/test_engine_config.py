@@ -28,6 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _non_default(value, tp):
     """A valid value of type ``tp`` that differs from ``value``."""
+    if dataclasses.is_dataclass(tp):  # a section: every option in it changed
+        hints = typing.get_type_hints(tp)
+        return tp(**{f.name: _non_default(getattr(value, f.name), hints[f.name]) for f in dataclasses.fields(tp)})
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
         return next(choice for choice in typing.get_args(tp) if choice != value)
@@ -65,6 +68,8 @@ def _obeying_the_rules(changed: dict, defaults) -> dict:
         "cispo_ratio_min": None, "dro_beta": None,
         "rollout": "flat",  # rollout=tree takes advantage=group only, and advantage is changed
         "target": "preferences",  # reward's margin and center_coef (changed) apply to preferences only
+        # a task's section applies to runs on that task, and data is a file
+        "addition": type(defaults.addition)(), "countdown": type(defaults.countdown)(),
     }
     fixed.update({name: value for name, value in rules.items() if name in changed})
     if "judge" in changed:
@@ -195,17 +200,23 @@ def test_help_lists_every_option_with_type_default_and_doc(algorithm, capsys):
     assert cli.main([algorithm, "--help"]) == 0
     text = capsys.readouterr().out
     assert text == format_help(algorithm)
-    cls = ALGORITHMS[algorithm]
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        doc = f.metadata["doc"]
-        assert doc and "\n" not in doc, f.name
-        default = getattr(defaults, f.name)
-        if isinstance(default, list):
-            shown = ",".join(str(v) for v in default)
-        else:
-            shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
-        assert f"  {f.name} (" in text and f"default: {shown})" in text and doc in text, f.name
+    sections = [(ALGORITHMS[algorithm], "")]
+    while sections:
+        cls, prefix = sections.pop()
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            doc = f.metadata["doc"]
+            assert doc and "\n" not in doc, f.name
+            default = getattr(defaults, f.name)
+            if dataclasses.is_dataclass(default):
+                sections.append((type(default), f"{prefix}{f.name}."))
+                continue
+            if isinstance(default, list):
+                shown = ",".join(str(v) for v in default)
+            else:
+                shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+            name = prefix + f.name
+            assert f"  {name} (" in text and f"default: {shown})" in text and doc in text, name
 
 
 def test_cli_fails_clearly_for_bad_options(tmp_path, capsys):

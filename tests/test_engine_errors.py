@@ -94,7 +94,8 @@ def test_the_command_prints_one_line_and_exits_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fastpo.engine", "sft", f"data={tmp_path / 'nope.jsonl'}",
                            f"output_dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.splitlines() == [f"fastpo: error: option 'data': data file '{tmp_path / 'nope.jsonl'}' does not exist"]
+    missing = tmp_path / "nope.jsonl"
+    assert done.stderr.splitlines() == [f"fastpo: error: option 'data': data file '{missing}' does not exist"]
 
 
 def exploding_reward(prompts, completions, **_):

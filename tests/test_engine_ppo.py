@@ -84,8 +84,11 @@ def test_cli_run_logs_the_documented_metrics(tmp_path):
 
 def test_adaptive_kl_coefficient_follows_ziegler_et_al():
     # error = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + error * n / horizon
-    assert ppo.adaptive_kl_coef(0.1, 9.0, target=6.0, horizon=10000, completions=64) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
-    assert ppo.adaptive_kl_coef(0.1, 5.4, target=6.0, horizon=10000, completions=64) == pytest.approx(0.1 * (1 - 0.1 * 64 / 10000))
+    def coef(kl):
+        return ppo.adaptive_kl_coef(0.1, kl, target=6.0, horizon=10000, completions=64)
+
+    assert coef(9.0) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
+    assert coef(5.4) == pytest.approx(0.1 * (1 - 0.1 * 64 / 10000))
     assert ppo.adaptive_kl_coef(0.1, 0.0, target=6.0, horizon=100, completions=50) == pytest.approx(0.1 * (1 - 0.2 * 0.5))
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..config import BUILTIN_DATA, ConfigError
+from ..config import BUILTIN_DATA, ConfigError, task_settings
 from ..data import load_dataset
 from ..forward import greedy_completions
 from ..distributed import launched_world, resolve_device
@@ -108,10 +108,18 @@ def _load_shared_weights(model, model_dir: Path) -> None:
     model.load_state_dict(loaded, strict=False)
 
 
-def builtin_task(config) -> Task:
-    """The run's task: the built-in task ``config.data`` names, else the default one,
-    with the run's seed."""
-    return make_task(config.data if config.data in BUILTIN_TASKS else DEFAULT_TASK, seed=config.seed)
+def builtin_task(config, name: str | None = None) -> Task:
+    """The run's task: the built-in task ``name`` (by default the one ``config.data``
+    names, else the default one) with the run's seed and the settings of its option
+    section (``countdown.count``, ...)."""
+    name = name or (config.data if config.data in BUILTIN_TASKS else DEFAULT_TASK)
+    return make_task(name, seed=config.seed, **task_settings(config, name))
+
+
+def run_tasks(config) -> dict[str, Task]:
+    """Every built-in task by name, as the run sets it: its exact-match evaluation's
+    checkers and its built-in reward sources."""
+    return {name: builtin_task(config, name) for name in BUILTIN_TASKS}
 
 
 def training_rows(algorithm: str, config, schema: str) -> list[dict]:
@@ -145,7 +153,9 @@ def heldout_rows(algorithm: str, config, schema: str) -> list[dict]:
     return rows
 
 
-def micro_batches(rows: list, batch_size: int, seed: int, collate: Callable[[list], dict]) -> Callable[[int], Iterator[dict]]:
+def micro_batches(
+    rows: list, batch_size: int, seed: int, collate: Callable[[list], dict]
+) -> Callable[[int], Iterator[dict]]:
     """The loop's ``batches(position)``: micro-batches of ``batch_size`` rows, reshuffled
     every epoch by a generator seeded with ``seed`` and the epoch (never global RNG),
     the last incomplete batch of an epoch dropped. ``collate(rows)`` builds each batch."""
@@ -177,23 +187,26 @@ def answer_rows(config, eval_rows: list[dict], answer_field: str) -> list[dict]:
     return [{"prompt": row["prompt"], "completion": row[answer_field]} for row in eval_rows]
 
 
-def exact_match_accuracy(model, tokenizer, rows: list[dict], stop_strings: list[str] = ()) -> float:
+def exact_match_accuracy(
+    model, tokenizer, rows: list[dict], stop_strings: list[str] = (), tasks: dict[str, Task] | None = None
+) -> float:
     """Share of ``{"prompt", "completion"}`` rows whose greedy completion of the prompt is
-    right: checked by the verifier of the built-in task whose prompt it is
+    right: checked by the verifier of the task among ``tasks`` (a run's: ``run_tasks``;
+    by default the built-in tasks' default settings) whose prompt it is
     (``tasks.task_of_prompt``: an addition's sum, a countdown chain's every step and
     answer), else equal (stripped, up to the first newline) to the row's completion. The
     completions get the reference's length plus one token, or the task's completion
     budget when that is larger (a countdown chain other than the reference may be longer),
     and are cut at the first of ``stop_strings``, as an online run's samples are."""
-    tasks = [task_of_prompt(row["prompt"]) for row in rows]
+    checkers = [task_of_prompt(row["prompt"], tasks) for row in rows]
     longest = max(len(tokenizer.encode(row["completion"], add_special_tokens=False)) for row in rows)
     budgets = {config_defaults(name, None).get("max_new_tokens", 0) for name, cls in BUILTIN_TASKS.items()
-               if any(isinstance(task, cls) for task in tasks)}
+               if any(isinstance(task, cls) for task in checkers)}
     budget = max([longest + 1, *budgets])
     completions = greedy_completions(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=budget,
                                      stop_strings=stop_strings)
     correct = 0.0
-    for row, task, completion in zip(rows, tasks, completions):
+    for row, task, completion in zip(rows, checkers, completions):
         if task is not None:
             correct += task.verify(row["prompt"], completion)
         else:

@@ -31,7 +31,7 @@ from ..loop import autocast_dtype
 from ..rollout import Rollout, concatenate_rollouts, reward_function, sample_completions
 from ..step_metrics import maximum
 from ..tasks import BUILTIN_TASKS
-from ._common import exact_match_accuracy, heldout_rows, micro_batches, train_and_evaluate, training_rows
+from ._common import exact_match_accuracy, heldout_rows, micro_batches, run_tasks, train_and_evaluate, training_rows
 
 __all__ = [
     "OnlineRun",
@@ -107,7 +107,8 @@ class OnlineRun:
         self.world = distributed.world(device)
         self.rows = training_rows(algorithm, config, "prompt")
         self.eval_rows = heldout_rows(algorithm, config, "prompt")
-        self.rewards = reward_function(config.rewards, config.reward_weights)
+        self.tasks = run_tasks(config)
+        self.rewards = reward_function(config.rewards, config.reward_weights, self.tasks)
         self._prompt_batches = micro_batches(self.rows, config.prompts_per_rollout, config.seed, list)
 
     def prompt_rows(self, index: int) -> list[dict]:
@@ -164,7 +165,7 @@ class OnlineRun:
         ``heldout_reward`` (the mean reward)."""
         stops = self.config.stop_strings
         if self.config.data in BUILTIN_TASKS and self.config.eval_data is None:
-            return {"heldout_accuracy": exact_match_accuracy(model, self.tokenizer, self.eval_rows, stops)}
+            return {"heldout_accuracy": exact_match_accuracy(model, self.tokenizer, self.eval_rows, stops, self.tasks)}
         prompts = [row["prompt"] for row in self.eval_rows]
         completions = greedy_completions(model, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
                                          stop_strings=stops)

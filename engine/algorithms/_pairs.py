@@ -45,6 +45,7 @@ from ._common import (
     heldout_rows,
     micro_batches,
     prepare_run,
+    run_tasks,
     train_and_evaluate,
     training_rows,
 )
@@ -246,7 +247,7 @@ def train_on_pairs(
             "preference_accuracy": implicit_reward_accuracy(
                 model, tokenizer, eval_pairs, eval_reference, config, config.average
             ),
-            "heldout_accuracy": exact_match_accuracy(model, tokenizer, exact_match_rows),
+            "heldout_accuracy": exact_match_accuracy(model, tokenizer, exact_match_rows, tasks=run_tasks(config)),
         }
 
     batches = micro_batches(indexed, config.batch_size, config.seed, collate)

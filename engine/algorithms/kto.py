@@ -42,6 +42,7 @@ from ._common import (
     exact_match_accuracy,
     micro_batches,
     prepare_run,
+    run_tasks,
     train_and_evaluate,
     training_rows,
 )
@@ -100,7 +101,7 @@ def run(config: KTOConfig, warm_start=None) -> dict:
             "preference_accuracy": implicit_reward_accuracy(
                 model, tokenizer, eval_rows, (eval_ref_chosen, eval_ref_rejected), config, False
             ),
-            "heldout_accuracy": exact_match_accuracy(model, tokenizer, exact_match_rows),
+            "heldout_accuracy": exact_match_accuracy(model, tokenizer, exact_match_rows, tasks=run_tasks(config)),
         }
 
     batches = micro_batches(rows, config.batch_size, config.seed, collate)

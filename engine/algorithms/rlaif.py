@@ -79,7 +79,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import BaseConfig, DPOConfig, PPOConfig, RewardConfig, RLAIFConfig, SFTConfig, config_to_dict, load_config
+from ..config import BaseConfig, DPOConfig, PPOConfig, RewardConfig, RLAIFConfig, SFTConfig, cache_settings, load_config
 from ..forward import encode_prompts, greedy_tokens
 from ..loop import latest_checkpoint
 from ..models import BUILTIN_MODELS, load_causal_lm
@@ -510,7 +510,7 @@ def builtin_judge(config: RLAIFConfig, run_dir: Path) -> Path:
             learning_rate=2e-3, warmup_steps=20, eval_every=0, packing=True, output_dir=str(folder),
         )
 
-    settings = config_to_dict(sft_config(Path(".")))
+    settings = cache_settings(sft_config(Path(".")))
     for name in ("output_dir", "data", "eval_data", "device"):
         settings.pop(name)
     folder = cache_entry(JUDGE_DIR, {

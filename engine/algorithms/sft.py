@@ -31,6 +31,7 @@ from ._common import (
     heldout_rows,
     micro_batches,
     prepare_run,
+    run_tasks,
     train_and_evaluate,
     training_rows,
 )
@@ -140,7 +141,7 @@ def run(config: SFTConfig, warm_start=None) -> dict:
         return -logprobs.sum(), {}  # ignored positions hold 0: the sum covers completion tokens only
 
     def evaluate(model):
-        return {"heldout_accuracy": exact_match_accuracy(model, tokenizer, eval_rows)}
+        return {"heldout_accuracy": exact_match_accuracy(model, tokenizer, eval_rows, tasks=run_tasks(config))}
 
     batches = micro_batches(rows, config.batch_size, config.seed, collate)
 
