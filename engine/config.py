@@ -61,7 +61,7 @@ from fastpo.kernels.policy import (
     SEQ_MEAN_ROWS,
 )
 
-from .tasks import BUILTIN_TASKS, STATE_TASKS, builtin_task, config_defaults
+from .tasks import BUILTIN_TASKS, DEFAULT_TASK, STATE_TASKS, builtin_task, config_defaults
 
 __all__ = [
     "ALGORITHMS",
@@ -177,8 +177,8 @@ def cache_settings(config) -> dict:
 
 
 def check_task_sections(config, named: set[str]) -> None:
-    """ConfigError for task settings the task refuses, or changed for a task that neither
-    ``config.data`` nor its rewards (``named``) name."""
+    """ConfigError for task settings the task refuses, or changed for a task that the run
+    does not use (``named``: its data, the task it evaluates on, its rewards)."""
     for task, section in TASK_SECTIONS.items():
         values = getattr(config, section, None)
         if values is None:
@@ -193,7 +193,7 @@ def check_task_sections(config, named: set[str]) -> None:
             key, value = next(iter(changed.items()))
             raise ConfigError(
                 f"option '{section}.{key}': got {value!r}, but the {section} options apply to {task}, which "
-                f"neither data={config.data} nor the rewards name"
+                f"this run does not use (data={config.data})"
             )
 
 
@@ -278,7 +278,10 @@ class RunConfig:
                 "in bfloat16, so use dtype=auto or float32 (or autocast=none)"
             )
         _check_unit_interval("warm_start_accuracy", self.warm_start_accuracy)
-        check_task_sections(self, {self.data, *getattr(self, "rewards", ())})
+        # A run on a data file evaluates on the default task's held-out problems (when
+        # eval_data is none), so that task's options apply to it too.
+        evaluated = DEFAULT_TASK if self.data not in BUILTIN_TASKS else self.data
+        check_task_sections(self, {self.data, evaluated, *getattr(self, "rewards", ())})
         if self.warm_start_steps and self.data not in BUILTIN_TASKS:
             raise ConfigError(
                 f"option 'warm_start_steps': got {self.warm_start_steps}, but the warm start trains on a built-in "

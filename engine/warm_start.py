@@ -152,7 +152,8 @@ def _problem_settings(section):
     """A task section with its reward options at their defaults: a warm start trains on
     the problems alone, so a run that changes only the reward shares it."""
     defaults = type(section)()
-    return dataclasses.replace(section, **{key: getattr(defaults, key) for key in getattr(section, "REWARD_OPTIONS", ())})
+    reward_options = getattr(section, "REWARD_OPTIONS", ())
+    return dataclasses.replace(section, **{key: getattr(defaults, key) for key in reward_options})
 
 
 def settings(config, steps: int) -> dict:

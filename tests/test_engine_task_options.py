@@ -24,7 +24,8 @@ COUNTDOWN = ["data=builtin:countdown"]
     (COUNTDOWN + ["countdown.progress_reward=0.95"], "option 'countdown': format_reward + progress_reward must stay"),
     (COUNTDOWN + ["countdown.count=0"], "option 'countdown.count': got 0; expected a value > 0"),
     (["countdown.count=5"], "option 'countdown.count': got 5, but the countdown options apply to builtin:countdown, "
-                            "which neither data=builtin:addition nor the rewards name"),
+                            "which this run does not use (data=builtin:addition)"),
+    (["data=rows.jsonl", "warm_start_steps=0", "countdown.count=5"], "option 'countdown.count': got 5"),
     (COUNTDOWN + ["addition.digits=3"], "option 'addition.digits': got 3, but the addition options apply to"),
 ])
 def test_a_bad_or_misplaced_task_option_fails_with_one_line(overrides, message):
@@ -43,6 +44,8 @@ def test_a_file_run_may_set_the_task_its_rewards_name(tmp_path):
     assert same == config
     save_yaml(config, tmp_path / "run.yaml")
     assert load_config("grpo", tmp_path / "run.yaml") == config
+    # A run on a file evaluates on the default task's held-out problems: its options apply.
+    assert load_config("dpo", None, ["data=pairs.jsonl", "warm_start_steps=0", "addition.digits=3"]).addition.digits == 3
 
 
 def test_the_run_builds_its_task_with_its_settings():
