@@ -8,7 +8,7 @@ from fastpo.engine import warm_start
 from fastpo.engine.algorithms._common import builtin_task, run_tasks
 from fastpo.engine.config import ConfigError, CountdownOptions, from_dict, load_config, save_yaml
 from fastpo.engine.countdown import CountdownTask
-from fastpo.engine.inputs import reference_lengths, short_budget_warnings
+from fastpo.engine.inputs import check_inputs, reference_lengths, short_budget_warnings
 from fastpo.engine.loop import check_resume_config
 from fastpo.engine.reasoning import ReasonConfig
 from fastpo.engine.rollout import reward_function
@@ -108,6 +108,17 @@ def test_budgets_shorter_than_the_solutions_are_warned_about():
     assert lines == [f"fastpo: warning: max_new_tokens=128, but the solutions of this task take up to {completion} "
                      f"tokens, so longer ones are cut; max_new_tokens>={completion} fits them"]
     assert short_budget_warnings(harder, {"max_new_tokens": (completion, True)}) == []
+
+
+def test_a_run_on_harder_problems_warns_before_its_model_loads(capsys):
+    check_inputs("grpo", load_config("grpo", None, COUNTDOWN))
+    assert capsys.readouterr().err == ""  # countdown's own budgets fit its default problems
+    check_inputs("grpo", load_config("grpo", None, COUNTDOWN + ["countdown.count=5"]))
+    completion, _ = reference_lengths(CountdownTask(count=5))
+    assert capsys.readouterr().err.splitlines() == [
+        f"fastpo: warning: max_new_tokens=128, but the solutions of this task take up to {completion} tokens, so "
+        f"longer ones are cut; max_new_tokens>={completion} fits them"
+    ]
 
 
 def test_reason_takes_the_countdown_section():
