@@ -71,7 +71,8 @@ CONFIG_DEFAULTS: dict[str, dict[str, dict]] = {
         # line decides 53-56% of its outcome's variance, its answer line 20-24%, so a tree
         # of 4 whole chains and one resampled answer each ends 2.0 points below flat with 64%
         # of its tokens and 0.9 above at flat's tokens (three draws of three seeds), where 2
-        # chains branched at any line start fell 2.6 points short with 70% (one draw).
+        # chains branched at any line start fell 2.6 points short with 70% (one draw). Twelve
+        # leaves (6 chains) at flat's tokens ended 0.3 below; its own lr 1.5e-4 did not help.
         "grpo": {
             "steps": 100, "eval_every": 25, "learning_rate": 1e-4,
             "tree_split": "last_line", "tree_initial": 4, "tree_points": 4, "tree_branches": 1,
