@@ -183,14 +183,14 @@ def check_task_sections(config, named: set[str]) -> None:
         values = getattr(config, section, None)
         if values is None:
             continue
+        settings, defaults = dataclasses.asdict(values), dataclasses.asdict(type(values)())
         try:
-            builtin_task(task, **dataclasses.asdict(values))
+            builtin_task(task, **settings)
         except ValueError as error:
             raise ConfigError(f"option {section!r}: {error}") from None
-        changed = {key: value for key, value in dataclasses.asdict(values).items()
-                   if value != getattr(type(values)(), key)}
+        changed = [(key, value) for key, value in settings.items() if value != defaults[key]]
         if changed and task not in named:
-            key, value = next(iter(changed.items()))
+            key, value = changed[0]
             raise ConfigError(
                 f"option '{section}.{key}': got {value!r}, but the {section} options apply to {task}, which "
                 f"this run does not use (data={config.data})"

@@ -16,8 +16,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .config import BUILTIN_DATA, ConfigError, task_settings
-from .tasks import BUILTIN_TASKS, Task, builtin_task
+from .config import BUILTIN_DATA, ConfigError
+from .tasks import BUILTIN_TASKS, Task
 from .data import ALGORITHM_SCHEMAS, check_file
 from .models import BUILTIN_MODELS
 from .rollout import check_reward_source
@@ -62,7 +62,9 @@ def short_budget_warnings(task: Task, budgets: dict[str, tuple[int, bool]]) -> l
 
 
 def _warn_short_budgets(config) -> None:
-    task = builtin_task(config.data, seed=config.seed, **task_settings(config, config.data))
+    from .algorithms._common import builtin_task
+
+    task = builtin_task(config)
     budgets = {"max_length": (config.max_length, False)}
     if hasattr(config, "max_new_tokens"):
         budgets["max_new_tokens"] = (config.max_new_tokens, True)

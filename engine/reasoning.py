@@ -63,7 +63,7 @@ from typing import Callable, Literal, Protocol, Sequence
 
 import torch
 
-from .config import ConfigError, CountdownOptions, check_task_sections, option, task_settings
+from .config import ConfigError, CountdownOptions, check_task_sections, option
 from .forward import encode_responses, response_logprobs
 from .rollout import sample_completions
 
@@ -642,16 +642,14 @@ def _value_model_folder(name: str) -> str:
 def reason(config: ReasonConfig) -> list[dict]:
     """Run ``config.strategies`` (class docstring); the reports, in order. The problems
     and the model folder are checked before the model loads (one-line ConfigErrors)."""
-    from .algorithms._common import HELDOUT_SIZE
+    from .algorithms._common import HELDOUT_SIZE, builtin_task
     from .distributed import resolve_device
+    from .inputs import short_budget_warnings
     from .models import load_causal_lm
     from .progress import hugging_face_bars_off
-    from .tasks import builtin_task
     from .threads import run_threads
 
-    from .inputs import short_budget_warnings
-
-    task = builtin_task(config.data, seed=config.seed, **task_settings(config, config.data))
+    task = builtin_task(config)  # the task of config.data with the countdown section's settings
     for line in short_budget_warnings(task, {"max_chain_tokens": (config.max_chain_tokens, True)}):
         print(line, file=sys.stderr)
     try:  # the held-out evaluation's problems (OnlineRun's "prompt" rows), the first config.problems

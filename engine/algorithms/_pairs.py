@@ -242,12 +242,14 @@ def train_on_pairs(
             metrics["chosen_nll"] = chosen_nll.detach().sum()
         return losses.sum(), metrics
 
+    checkers = run_tasks(config)  # the verifiers of the held-out answers
+
     def evaluate(model):
         return {
             "preference_accuracy": implicit_reward_accuracy(
                 model, tokenizer, eval_pairs, eval_reference, config, config.average
             ),
-            "heldout_accuracy": exact_match_accuracy(model, tokenizer, exact_match_rows, tasks=run_tasks(config)),
+            "heldout_accuracy": exact_match_accuracy(model, tokenizer, exact_match_rows, tasks=checkers),
         }
 
     batches = micro_batches(indexed, config.batch_size, config.seed, collate)

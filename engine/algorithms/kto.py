@@ -96,12 +96,14 @@ def run(config: KTOConfig, warm_start=None) -> dict:
             "signed_reward": torch.where(desirable, rewards, -rewards).sum(),
         }
 
+    checkers = run_tasks(config)  # the verifiers of the held-out answers
+
     def evaluate(model):
         return {
             "preference_accuracy": implicit_reward_accuracy(
                 model, tokenizer, eval_rows, (eval_ref_chosen, eval_ref_rejected), config, False
             ),
-            "heldout_accuracy": exact_match_accuracy(model, tokenizer, exact_match_rows, tasks=run_tasks(config)),
+            "heldout_accuracy": exact_match_accuracy(model, tokenizer, exact_match_rows, tasks=checkers),
         }
 
     batches = micro_batches(rows, config.batch_size, config.seed, collate)

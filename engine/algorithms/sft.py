@@ -140,8 +140,10 @@ def run(config: SFTConfig, warm_start=None) -> dict:
             logprobs = response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         return -logprobs.sum(), {}  # ignored positions hold 0: the sum covers completion tokens only
 
+    checkers = run_tasks(config)  # the verifiers of the held-out answers
+
     def evaluate(model):
-        return {"heldout_accuracy": exact_match_accuracy(model, tokenizer, eval_rows, tasks=run_tasks(config))}
+        return {"heldout_accuracy": exact_match_accuracy(model, tokenizer, eval_rows, tasks=checkers)}
 
     batches = micro_batches(rows, config.batch_size, config.seed, collate)
 
